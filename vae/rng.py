@@ -1,0 +1,34 @@
+"""Randomness drawn from the seed and the position in training, never from process state.
+
+Each epoch's data order and each global batch's reparameterisation noise come from a
+generator seeded by (seed, epoch[, step]). Every worker computes the same global values
+and takes its own slice, so the model does not depend on how many workers there are.
+"""
+from __future__ import annotations
+
+import torch
+
+_EPOCH_STREAM, _NOISE_STREAM = 1, 2
+
+
+def _generator(*key: int) -> torch.Generator:
+    # Mix the key into one 63-bit seed; distinct keys give unrelated streams.
+    seed = 0
+    for part in key:
+        seed = (seed * 1_000_003 + int(part) + 1) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The permutation of the n training images for this epoch."""
+    return torch.randperm(n, generator=_generator(seed, _EPOCH_STREAM, epoch))
+
+
+def batch_noise(seed: int, epoch: int, step: int, batch: int, latent_dim: int) -> torch.Tensor:
+    """Standard normal noise for every image of one global batch."""
+    return torch.randn((batch, latent_dim), generator=_generator(seed, _NOISE_STREAM, epoch, step))
+
+
+def eval_generator(seed: int) -> torch.Generator:
+    """A generator for evaluation draws (validation noise, test binarisation, samples)."""
+    return _generator(seed, 3)
