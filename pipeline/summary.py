@@ -1,0 +1,32 @@
+"""`vae summary`: where the pipeline's results are, and how to browse them."""
+from __future__ import annotations
+
+import json
+
+from pipeline import tracking
+from pipeline.files import Layout
+
+
+def _read(path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def summary(layout: Layout) -> str:
+    ev, run = _read(layout.eval_metrics), _read(layout.mlflow_run)
+    lines = ["", "Results:"]
+    if ev:
+        lines.append(f"  test -ELBO {ev['neg_elbo']:.2f} nats/image (recon {ev['recon']:.2f}, KL {ev['kl']:.2f}); "
+                     f"IWAE k={ev['iwae_k']} NLL {ev['nll_iwae']:.2f}")
+    for label, path in [("model", layout.model), ("ONNX decoder", layout.decoder_onnx),
+                        ("metrics", layout.root / "metrics"), ("plots", layout.root / "plots")]:
+        if path.exists():
+            lines.append(f"  {label + ':':14}{path.relative_to(layout.root)}")
+    if run:
+        lines.append(f"  {'MLflow run:':14}{run['run_id']} (experiment {run['experiment']})")
+    lines += ["Browse the run:", f"  {tracking.browse_hint(layout)}",
+              "Serve the decoder:", f"  vae serve {layout.decoder_onnx.relative_to(layout.root)}"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(summary(Layout()), flush=True)

@@ -1,0 +1,103 @@
+"""Everything MLflow: one run per pipeline execution, shared by the stages.
+
+`train` creates the run (before Ray starts) and records its id in models/mlflow_run.json;
+its rank-0 worker logs per-epoch metrics into it; `evaluate` and `export` reopen it.
+Tracking URI: $MLFLOW_TRACKING_URI, else an absolute sqlite:/// file in the repository
+(MLflow 3 refuses the old ./mlruns file store), with artifacts beside it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import yaml
+
+from pipeline.files import Layout, write_json
+
+log = logging.getLogger(__name__)
+EXPERIMENT = "vae-mnist"
+
+
+def tracking_uri(layout: Layout) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{layout.mlflow_db}"
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip()
+
+
+def lineage_tags(layout: Layout) -> dict[str, str]:
+    """The git commit (and whether the tree was dirty) and the data version from dvc.lock."""
+    commit = _git(layout.root, "rev-parse", "HEAD")
+    status = _git(layout.root, "status", "--porcelain", "--untracked-files=no")
+    tags = {"git.commit": commit or "unknown", "git.dirty": str(bool(status)).lower()}
+    lock = layout.root / "dvc.lock"
+    if lock.is_file():
+        outs = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get("fetch", {}).get("outs", [])
+        if outs:
+            tags["data.md5"] = outs[0].get("md5", "unknown")
+    return tags
+
+
+def _experiment_id(client, layout: Layout) -> str:
+    found = client.get_experiment_by_name(EXPERIMENT)
+    if found:
+        return found.experiment_id
+    # With the default local store, keep artifacts in the repository; a server decides its own.
+    location = None if os.environ.get("MLFLOW_TRACKING_URI") else layout.mlflow_artifacts.as_uri()
+    return client.create_experiment(EXPERIMENT, artifact_location=location)
+
+
+def start_run(layout: Layout, params: dict[str, object], tags: dict[str, str]) -> str:
+    """Create this pipeline execution's run, log params and lineage, and record its id."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    uri = tracking_uri(layout)
+    client = MlflowClient(uri)
+    run = client.create_run(_experiment_id(client, layout), tags={**lineage_tags(layout), **tags})
+    run_id = run.info.run_id
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    write_json(layout.mlflow_run, {"run_id": run_id, "tracking_uri": uri, "experiment": EXPERIMENT})
+    return run_id
+
+
+def open_run(layout: Layout) -> tuple["MlflowClient", str]:  # noqa: F821
+    """The client and run recorded by `train`. If that run is not in the current tracking
+    store (say DVC restored `train` from its cache against a fresh mlflow.db), a new run
+    is started that names the model's original run, rather than logging nowhere."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    recorded = json.loads(layout.mlflow_run.read_text())
+    client = MlflowClient(tracking_uri(layout))
+    try:
+        client.get_run(recorded["run_id"])
+        return client, recorded["run_id"]
+    except MlflowException:
+        log.warning("MLflow run %s not found at %s; logging into a new run", recorded["run_id"], client.tracking_uri)
+        run = client.create_run(_experiment_id(client, layout),
+                                tags={**lineage_tags(layout), "model.origin_run": recorded["run_id"]})
+        return client, run.info.run_id
+
+
+def log_metrics(client, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def browse_hint(layout: Layout) -> str:
+    uri = tracking_uri(layout)
+    if uri.startswith("sqlite:"):
+        return f"mlflow ui --backend-store-uri {uri}"
+    return f"open {uri} in a browser"

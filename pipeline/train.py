@@ -1,0 +1,275 @@
+"""Stage `train`: the VAE under Ray Train (TorchTrainer, V2), on GPU workers when the cluster has them.
+
+The driver loads MNIST once into Ray's object store, creates the MLflow run, and fits a
+TorchTrainer. Every worker walks the same global batches (order and noise drawn from the
+seed, epoch and step: see vae/rng.py) and trains on its slice of each; DDP averages the
+gradients, scaled so the result is the global-batch mean whatever the worker count.
+Rank 0 logs each epoch to MLflow and reports a checkpoint; a rerun of the same params and
+code resumes from the last one. The driver writes the outputs from the final checkpoint.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pipeline import tracking
+from pipeline.files import Layout, atomic_path, write_bytes, write_json
+from pipeline.params import Params, load_params
+from vae import rng
+from vae.data import load_split, to_float
+from vae.model import VAE, VAEConfig
+from vae.objectives import elbo_terms
+
+TERMS = ("neg_elbo", "recon", "kl")
+# The files whose change makes a different model: part of the Ray run name, so a rerun
+# after a code change starts fresh instead of resuming a stale run.
+CODE = [Path(__file__), *(Path(__file__).parents[1] / "vae").glob("*.py")]
+
+
+# --- on each worker ---------------------------------------------------------------------
+
+def _all_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values)
+    return values
+
+
+def _slice(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    return t.tensor_split(world)[rank]
+
+
+def train_epoch(model, optimizer, images, cfg: dict, epoch: int, rank: int, world: int, device) -> dict:
+    """One pass over the training images; returns the mean terms over all workers."""
+    model.train()
+    sums = torch.zeros(len(TERMS) + 1, dtype=torch.float64)
+    order = rng.epoch_order(cfg["seed"], epoch, len(images))
+    for step, batch in enumerate(order.split(cfg["batch_size"])):
+        eps = rng.batch_noise(cfg["seed"], epoch, step, len(batch), cfg["latent_dim"])
+        x = to_float(images[_slice(batch, rank, world)]).to(device)
+        terms = elbo_terms(model, x, _slice(eps, rank, world).to(device))
+        # DDP averages over workers: scaling by world/len(batch) makes that the global mean.
+        loss = terms["neg_elbo"].sum() * world / len(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        sums += torch.tensor([*(terms[k].sum().item() for k in TERMS), len(x)], dtype=torch.float64)
+    sums = _all_sum(sums.to(device)).cpu()
+    return {k: (sums[i] / sums[-1]).item() for i, k in enumerate(TERMS)}
+
+
+@torch.no_grad()
+def validate(model, images, eps, rank: int, world: int, device) -> dict:
+    """Mean terms on the validation images, with noise fixed for the whole run."""
+    model.eval()
+    idx = _slice(torch.arange(len(images)), rank, world)
+    terms = elbo_terms(model, to_float(images[idx]).to(device), eps[idx].to(device))
+    sums = torch.tensor([*(terms[k].sum().item() for k in TERMS), len(idx)], dtype=torch.float64)
+    sums = _all_sum(sums.to(device)).cpu()
+    return {k: (sums[i] / sums[-1]).item() for i, k in enumerate(TERMS)}
+
+
+def _restore(model, optimizer) -> dict:
+    """Training state from Ray's latest checkpoint (a restarted worker group, or a rerun)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return {"epoch": 0, "history": [], "best": None, "run_id": None}
+    with checkpoint.as_directory() as path:
+        state = torch.load(Path(path) / "state.pt", weights_only=True)
+    model.load_state_dict(state.pop("model"))
+    optimizer.load_state_dict(state.pop("optimizer"))
+    return state
+
+
+def _report(model, optimizer, state: dict, metrics: dict, rank: int) -> None:
+    """Report the epoch to Ray; rank 0 attaches the checkpoint (every rank must call report)."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict()},
+                   Path(tmp) / "state.pt")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _mlflow_logger(cfg: dict):
+    """Rank 0's link to the run the driver created: log(metrics, epoch)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(cfg["tracking_uri"])
+    return lambda metrics, epoch: tracking.log_metrics(client, cfg["run_id"], metrics, step=epoch)
+
+
+def _quiet_reports() -> None:
+    """Ray Train logs every report() at INFO through a logger named by its file path, which
+    escapes its own log-level setting; mute it so the console shows our epoch lines."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def train_loop_per_worker(cfg: dict) -> None:
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    _quiet_reports()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg["seed"])  # same initial weights on every rank
+    model = VAE(VAEConfig(**cfg["model"]))
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    state = _restore(model, optimizer)
+    ddp_model = ray.train.torch.prepare_model(model)
+    with warnings.catch_warnings():  # zero-copy, read-only views of the object store: never written
+        warnings.simplefilter("ignore", UserWarning)
+        train_images, val_images = (torch.from_numpy(ray.get(ref)) for ref in cfg["data"])
+    val_eps = torch.randn((len(val_images), cfg["latent_dim"]), generator=rng.eval_generator(cfg["seed"]))
+    log = _mlflow_logger(cfg) if rank == 0 else None
+    if log and state["run_id"] != cfg["run_id"]:
+        for row in state["history"]:  # resumed a run logged elsewhere: give this run the history
+            log({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
+
+    for epoch in range(state["epoch"], cfg["epochs"]):
+        start = time.perf_counter()
+        train = train_epoch(ddp_model, optimizer, train_images, cfg, epoch, rank, world, device)
+        val = validate(model, val_images, val_eps, rank, world, device)
+        seconds = time.perf_counter() - start
+        row = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in train.items()},
+               **{f"val_{k}": v for k, v in val.items()},
+               "epoch_seconds": seconds, "samples_per_second": len(train_images) / seconds}
+        if state["best"] is None or val["neg_elbo"] < state["best"]["val_neg_elbo"]:
+            state["best"] = {"epoch": epoch + 1, "val_neg_elbo": val["neg_elbo"],
+                             "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        state.update(epoch=epoch + 1, history=[*state["history"], row], run_id=cfg["run_id"])
+        if log:
+            log({k: v for k, v in row.items() if k != "epoch"}, epoch + 1)
+            print(f"epoch {epoch + 1:>3}/{cfg['epochs']}  train {train['neg_elbo']:8.3f}  "
+                  f"val {val['neg_elbo']:8.3f}  {seconds:6.1f} s  {row['samples_per_second']:8.0f} img/s",
+                  flush=True)
+        _report(model, optimizer, state, row, rank)
+
+
+# --- on the driver ----------------------------------------------------------------------
+
+def connect_ray(num_workers: int) -> None:
+    """Join $RAY_ADDRESS when set, else start a quiet local Ray sized to this machine."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray Train V2 re-routes print() in workers through logging and echoes it, printing
+    # every epoch line twice; plain print is what we want. The preemption watcher only
+    # matters on preemptible cloud nodes and warns at start-up everywhere else.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    if ray.is_initialized():
+        return
+    # Without the dashboard Ray's state API is absent, and Ray Train's placement-group
+    # cleaner warns about it every few seconds: keep Ray's own loggers at ERROR in workers.
+    # Without the dashboard Ray's state API is absent, and Ray Train's placement-group
+    # cleaner warns about it every few seconds: keep Ray's own loggers at ERROR in workers.
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": True,
+             "logging_config": ray.LoggingConfig(log_level="ERROR")}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(**quiet)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, num_workers), include_dashboard=False, **quiet)
+
+
+def gpu_workers(use_gpu, cluster_gpus: float) -> bool:
+    if use_gpu == "auto":
+        return cluster_gpus >= 1
+    if use_gpu and cluster_gpus < 1:
+        raise RuntimeError("train.use_gpu is true but the Ray cluster has no GPU")
+    return bool(use_gpu)
+
+
+def run_name(params: Params) -> str:
+    digest = hashlib.sha256(params.digest("data", "model", "train").encode())
+    for path in sorted(CODE):
+        digest.update(path.read_bytes())
+    return f"vae-{digest.hexdigest()[:12]}"
+
+
+def load_training_data(layout: Layout, params: Params):
+    """(train, validation) uint8 images: the last val_size of the 60k are held out."""
+    images, _ = load_split(layout.data_dir, "train")
+    train, val = images[: -params.data.val_size], images[-params.data.val_size:]
+    if params.data.max_train_images:
+        train = train[: params.data.max_train_images]
+    return train.numpy(), val.numpy()
+
+
+def fit(layout: Layout, params: Params, run_id: str) -> dict:
+    """Run the TorchTrainer; return the final training state from its last checkpoint."""
+    import ray
+    from ray.train import CheckpointConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    connect_ray(params.train.num_workers)
+    use_gpu = gpu_workers(params.train.use_gpu, ray.cluster_resources().get("GPU", 0))
+    cfg = {**params.train.model_dump(), "model": params.model.vae_config().__dict__,
+           "latent_dim": params.model.latent_dim, "run_id": run_id,
+           "tracking_uri": tracking.tracking_uri(layout),
+           "data": [ray.put(a) for a in load_training_data(layout, params)]}
+    storage = params.train.storage_path or str(layout.ray_results)
+    print(f"train: {params.train.num_workers} Ray workers on {'GPU (NCCL)' if use_gpu else 'CPU (Gloo)'}, "
+          f"checkpoints in {storage}", flush=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=cfg,
+        scaling_config=ScalingConfig(num_workers=params.train.num_workers, use_gpu=use_gpu),
+        run_config=RunConfig(name=run_name(params), storage_path=storage,
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             logging_config=LoggingConfig(log_level="WARNING")))
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as path:
+        state = torch.load(Path(path) / "state.pt", weights_only=True)
+    state["device"] = "cuda" if use_gpu else "cpu"
+    return state
+
+
+def write_outputs(layout: Layout, params: Params, state: dict) -> dict:
+    best = state["best"]
+    config = params.model.vae_config()
+    with atomic_path(layout.model) as tmp:
+        torch.save({"state_dict": best["model"], "config": config.__dict__}, tmp)
+    last = state["history"][-1]
+    metrics = {"best_epoch": best["epoch"], "epochs": state["epoch"], "best_val_neg_elbo": best["val_neg_elbo"],
+               **{k: v for k, v in last.items() if k != "epoch"}}
+    write_json(layout.train_metrics, metrics)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(last), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(state["history"])
+    write_bytes(layout.train_plot, buffer.getvalue().encode())
+    return metrics
+
+
+def main() -> None:
+    layout, params = Layout(), load_params()
+    VAE(params.model.vae_config())  # fail on a bad architecture before starting anything
+    run_id = tracking.start_run(layout, params.flat(), {"ray.num_workers": str(params.train.num_workers)})
+    state = fit(layout, params, run_id)
+    metrics = write_outputs(layout, params, state)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking.tracking_uri(layout))
+    client.set_tag(run_id, "device", state["device"])
+    tracking.log_metrics(client, run_id, {"best_epoch": metrics["best_epoch"]})
+    client.log_artifact(run_id, str(layout.model), "model")
+    print(f"train: best epoch {metrics['best_epoch']} (validation -ELBO {metrics['best_val_neg_elbo']:.2f} nats) "
+          f"-> {layout.model}", flush=True)
