@@ -8,10 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vae.model import VAEConfig
 
@@ -39,13 +39,7 @@ class DataParams(Section):
 class ModelParams(Section):
     arch: Literal["mlp"] = "mlp"
     latent_dim: int = Field(20, ge=1, le=1024)
-    hidden_dims: list[int] = Field(default_factory=lambda: [400], min_length=1)
-
-    @model_validator(mode="after")
-    def _positive_layers(self):
-        if any(h < 1 for h in self.hidden_dims):
-            raise ValueError(f"hidden_dims must all be >= 1, got {self.hidden_dims}")
-        return self
+    hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [400], min_length=1)
 
     def vae_config(self) -> VAEConfig:
         return VAEConfig(latent_dim=self.latent_dim, hidden_dims=tuple(self.hidden_dims), arch=self.arch)
@@ -73,7 +67,7 @@ class EvalParams(Section):
 class ExportParams(Section):
     opset: int = Field(18, ge=17)
     tolerance: float = Field(1e-5, gt=0)
-    parity_batches: list[int] = Field(default_factory=lambda: [1, 256], min_length=1)
+    parity_batches: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 256], min_length=1)
 
 
 class Params(Section):

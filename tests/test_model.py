@@ -1,0 +1,63 @@
+"""vae/model.py and vae/objectives.py: shapes, saved form, and the maths of the bounds."""
+import io
+import math
+
+import pytest
+import torch
+
+from vae.model import VAE, ImageDecoder, VAEConfig
+from vae.objectives import elbo_terms, gaussian_kl, gaussian_log_prob, iwae_log_lik
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return VAE(VAEConfig(latent_dim=8, hidden_dims=(64, 32)))
+
+
+def test_shapes(model):
+    x = torch.rand(5, 784)
+    logits, mu, logvar = model(x, torch.randn(5, 8))
+    assert logits.shape == (5, 784) and mu.shape == logvar.shape == (5, 8)
+    assert ImageDecoder(model.decoder)(torch.randn(3, 8)).shape == (3, 1, 28, 28)
+    terms = elbo_terms(model, x, torch.randn(5, 8))
+    assert all(t.shape == (5,) for t in terms.values())
+    torch.testing.assert_close(terms["neg_elbo"], terms["recon"] + terms["kl"])
+
+
+def test_checkpoint_loads_with_weights_only(model):
+    buffer = io.BytesIO()
+    torch.save(model.to_checkpoint(), buffer)
+    buffer.seek(0)
+    restored = VAE.from_checkpoint(torch.load(buffer, weights_only=True))
+    assert restored.config == model.config
+    z = torch.randn(2, 8)
+    torch.testing.assert_close(restored.decoder(z), model.decoder(z))
+
+
+def test_unknown_architecture_is_named():
+    with pytest.raises(ValueError, match="model.arch: unknown architecture 'resnet'"):
+        VAEConfig(arch="resnet")
+
+
+def test_analytic_kl_matches_monte_carlo():
+    generator = torch.Generator().manual_seed(1)
+    mu = torch.randn(4, 6, generator=generator)
+    logvar = torch.randn(4, 6, generator=generator) * 0.5
+    z = mu + torch.exp(0.5 * logvar) * torch.randn(200_000, 4, 6, generator=generator)
+    zeros = torch.zeros_like(mu)
+    monte_carlo = (gaussian_log_prob(z, mu, logvar) - gaussian_log_prob(z, zeros, zeros)).mean(0)
+    torch.testing.assert_close(monte_carlo, gaussian_kl(mu, logvar), atol=0.03, rtol=0.01)
+
+
+def test_iwae_with_one_sample_is_the_elbo_in_expectation(model):
+    x = (torch.rand(16, 784) > 0.5).float()
+    generator = torch.Generator().manual_seed(2)
+    eps = torch.randn(4000, 16, 8, generator=generator)
+    with torch.no_grad():
+        elbo = -torch.stack([elbo_terms(model, x, e)["neg_elbo"] for e in eps]).mean(0)
+        iwae_1 = torch.stack([iwae_log_lik(model, x, 1, generator) for _ in range(4000)]).mean(0)
+        iwae_64 = iwae_log_lik(model, x, 64, generator)
+    torch.testing.assert_close(iwae_1, elbo, atol=0.1, rtol=0)
+    assert (iwae_64 > elbo).all()  # more samples, a tighter bound
+    assert torch.isfinite(iwae_64).all() and not math.isnan(iwae_64.sum().item())

@@ -1,0 +1,50 @@
+"""pipeline/params.py: the only reader of params.yaml."""
+from pathlib import Path
+
+import pytest
+
+from pipeline.params import Params, ParamsError, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_repository_params_are_valid_and_explicit():
+    params = load_params(ROOT / "params.yaml")
+    assert params.train.num_workers == 2 and params.model.hidden_dims == [400]
+    assert params == Params.model_validate(params.model_dump())
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ParamsError, match=r"params.yaml: train.epoch: unknown key"):
+        load_params(write(tmp_path, "train:\n  epoch: 3\n"))
+    with pytest.raises(ParamsError, match=r"params.yaml: trian: unknown key"):
+        load_params(write(tmp_path, "trian:\n  epochs: 3\n"))
+
+
+def test_bad_value_is_named_with_what_was_given(tmp_path):
+    with pytest.raises(ParamsError, match=r"train.epochs: Input should be greater than or equal to 1 \(got 0\)"):
+        load_params(write(tmp_path, "train:\n  epochs: 0\n"))
+    with pytest.raises(ParamsError, match=r"model.hidden_dims.1: Input should be greater than or equal to 1 \(got -1\)"):
+        load_params(write(tmp_path, "model:\n  hidden_dims: [400, -1]\n"))
+    with pytest.raises(ParamsError, match=r"train.use_gpu"):
+        load_params(write(tmp_path, "train:\n  use_gpu: maybe\n"))
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(write(tmp_path, "train: [\n"))
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "absent.yaml")
+
+
+def test_digest_follows_the_sections_it_names():
+    base = Params()
+    changed = Params.model_validate({"eval": {"iwae_k": 7}})
+    assert base.digest("train", "model") == changed.digest("train", "model")
+    assert base.digest() != changed.digest()

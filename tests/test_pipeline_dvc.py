@@ -1,0 +1,125 @@
+"""The whole pipeline, for real: `dvc repro` in a fresh git repository holding a copy of
+the project, with tiny params (a few hundred images, one epoch, two Ray workers)."""
+import json
+import math
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import copy_project, git_env, run
+from vae.model import VAE
+
+pytestmark = pytest.mark.integration
+
+TINY = {
+    "data": {"source": "pypi", "val_size": 200, "max_train_images": 300},
+    "train": {"epochs": 1, "num_workers": 2, "batch_size": 64},
+    "eval": {"max_test_images": 200, "iwae_k": 5, "grid_images": 16},
+}
+
+
+def set_params(repo, changes):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in changes.items():
+        params.setdefault(section, {}).update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def declared_outputs(repo) -> list[str]:
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    paths = []
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                paths.append(entry if isinstance(entry, str) else next(iter(entry)))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory, ray_address):
+    """A project copy after one full `dvc repro` (shared by this module's tests), and its log."""
+    project = copy_project(tmp_path_factory.mktemp("dvc") / "project")
+    set_params(project, TINY)
+    env = git_env(RAY_ADDRESS=ray_address)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = run(["dvc", "repro"], project, env=env)
+    return project, env, result.stdout + result.stderr
+
+
+def test_every_stage_ran_and_every_declared_output_exists(repro):
+    repo, _, log = repro
+    for stage in ("fetch", "train", "evaluate", "export"):
+        assert f"Running stage '{stage}'" in log
+    for path in declared_outputs(repo):
+        target = repo / path
+        assert target.exists(), f"{path} declared in dvc.yaml but not written"
+        assert target.is_dir() or target.stat().st_size > 0
+    assert not list(repo.rglob("*.tmp")), "a temporary file was left behind"
+    assert "mlflow ui --backend-store-uri sqlite:///" in log  # the user is told how to browse
+
+
+def test_outputs_hold_what_they_should(repro):
+    repo, _, _ = repro
+    model = VAE.from_checkpoint(torch.load(repo / "models/vae.pt", weights_only=True))
+    assert model.config.latent_dim == 20 and model.config.hidden_dims == (400,)
+
+    train = json.loads((repo / "metrics/train.json").read_text())
+    assert train["epochs"] == 1 and math.isfinite(train["val_neg_elbo"])
+    rows = (repo / "plots/train.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,train_neg_elbo") and len(rows) == 2
+
+    ev = json.loads((repo / "metrics/eval.json").read_text())
+    assert ev["test_images"] == 200 and ev["iwae_k"] == 5
+    assert ev["neg_elbo"] == pytest.approx(ev["recon"] + ev["kl"])
+    assert 0 < ev["nll_iwae"] < 800 and ev["kl"] > 0
+    with Image.open(repo / "plots/reconstructions.png") as recon, Image.open(repo / "plots/samples.png") as samples:
+        assert recon.format == samples.format == "PNG"
+        assert recon.size[1] > samples.size[1]  # inputs above outputs: twice the rows
+
+    session = ort.InferenceSession(str(repo / "models/decoder.onnx"), providers=["CPUExecutionProvider"])
+    z = np.random.default_rng(0).standard_normal((3, 20)).astype(np.float32)
+    (images,) = session.run(None, {"z": z})
+    assert images.shape == (3, 1, 28, 28) and 0 <= images.min() and images.max() <= 1
+    export = json.loads((repo / "metrics/export.json").read_text())
+    assert export["worst_abs_diff"] <= 1e-5 and set(export["max_abs_diff"]) == {"1", "256"}
+
+
+def test_one_mlflow_run_with_lineage(repro):
+    from mlflow import MlflowClient
+
+    repo, env, _ = repro
+    recorded = json.loads((repo / "models/mlflow_run.json").read_text())
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("vae-mnist")
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_id for r in runs] == [recorded["run_id"]]
+    run_ = runs[0]
+    head = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert run_.data.tags["git.commit"] == head
+    assert run_.data.tags["data.md5"] == lock["stages"]["fetch"]["outs"][0]["md5"]
+    assert run_.data.params["train.epochs"] == "1" and run_.data.params["model.latent_dim"] == "20"
+    assert [m.step for m in client.get_metric_history(run_.info.run_id, "val_neg_elbo")] == [1]
+    assert run_.data.metrics["test_neg_elbo"] == pytest.approx(
+        json.loads((repo / "metrics/eval.json").read_text())["neg_elbo"])
+    artifacts = {a.path for a in client.list_artifacts(run_.info.run_id)}
+    assert {"model", "evaluation", "decoder"} <= artifacts
+
+
+def test_second_repro_runs_nothing(repro):
+    repo, env, _ = repro
+    again = run(["dvc", "repro"], repo, env=env)
+    assert "Running stage" not in again.stdout
+    assert "Data and pipelines are up to date" in again.stdout
+
+
+def test_unknown_params_key_fails_naming_it(repro):
+    repo, env, _ = repro
+    set_params(repo, {"train": {"epochz": 3}})
+    failed = run(["dvc", "repro"], repo, env=env, check=False)
+    assert failed.returncode != 0
+    assert "train.epochz: unknown key" in failed.stdout + failed.stderr
