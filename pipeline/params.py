@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -52,8 +52,16 @@ class TrainParams(Section):
     seed: int = Field(0, ge=0)
     num_workers: int = Field(2, ge=1)
     use_gpu: Literal["auto", True, False] = "auto"
-    # Where Ray keeps checkpoints: an absolute path or fsspec URI (null: <repo>/.ray_results).
+    bf16: bool = False  # bf16 autocast on GPU workers (CPU workers always train in fp32)
+    max_failures: int = Field(2, ge=0)  # worker-group restarts from the last checkpoint
+    # A Ray cluster to join, e.g. ray://head:10001 or head:6379 (null: $RAY_ADDRESS, else a local Ray).
+    ray_address: str | None = None
+    # Where Ray keeps checkpoints: an absolute path or fsspec URI such as s3://bucket/vae
+    # (null: <repo>/.ray_results). A multi-node cluster needs storage every node can reach.
     storage_path: str | None = None
+
+    # Keys that say where and how wide training runs, not which model it makes.
+    PLACEMENT: ClassVar[set[str]] = {"num_workers", "max_failures", "ray_address", "storage_path"}
 
 
 class EvalParams(Section):

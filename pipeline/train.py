@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import logging
 import os
 import tempfile
@@ -55,8 +56,9 @@ def train_epoch(model, optimizer, images, cfg: dict, epoch: int, rank: int, worl
     order = rng.epoch_order(cfg["seed"], epoch, len(images))
     for step, batch in enumerate(order.split(cfg["batch_size"])):
         eps = rng.batch_noise(cfg["seed"], epoch, step, len(batch), cfg["latent_dim"])
-        x = to_float(images[_slice(batch, rank, world)]).to(device)
-        terms = elbo_terms(model, x, _slice(eps, rank, world).to(device))
+        x = to_float(images[_slice(batch, rank, world).to(device)])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["bf16"] and device.type == "cuda"):
+            terms = elbo_terms(model, x, _slice(eps, rank, world).to(device))
         # DDP averages over workers: scaling by world/len(batch) makes that the global mean.
         loss = terms["neg_elbo"].sum() * world / len(batch)
         optimizer.zero_grad(set_to_none=True)
@@ -72,7 +74,7 @@ def validate(model, images, eps, rank: int, world: int, device) -> dict:
     """Mean terms on the validation images, with noise fixed for the whole run."""
     model.eval()
     idx = _slice(torch.arange(len(images)), rank, world)
-    terms = elbo_terms(model, to_float(images[idx]).to(device), eps[idx].to(device))
+    terms = elbo_terms(model, to_float(images[idx.to(device)]), eps[idx].to(device))
     sums = torch.tensor([*(terms[k].sum().item() for k in TERMS), len(idx)], dtype=torch.float64)
     sums = _all_sum(sums.to(device)).cpu()
     return {k: (sums[i] / sums[-1]).item() for i, k in enumerate(TERMS)}
@@ -113,6 +115,17 @@ def _mlflow_logger(cfg: dict):
     return lambda metrics, epoch: tracking.log_metrics(client, cfg["run_id"], metrics, step=epoch)
 
 
+def _node_ids(world: int) -> list[str]:
+    """The distinct Ray nodes this worker group runs on."""
+    import ray
+
+    mine = ray.get_runtime_context().get_node_id()
+    nodes = [mine] * world
+    if dist.is_available() and dist.is_initialized():
+        dist.all_gather_object(nodes, mine)
+    return sorted(set(nodes))
+
+
 def _quiet_reports() -> None:
     """Ray Train logs every report() at INFO through a logger named by its file path, which
     escapes its own log-level setting; mute it so the console shows our epoch lines."""
@@ -137,8 +150,9 @@ def train_loop_per_worker(cfg: dict) -> None:
     ddp_model = ray.train.torch.prepare_model(model)
     with warnings.catch_warnings():  # zero-copy, read-only views of the object store: never written
         warnings.simplefilter("ignore", UserWarning)
-        train_images, val_images = (torch.from_numpy(ray.get(ref)) for ref in cfg["data"])
+        train_images, val_images = (torch.from_numpy(ray.get(ref)).to(device) for ref in cfg["data"])
     val_eps = torch.randn((len(val_images), cfg["latent_dim"]), generator=rng.eval_generator(cfg["seed"]))
+    state["nodes"] = _node_ids(world)
     log = _mlflow_logger(cfg) if rank == 0 else None
     if log and state["run_id"] != cfg["run_id"]:
         for row in state["history"]:  # resumed a run logged elsewhere: give this run the history
@@ -166,8 +180,8 @@ def train_loop_per_worker(cfg: dict) -> None:
 
 # --- on the driver ----------------------------------------------------------------------
 
-def connect_ray(num_workers: int) -> None:
-    """Join $RAY_ADDRESS when set, else start a quiet local Ray sized to this machine."""
+def connect_ray(num_workers: int, address: str | None = None) -> None:
+    """Join `address` or $RAY_ADDRESS when set, else start a quiet local Ray sized to this machine."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -184,8 +198,8 @@ def connect_ray(num_workers: int) -> None:
     # cleaner warns about it every few seconds: keep Ray's own loggers at ERROR in workers.
     quiet = {"logging_level": logging.WARNING, "log_to_driver": True,
              "logging_config": ray.LoggingConfig(log_level="ERROR")}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(**quiet)
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, **quiet)
     else:
         ray.init(num_cpus=max(os.cpu_count() or 1, num_workers), include_dashboard=False, **quiet)
 
@@ -199,7 +213,12 @@ def gpu_workers(use_gpu, cluster_gpus: float) -> bool:
 
 
 def run_name(params: Params) -> str:
-    digest = hashlib.sha256(params.digest("data", "model", "train").encode())
+    """Same model-defining params and code, same name: a rerun resumes that Ray run. The
+    worker count is left out on purpose: the model does not depend on it."""
+    defining = {"data": params.data.model_dump(exclude={"source", "mirror_timeout_s"}),
+                "model": params.model.model_dump(),
+                "train": params.train.model_dump(exclude=params.train.PLACEMENT)}
+    digest = hashlib.sha256(json.dumps(defining, sort_keys=True).encode())
     for path in sorted(CODE):
         digest.update(path.read_bytes())
     return f"vae-{digest.hexdigest()[:12]}"
@@ -217,10 +236,10 @@ def load_training_data(layout: Layout, params: Params):
 def fit(layout: Layout, params: Params, run_id: str) -> dict:
     """Run the TorchTrainer; return the final training state from its last checkpoint."""
     import ray
-    from ray.train import CheckpointConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    connect_ray(params.train.num_workers)
+    connect_ray(params.train.num_workers, params.train.ray_address)
     use_gpu = gpu_workers(params.train.use_gpu, ray.cluster_resources().get("GPU", 0))
     cfg = {**params.train.model_dump(), "model": params.model.vae_config().__dict__,
            "latent_dim": params.model.latent_dim, "run_id": run_id,
@@ -234,6 +253,7 @@ def fit(layout: Layout, params: Params, run_id: str) -> dict:
         scaling_config=ScalingConfig(num_workers=params.train.num_workers, use_gpu=use_gpu),
         run_config=RunConfig(name=run_name(params), storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=params.train.max_failures),
                              logging_config=LoggingConfig(log_level="WARNING")))
     result = trainer.fit()
     with result.checkpoint.as_directory() as path:
@@ -249,6 +269,7 @@ def write_outputs(layout: Layout, params: Params, state: dict) -> dict:
         torch.save({"state_dict": best["model"], "config": config.__dict__}, tmp)
     last = state["history"][-1]
     metrics = {"best_epoch": best["epoch"], "epochs": state["epoch"], "best_val_neg_elbo": best["val_neg_elbo"],
+               "ray_nodes": len(state["nodes"]), "device": state["device"],
                **{k: v for k, v in last.items() if k != "epoch"}}
     write_json(layout.train_metrics, metrics)
     buffer = io.StringIO()

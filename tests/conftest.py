@@ -3,17 +3,23 @@ and throw-away git+DVC copies of the project."""
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-# What a copy of the project needs to run its pipeline (git ls-files of these folders).
+# The test Ray cluster uses token authentication with a token of this session. Set before
+# anything imports ray (it reads the auth mode once), and inherited by every node and stage.
+os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
+# What a copy of the project needs to run its pipeline.
 PROJECT_FILES = ["vae", "pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
 
 
@@ -42,16 +48,62 @@ def mnist_dir(tmp_path_factory) -> Path:
     return data_dir
 
 
+def _wait_for_nodes(count: int, deadline_s: float = 120) -> None:
+    import ray
+
+    deadline = time.monotonic() + deadline_s
+    while sum(node["Alive"] for node in ray.nodes()) < count:
+        if time.monotonic() > deadline:
+            pytest.fail(f"the Ray cluster did not reach {count} nodes: {ray.nodes()}")
+        time.sleep(0.5)
+
+
+def _start_node(*args: str) -> subprocess.Popen:
+    # Each node in its own process group: stopping it must reach the raylet, GCS and
+    # workers it spawns (stopping `ray start --block` alone leaves them running).
+    return subprocess.Popen([str(BIN / "ray"), "start", "--block", "--num-cpus=1", "--disable-usage-stats",
+                             "--node-ip-address=127.0.0.1", *args], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stop_node(node: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(node.pid, sig)
+            node.wait(timeout=10)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 @pytest.fixture(scope="session")
 def ray_address():
-    """A local Ray cluster for the whole session; stages join it through RAY_ADDRESS."""
+    """A real 2-node Ray cluster on 127.0.0.1 for the whole session: `ray start --head` plus a
+    second `ray start --address`, one CPU each, so two training workers land on different
+    nodes. Stopped by signalling its own processes (`ray stop` would stop every Ray on the
+    machine). Stages join it through RAY_ADDRESS."""
     import ray
 
     from pipeline.train import connect_ray
 
-    connect_ray(num_workers=2)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+    address = f"127.0.0.1:{free_port()}"
+    nodes = [_start_node("--head", f"--port={address.split(':')[1]}", "--include-dashboard=false")]
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run([str(BIN / "ray"), "status", f"--address={address}"], capture_output=True).returncode:
+            if time.monotonic() > deadline or nodes[0].poll() is not None:
+                pytest.fail("the Ray head node did not start")
+            time.sleep(1)
+        nodes.append(_start_node(f"--address={address}"))
+        connect_ray(num_workers=2, address=address)
+        _wait_for_nodes(2)
+        yield address
+    finally:
+        ray.shutdown()
+        for node in reversed(nodes):
+            _stop_node(node)
 
 
 def git_env(**extra: str) -> dict:

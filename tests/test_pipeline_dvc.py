@@ -69,6 +69,7 @@ def test_outputs_hold_what_they_should(repro):
 
     train = json.loads((repo / "metrics/train.json").read_text())
     assert train["epochs"] == 1 and math.isfinite(train["val_neg_elbo"])
+    assert train["ray_nodes"] == 2 and train["device"] == "cpu"  # the two workers spanned both nodes
     rows = (repo / "plots/train.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,train_neg_elbo") and len(rows) == 2
 

@@ -1,0 +1,87 @@
+"""pipeline/train.py under a real Ray cluster: the same model whatever the worker count,
+and training that survives a worker killed mid-run."""
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+
+from pipeline import tracking
+from pipeline.files import Layout
+from pipeline.params import Params
+from pipeline.train import fit, gpu_workers
+from vae.model import VAE, VAEConfig
+
+pytestmark = pytest.mark.integration
+
+
+def train(tmp_path, mnist_dir, name, **train_params):
+    """fit() in a fresh project folder (own MLflow store and Ray storage); the final state."""
+    root = tmp_path / name
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "mnist").symlink_to(mnist_dir)
+    layout = Layout(root)
+    params = Params.model_validate({
+        "data": {"val_size": 200, "max_train_images": train_params.pop("images", 640)},
+        "train": {"epochs": 1, "batch_size": 32, "num_workers": 2, **train_params}})
+    run_id = tracking.start_run(layout, params.flat(), {})
+    return fit(layout, params, run_id)
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_one_and_two_workers_make_the_same_model(tmp_path, mnist_dir, ray_address):
+    one = train(tmp_path, mnist_dir, "one", num_workers=1)  # 640 images / 32 = 20 steps
+    two = train(tmp_path, mnist_dir, "two", num_workers=2)
+    two_again = train(tmp_path, mnist_dir, "two-again", num_workers=2)
+    assert max_abs_diff(one["model"], two["model"]) <= 1e-5  # only float summation order differs
+    assert abs(one["history"][-1]["val_neg_elbo"] - two["history"][-1]["val_neg_elbo"]) <= 0.1
+    assert all(torch.equal(two["model"][k], two_again["model"][k]) for k in two["model"])
+    torch.manual_seed(0)
+    initial = VAE(VAEConfig()).state_dict()
+    assert max_abs_diff(one["model"], initial) > 1e-3  # and training did move the weights
+
+
+def _kill_a_worker_after_first_checkpoint(storage, killed: list):
+    """SIGKILL one Ray Train worker process as soon as epoch 1's checkpoint exists."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(storage.glob("*/checkpoint_*/state.pt")):
+        time.sleep(0.02)
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if "RayTrainWorker" in " ".join(process.info["cmdline"] or []):
+            os.kill(process.info["pid"], signal.SIGKILL)
+            killed.append(process.info["pid"])
+            return
+
+
+def test_killed_worker_resumes_from_checkpoint_to_the_same_model(tmp_path, mnist_dir, ray_address):
+    run = dict(images=6400, epochs=4, max_failures=1)
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint,
+                              args=(tmp_path / "killed" / ".ray_results", killed))
+    killer.start()
+    interrupted = train(tmp_path, mnist_dir, "killed", **run)
+    killer.join()
+    assert killed, "no Ray Train worker was found to kill"
+    uninterrupted = train(tmp_path, mnist_dir, "clean", **run)
+    assert interrupted["epoch"] == 4 and [r["epoch"] for r in interrupted["history"]] == [1, 2, 3, 4]
+    assert all(torch.equal(interrupted["model"][k], uninterrupted["model"][k]) for k in uninterrupted["model"])
+
+
+def test_gpu_choice():
+    assert gpu_workers("auto", 0) is False and gpu_workers("auto", 2) is True
+    assert gpu_workers(False, 2) is False
+    with pytest.raises(RuntimeError, match="train.use_gpu is true but the Ray cluster has no GPU"):
+        gpu_workers(True, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_gpu_workers_with_bf16(tmp_path, mnist_dir, ray_address):
+    state = train(tmp_path, mnist_dir, "gpu", num_workers=1, use_gpu=True, bf16=True)
+    assert state["device"] == "cuda" and state["history"][-1]["val_neg_elbo"] < 550
