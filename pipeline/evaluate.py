@@ -62,17 +62,17 @@ def save_grids(model: VAE, x: torch.Tensor, layout: Layout, params: Params) -> N
 
 def main() -> None:
     layout, params = Layout(), load_params()
-    model = load_model(layout)
-    images, _ = load_split(layout.data_dir, "test")
-    x = to_float(images[: params.eval.max_test_images])
-    metrics = test_metrics(model, x, params)
-    save_grids(model, x, layout, params)
-    write_json(layout.eval_metrics, metrics)
-
     client, run_id = tracking.open_run(layout)
-    tracking.log_metrics(client, run_id, {f"test_{k}": v for k, v in metrics.items()})
-    for path in (layout.eval_metrics, layout.recon_plot, layout.samples_plot):
-        client.log_artifact(run_id, str(path), "evaluation")
+    with tracking.failing_marks(client, run_id):
+        model = load_model(layout)
+        images, _ = load_split(layout.data_dir, "test")
+        x = to_float(images[: params.eval.max_test_images])
+        metrics = test_metrics(model, x, params)
+        save_grids(model, x, layout, params)
+        write_json(layout.eval_metrics, metrics)
+        tracking.log_metrics(client, run_id, {f"test_{k}": v for k, v in metrics.items()})
+        for path in (layout.eval_metrics, layout.recon_plot, layout.samples_plot):
+            client.log_artifact(run_id, str(path), "evaluation")
     print(f"evaluate: test -ELBO {metrics['neg_elbo']:.2f} nats (recon {metrics['recon']:.2f}, "
           f"KL {metrics['kl']:.2f}), IWAE k={params.eval.iwae_k} NLL {metrics['nll_iwae']:.2f} "
           f"on {len(x)} images -> {layout.eval_metrics}", flush=True)

@@ -12,7 +12,9 @@ import logging
 import os
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
@@ -87,6 +89,17 @@ def open_run(layout: Layout) -> tuple["MlflowClient", str]:  # noqa: F821
         run = client.create_run(_experiment_id(client, layout),
                                 tags={**lineage_tags(layout), "model.origin_run": recorded["run_id"]})
         return client, run.info.run_id
+
+
+@contextmanager
+def failing_marks(client, run_id: str) -> Iterator[None]:
+    """A stage that raises marks the pipeline's run FAILED, so the UI never shows a dead run
+    as RUNNING; the stage's error still propagates."""
+    try:
+        yield
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
 
 
 def log_metrics(client, run_id: str, metrics: dict[str, float], step: int = 0) -> None:

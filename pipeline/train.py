@@ -201,7 +201,8 @@ def connect_ray(num_workers: int, address: str | None = None) -> None:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, **quiet)
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, num_workers), include_dashboard=False, **quiet)
+        # "local": a new Ray of our own, not whatever `ray start` last left on this machine.
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_workers), include_dashboard=False, **quiet)
 
 
 def gpu_workers(use_gpu, cluster_gpus: float) -> bool:
@@ -281,16 +282,19 @@ def write_outputs(layout: Layout, params: Params, state: dict) -> dict:
 
 
 def main() -> None:
+    from mlflow import MlflowClient
+
     layout, params = Layout(), load_params()
     VAE(params.model.vae_config())  # fail on a bad architecture before starting anything
     run_id = tracking.start_run(layout, params.flat(), {"ray.num_workers": str(params.train.num_workers)})
-    state = fit(layout, params, run_id)
-    metrics = write_outputs(layout, params, state)
-    from mlflow import MlflowClient
-
     client = MlflowClient(tracking.tracking_uri(layout))
-    client.set_tag(run_id, "device", state["device"])
-    tracking.log_metrics(client, run_id, {"best_epoch": metrics["best_epoch"]})
-    client.log_artifact(run_id, str(layout.model), "model")
+    with tracking.failing_marks(client, run_id):
+        state = fit(layout, params, run_id)
+        metrics = write_outputs(layout, params, state)
+        client.set_tag(run_id, "device", state["device"])
+        tracking.log_metrics(client, run_id, {"best_epoch": metrics["best_epoch"]})
+        client.log_artifact(run_id, str(layout.model), "model")
+    # Training is the run's long part; evaluate and export add to it after it is FINISHED.
+    client.set_terminated(run_id, status="FINISHED")
     print(f"train: best epoch {metrics['best_epoch']} (validation -ELBO {metrics['best_val_neg_elbo']:.2f} nats) "
           f"-> {layout.model}", flush=True)

@@ -125,3 +125,30 @@ def copy_project(repo: Path) -> Path:
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "project"], repo, env=git_env())
     return repo
+
+
+def set_params(repo: Path, changes: dict) -> None:
+    """Update sections of repo/params.yaml, as a user editing it would."""
+    import yaml
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in changes.items():
+        params.setdefault(section, {}).update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def fit_in_folder(root: Path, mnist_dir: Path, **train_params):
+    """pipeline.train.fit() in a fresh project folder (own MLflow store and Ray storage),
+    with small data; returns the final training state."""
+    from pipeline import tracking
+    from pipeline.files import Layout
+    from pipeline.params import Params
+    from pipeline.train import fit
+
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "mnist").symlink_to(mnist_dir)
+    layout = Layout(root)
+    params = Params.model_validate({
+        "data": {"val_size": 200, "max_train_images": train_params.pop("images", 640)},
+        "train": {"epochs": 1, "batch_size": 32, "num_workers": 2, **train_params}})
+    return fit(layout, params, tracking.start_run(layout, params.flat(), {}))

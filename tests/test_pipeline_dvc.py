@@ -10,7 +10,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import copy_project, git_env, run
+from conftest import copy_project, git_env, run, set_params
 from vae.model import VAE
 
 pytestmark = pytest.mark.integration
@@ -20,13 +20,6 @@ TINY = {
     "train": {"epochs": 1, "num_workers": 2, "batch_size": 64},
     "eval": {"max_test_images": 200, "iwae_k": 5, "grid_images": 16},
 }
-
-
-def set_params(repo, changes):
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in changes.items():
-        params.setdefault(section, {}).update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params))
 
 
 def declared_outputs(repo) -> list[str]:
@@ -99,6 +92,7 @@ def test_one_mlflow_run_with_lineage(repro):
     runs = client.search_runs([experiment.experiment_id])
     assert [r.info.run_id for r in runs] == [recorded["run_id"]]
     run_ = runs[0]
+    assert run_.info.status == "FINISHED"
     head = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert run_.data.tags["git.commit"] == head

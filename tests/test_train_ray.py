@@ -9,26 +9,15 @@ import psutil
 import pytest
 import torch
 
-from pipeline import tracking
-from pipeline.files import Layout
-from pipeline.params import Params
-from pipeline.train import fit, gpu_workers
+from conftest import fit_in_folder
+from pipeline.train import gpu_workers
 from vae.model import VAE, VAEConfig
 
 pytestmark = pytest.mark.integration
 
 
 def train(tmp_path, mnist_dir, name, **train_params):
-    """fit() in a fresh project folder (own MLflow store and Ray storage); the final state."""
-    root = tmp_path / name
-    (root / "data").mkdir(parents=True)
-    (root / "data" / "mnist").symlink_to(mnist_dir)
-    layout = Layout(root)
-    params = Params.model_validate({
-        "data": {"val_size": 200, "max_train_images": train_params.pop("images", 640)},
-        "train": {"epochs": 1, "batch_size": 32, "num_workers": 2, **train_params}})
-    run_id = tracking.start_run(layout, params.flat(), {})
-    return fit(layout, params, run_id)
+    return fit_in_folder(tmp_path / name, mnist_dir, **train_params)
 
 
 def max_abs_diff(a: dict, b: dict) -> float:

@@ -1,0 +1,142 @@
+"""Training speed, side by side in one invocation, on the same model and data:
+
+  (a) the reference: PyTorch's official VAE example loop (torchvision MNIST + ToTensor
+      through a DataLoader, BCE + KL), written out below;
+  (b) our training step without Ray (vae/ maths, tensors held in memory, seed-derived noise);
+  (c) our training under Ray Train with 1 and 2 CPU workers (pipeline/train.fit).
+
+Model 784-400-20 MLP, batch 128, Adam lr 1e-3. Prints seconds per 60,000-image epoch, the
+ratio to (a), Ray's overhead against (b), and the FLOP lower bound from a measured matmul
+rate on this machine.
+
+    python benchmarks/train_speed.py --data data/mnist [--epochs 2]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vae import rng
+from vae.data import load_split, to_float
+from vae.model import VAE, VAEConfig
+from vae.objectives import elbo_terms
+
+EPOCH_IMAGES, BATCH, LATENT, HIDDEN = 60_000, 128, 20, 400
+
+
+# (a) PyTorch's examples/vae/main.py, the model and loop as written there.
+class ReferenceVAE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc21, self.fc22 = nn.Linear(784, 400), nn.Linear(400, 20), nn.Linear(400, 20)
+        self.fc3, self.fc4 = nn.Linear(20, 400), nn.Linear(400, 784)
+
+    def forward(self, x):
+        h1 = F.relu(self.fc1(x.view(-1, 784)))
+        mu, logvar = self.fc21(h1), self.fc22(h1)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return torch.sigmoid(self.fc4(F.relu(self.fc3(z)))), mu, logvar
+
+
+def reference_epoch(data_dir: Path) -> float:
+    from torchvision import datasets, transforms
+
+    with tempfile.TemporaryDirectory() as root:  # torchvision wants <root>/MNIST/raw/<files>
+        raw = Path(root) / "MNIST" / "raw"
+        raw.mkdir(parents=True)
+        for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                     "t10k-labels-idx1-ubyte"):
+            (raw / name).symlink_to(data_dir.resolve() / name)
+        loader = torch.utils.data.DataLoader(
+            datasets.MNIST(root, train=True, download=False, transform=transforms.ToTensor()),
+            batch_size=BATCH, shuffle=True)
+        model = ReferenceVAE()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        start = time.perf_counter()
+        for x, _ in loader:
+            recon, mu, logvar = model(x)
+            bce = F.binary_cross_entropy(recon, x.view(-1, 784), reduction="sum")
+            loss = bce - 0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return time.perf_counter() - start
+
+
+# (b) our step, no Ray.
+def ours_epoch(images: torch.Tensor) -> float:
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(latent_dim=LATENT, hidden_dims=(HIDDEN,)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    start = time.perf_counter()
+    for step, batch in enumerate(rng.epoch_order(0, 0, len(images)).split(BATCH)):
+        x = to_float(images[batch])
+        loss = elbo_terms(model, x, rng.batch_noise(0, 0, step, len(batch), LATENT))["neg_elbo"].sum() / len(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - start
+
+
+# (c) our training under Ray Train, per-epoch seconds as the workers measured them.
+def ray_epochs(data_dir: Path, workers: int, epochs: int) -> list[float]:
+    from pipeline import tracking
+    from pipeline.files import Layout
+    from pipeline.params import Params
+    from pipeline.train import fit
+
+    with tempfile.TemporaryDirectory() as root:
+        (Path(root) / "data").mkdir()
+        (Path(root) / "data" / "mnist").symlink_to(data_dir.resolve())
+        layout = Layout(root)
+        params = Params.model_validate({"data": {"val_size": 1000},
+                                        "train": {"epochs": epochs, "batch_size": BATCH, "num_workers": workers,
+                                                  "max_failures": 0}})
+        state = fit(layout, params, tracking.start_run(layout, params.flat(), {}))
+    # Scale the epoch (59,000 images here) to 60,000; validation on 1,000 is included.
+    return [row["epoch_seconds"] * EPOCH_IMAGES / (EPOCH_IMAGES - 1000) for row in state["history"]]
+
+
+def flop_bound_seconds() -> float:
+    """Matmul FLOPs of one epoch (forward + backward = 3x forward) at this machine's measured rate."""
+    a, b = torch.randn(BATCH, 784), torch.randn(784, HIDDEN)
+    for _ in range(20):
+        a @ b
+    n, start = 400, time.perf_counter()
+    for _ in range(n):
+        a @ b
+    rate = n * 2 * BATCH * 784 * HIDDEN / (time.perf_counter() - start)
+    macs_per_image = 784 * HIDDEN + HIDDEN * 2 * LATENT + LATENT * HIDDEN + HIDDEN * 784
+    return 3 * 2 * macs_per_image * EPOCH_IMAGES / rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("data/mnist"))
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per contender; the best one counts")
+    args = parser.parse_args()
+    images, _ = load_split(args.data, "train")
+
+    rows = {"(a) reference loop (DataLoader + ToTensor)": min(reference_epoch(args.data) for _ in range(args.epochs)),
+            "(b) ours, no Ray": min(ours_epoch(images) for _ in range(args.epochs))}
+    for workers in (1, 2):
+        rows[f"(c) ours, Ray Train, {workers} worker{'s' * (workers > 1)}"] = min(ray_epochs(args.data, workers, args.epochs))
+    bound = flop_bound_seconds()
+    reference, ours = rows["(a) reference loop (DataLoader + ToTensor)"], rows["(b) ours, no Ray"]
+
+    print(f"\nseconds per 60,000-image epoch, batch {BATCH}, 784-{HIDDEN}-{LATENT} MLP, "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"{'':46}{'s/epoch':>9}{'vs (a)':>9}{'vs (b)':>9}{'vs bound':>10}")
+    for name, seconds in rows.items():
+        print(f"{name:46}{seconds:9.2f}{reference / seconds:8.2f}x{seconds / ours:8.2f}x{seconds / bound:9.2f}x")
+    print(f"{'FLOP lower bound (measured matmul rate)':46}{bound:9.2f}")
+
+
+if __name__ == "__main__":
+    main()
