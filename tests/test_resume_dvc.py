@@ -24,7 +24,9 @@ def test_killed_repro_resumes_to_the_uninterrupted_model(tmp_path, mnist_dir, ra
         process = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
         deadline = time.monotonic() + 300
-        while not list((repo / ".ray_results").glob("*/checkpoint_*/state.pt")):
+        # Kill once Ray has registered epoch 1's checkpoint (its manager snapshot is written
+        # after the checkpoint files), so exactly that epoch is there to resume from.
+        while not list((repo / ".ray_results").glob("*/checkpoint_manager_snapshot.json")):
             assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
             time.sleep(0.05)
         os.killpg(process.pid, signal.SIGKILL)  # dvc and its `vae train`, mid-training
