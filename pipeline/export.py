@@ -6,6 +6,7 @@ dimension. onnxruntime must reproduce PyTorch's output on random z at every batc
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 
 from pipeline import tracking
 from pipeline.evaluate import load_model
-from pipeline.files import Layout, atomic_path, write_json
+from pipeline.files import Layout, atomic_dir, atomic_path, write_json
 from pipeline.onnx_session import open_session
 from pipeline.params import ExportParams, load_params
 from pipeline.summary import summary
@@ -55,6 +56,26 @@ def check_parity(decoder: ImageDecoder, latent_dim: int, path: Path, params: Exp
     return {**report, "worst_abs_diff": worst}
 
 
+TRITON_CONFIG = """name: "{name}"
+backend: "onnxruntime"
+max_batch_size: {max_batch}
+input [ {{ name: "{input}", data_type: TYPE_FP32, dims: [ {latent_dim} ] }} ]
+output [ {{ name: "{output}", data_type: TYPE_FP32, dims: [ 1, 28, 28 ] }} ]
+dynamic_batching {{ }}
+"""
+
+
+def write_triton_repo(repo: Path, onnx_path: Path, latent_dim: int, max_batch: int) -> None:
+    """A Triton / KServe model repository: <repo>/vae-decoder/{config.pbtxt, 1/model.onnx}.
+    Triton's dims leave out the batch dimension, which max_batch_size makes dynamic."""
+    with atomic_dir(repo) as tmp:
+        version = tmp / "vae-decoder" / "1"
+        version.mkdir(parents=True)
+        shutil.copyfile(onnx_path, version / "model.onnx")
+        (tmp / "vae-decoder" / "config.pbtxt").write_text(TRITON_CONFIG.format(
+            name="vae-decoder", max_batch=max_batch, input=INPUT, output=OUTPUT, latent_dim=latent_dim))
+
+
 def main() -> None:
     layout, params = Layout(), load_params()
     client, run_id = tracking.open_run(layout)
@@ -64,6 +85,7 @@ def main() -> None:
         with atomic_path(layout.decoder_onnx) as tmp:
             export_decoder(decoder, latent_dim, tmp, params.export.opset)
             report = check_parity(decoder, latent_dim, tmp, params.export)
+        write_triton_repo(layout.triton_repo, layout.decoder_onnx, latent_dim, params.export.triton_max_batch)
         report.update(opset=params.export.opset, latent_dim=latent_dim)
         write_json(layout.export_metrics, report)
         tracking.log_metrics(client, run_id, {"export_worst_abs_diff": report["worst_abs_diff"]})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +30,7 @@ class Layout:
         self.train_metrics = self.root / "metrics" / "train.json"
         self.eval_metrics = self.root / "metrics" / "eval.json"
         self.export_metrics = self.root / "metrics" / "export.json"
+        self.triton_repo = self.root / "models" / "triton"
         self.train_plot = self.root / "plots" / "train.csv"
         self.recon_plot = self.root / "plots" / "reconstructions.png"
         self.samples_plot = self.root / "plots" / "samples.png"
@@ -57,6 +59,24 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield an empty temporary directory beside `path`; on success it replaces `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    old = path.with_name(f".{path.name}.old")
+    try:
+        yield tmp
+        tmp.chmod(0o777 & ~_umask())
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_bytes(path: Path, data: bytes) -> None:

@@ -78,6 +78,11 @@ def test_outputs_hold_what_they_should(repro):
     z = np.random.default_rng(0).standard_normal((3, 20)).astype(np.float32)
     (images,) = session.run(None, {"z": z})
     assert images.shape == (3, 1, 28, 28) and 0 <= images.min() and images.max() <= 1
+    triton = repo / "models/triton/vae-decoder"
+    assert (triton / "1/model.onnx").read_bytes() == (repo / "models/decoder.onnx").read_bytes()
+    config = (triton / "config.pbtxt").read_text()
+    assert 'name: "vae-decoder"' in config and "max_batch_size: 1024" in config
+    assert 'name: "z", data_type: TYPE_FP32, dims: [ 20 ]' in config
     export = json.loads((repo / "metrics/export.json").read_text())
     assert export["worst_abs_diff"] <= 1e-5 and set(export["max_abs_diff"]) == {"1", "256"}
 

@@ -1,4 +1,5 @@
 """`vae serve`: the real server process on 127.0.0.1, decoding with onnxruntime."""
+import io
 import subprocess
 import sys
 import time
@@ -25,10 +26,13 @@ def decoder_and_onnx(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(decoder_and_onnx):
+def server(decoder_and_onnx, tmp_path_factory):
     port = free_port()
+    # The log goes to a file: an unread pipe fills up and blocks the server mid-request.
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    log_file = open(log_path, "w")
     process = subprocess.Popen([str(BIN / "vae"), "serve", str(decoder_and_onnx[1]), "--port", str(port),
-                                "--max-batch", "16"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                "--max-batch", "16"], stdout=log_file, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -39,18 +43,20 @@ def server(decoder_and_onnx):
             time.sleep(0.2)
     else:
         process.kill()
-        pytest.fail(f"server did not become ready:\n{process.communicate()[0]}")
+        pytest.fail(f"server did not become ready:\n{log_path.read_text()}")
     yield url
     process.terminate()
-    log = process.communicate(timeout=30)[0]
-    print(log)
-    assert "Traceback" not in log  # no request made it crash
+    process.wait(timeout=30)
+    log_file.close()
+    assert "Traceback" not in log_path.read_text()  # no request made it crash
 
 
 def test_health_and_metadata(server):
     assert httpx.get(f"{server}/v2/health/live").json() == {"live": True}
     meta = httpx.get(f"{server}/v2/models/vae-decoder").json()
-    assert meta["latent_dim"] == LATENT and meta["providers"][-1] == "CPUExecutionProvider"
+    assert meta["parameters"]["latent_dim"] == LATENT
+    assert meta["parameters"]["providers"][-1] == "CPUExecutionProvider"
+    assert meta["inputs"] == [{"name": "z", "datatype": "FP32", "shape": [-1, LATENT]}]
     assert meta["outputs"][0]["shape"] == [-1, 1, 28, 28]
 
 
@@ -63,24 +69,52 @@ def test_decode_matches_torch(server, decoder_and_onnx):
     np.testing.assert_allclose(np.array(response.json()["images"]), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("body, status, message", [
-    ({"z": [[0.0] * (LATENT + 1)]}, 422, f"z[0]: {LATENT + 1} values; the decoder takes {LATENT}"),
-    ({"z": [[0.0] * LATENT] * 17}, 422, "batch of 17 latent vectors; between 1 and 16 allowed"),
-    ({"z": []}, 422, "batch of 0"),
-    ({"z": [["a"] * LATENT]}, 422, "body.z.0.0"),
-    ({"x": [[0.0] * LATENT]}, 422, "body.z: Field required"),
+@pytest.mark.parametrize("body, message", [
+    ({"z": [[0.0] * (LATENT + 1)]}, f"z[0]: {LATENT + 1} values; the decoder takes {LATENT}"),
+    ({"z": [[0.0] * LATENT] * 17}, "z: batch of 17; between 1 and 16 allowed"),
+    ({"z": []}, "z: batch of 0; between 1 and 16 allowed"),
+    ({"z": [["a"] * LATENT]}, "body.z.0.0"),
+    ({"x": [[0.0] * LATENT]}, "body.z: Field required"),
 ])
-def test_bad_requests_get_4xx_naming_the_problem(server, body, status, message):
+def test_bad_decode_requests_get_400_naming_the_problem(server, body, message):
     response = httpx.post(f"{server}/v1/decode", json=body)
-    assert response.status_code == status and message in response.text
+    assert response.status_code == 400 and message in response.json()["error"]
+
+
+def infer_body(z, **tensor):
+    return {"inputs": [{"name": "z", "datatype": "FP32", "shape": list(np.shape(z)),
+                        "data": np.asarray(z).ravel().tolist(), **tensor}]}
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (infer_body(np.zeros((1, LATENT)), datatype="FP64"), 400, "z: datatype FP64; FP32 required"),
+    (infer_body(np.zeros((1, LATENT + 1))), 400, f"the decoder takes [N, {LATENT}]"),
+    (infer_body(np.zeros((17, LATENT))), 400, "with 1 <= N <= 16"),
+    (infer_body(np.zeros((1, LATENT)), name="x"), 400, "exactly one input named 'z'"),
+    (infer_body(np.zeros((2, LATENT)), shape=[1, LATENT]), 400, f"needs {LATENT} values, got {2 * LATENT}"),
+    (infer_body(np.zeros((1, LATENT)), data=["a"] * LATENT), 400, "data is not FP32 numbers"),
+    (infer_body(np.zeros((1, LATENT))) | {"outputs": [{"name": "logits"}]}, 400, "unknown output 'logits'"),
+    ({"inputs": []}, 400, "inputs: List should have at least 1 item"),
+])
+def test_bad_infer_requests_get_4xx_naming_the_problem(server, body, status, message):
+    response = httpx.post(f"{server}/v2/models/vae-decoder/infer", json=body)
+    assert response.status_code == status and message in response.json()["error"]
+
+
+def test_unknown_model_is_404(server):
+    response = httpx.post(f"{server}/v2/models/other/infer", json=infer_body(np.zeros((1, LATENT))))
+    assert response.status_code == 404 and "unknown model 'other'" in response.json()["error"]
 
 
 def test_nan_malformed_and_oversized_bodies(server):
     post = lambda content: httpx.post(f"{server}/v1/decode", content=content,
                                       headers={"content-type": "application/json"})
     nan = post('{"z": [[NaN, 0, 0, 0]]}')
-    assert nan.status_code == 422 and "finite number" in nan.text
-    assert post('{"z": [[0, 0').status_code == 422
+    assert nan.status_code == 400 and "finite number" in nan.text
+    assert post('{"z": [[0, 0').status_code == 400
+    infer_nan = httpx.post(f"{server}/v2/models/vae-decoder/infer", headers={"content-type": "application/json"},
+                           content='{"inputs": [{"name": "z", "datatype": "FP32", "shape": [1, 4], "data": [NaN, 0, 0, 0]}]}')
+    assert infer_nan.status_code == 400 and "NaN or infinite" in infer_nan.json()["error"]
     assert post(b"0" * 2_000_000).status_code == 413
     assert httpx.get(f"{server}/v2/health/ready").status_code == 200  # still serving
 
@@ -88,3 +122,64 @@ def test_nan_malformed_and_oversized_bodies(server):
 def test_missing_model_file_is_a_clear_error(tmp_path):
     result = subprocess.run([str(BIN / "vae"), "serve", str(tmp_path / "none.onnx")], capture_output=True, text=True)
     assert result.returncode == 2 and "none.onnx: no such ONNX model" in result.stderr
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_triton_client_infers_unchanged(server, decoder_and_onnx, binary):
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(url=server.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("vae-decoder")
+    assert client.get_model_metadata("vae-decoder")["inputs"][0]["shape"] == [-1, LATENT]
+    z = np.random.default_rng(1).standard_normal((5, LATENT)).astype(np.float32)
+    tensor = triton.InferInput("z", list(z.shape), "FP32")
+    tensor.set_data_from_numpy(z, binary_data=binary)
+    result = client.infer("vae-decoder", [tensor], outputs=[triton.InferRequestedOutput("image", binary_data=binary)])
+    with torch.no_grad():
+        expected = decoder_and_onnx[0](torch.from_numpy(z)).numpy()
+    np.testing.assert_allclose(result.as_numpy("image"), expected, atol=1e-5)
+    with pytest.raises(triton.InferenceServerException, match="unknown model 'other'"):
+        client.infer("other", [tensor])
+
+
+def test_samples_png_is_deterministic_per_seed(server):
+    from PIL import Image
+
+    first, again, other = (httpx.get(f"{server}/v1/samples.png", params={"n": 16, "seed": s}) for s in (7, 7, 8))
+    assert first.headers["content-type"] == "image/png" and first.content == again.content != other.content
+    with Image.open(io.BytesIO(first.content)) as image:
+        assert image.size == (4 * 30 + 2, 4 * 30 + 2)  # a 4x4 grid of 28-pixel digits, 2-pixel gaps
+    assert httpx.get(f"{server}/v1/samples.png", params={"n": 0}).status_code == 400
+
+
+def test_prometheus_metrics_count_requests_and_batches(server):
+    httpx.post(f"{server}/v2/models/vae-decoder/infer", json=infer_body(np.zeros((3, LATENT))))
+    httpx.post(f"{server}/v2/models/vae-decoder/infer", json=infer_body(np.zeros((3, LATENT)), datatype="INT8"))
+    text = httpx.get(f"{server}/metrics").text
+    assert 'vae_requests_total{code="200",route="/v2/models/{name}/infer"}' in text
+    assert 'vae_errors_total{route="/v2/models/{name}/infer"}' in text
+    assert 'vae_batch_size_bucket{le="4.0"}' in text and "vae_request_seconds_bucket" in text
+
+
+def test_openapi_fuzzing_never_gets_a_5xx(server):
+    """At least 1000 requests generated from our OpenAPI spec, valid and invalid ones."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+
+    schema = schemathesis.openapi.from_url(f"{server}/openapi.json")
+    sent, failures = [0], []
+
+    for mode, examples in ((GenerationMode.POSITIVE, 600), (GenerationMode.NEGATIVE, 600)):
+        @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=schema.as_strategy(generation_mode=mode))
+        def send(case):
+            response = case.call(base_url=server, timeout=30)
+            sent[0] += 1
+            if response.status_code >= 500:
+                failures.append(f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:200]}")
+
+        send()
+    assert sent[0] >= 1000 and not failures, failures[:5]
+    assert httpx.get(f"{server}/v2/health/ready").status_code == 200
