@@ -6,6 +6,7 @@ import threading
 import time
 
 import psutil
+from mlflow import MlflowClient
 import pytest
 import torch
 
@@ -59,6 +60,10 @@ def test_killed_worker_resumes_from_checkpoint_to_the_same_model(tmp_path, mnist
     assert killed, "no Ray Train worker was found to kill"
     uninterrupted = train(tmp_path, mnist_dir, "clean", **run)
     assert interrupted["epoch"] == 4 and [r["epoch"] for r in interrupted["history"]] == [1, 2, 3, 4]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'killed' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("vae-mnist").experiment_id])
+    assert len(runs) == 1  # the restarted workers logged into the same run
+    assert {m.step for m in client.get_metric_history(runs[0].info.run_id, "val_neg_elbo")} == {1, 2, 3, 4}
     assert all(torch.equal(interrupted["model"][k], uninterrupted["model"][k]) for k in uninterrupted["model"])
 
 
