@@ -39,10 +39,18 @@ CODE = [Path(__file__), *(Path(__file__).parents[1] / "vae").glob("*.py")]
 
 # --- on each worker ---------------------------------------------------------------------
 
-def _all_sum(values: torch.Tensor) -> torch.Tensor:
+def _batch_sums(terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[sum of each term, number of images] of one batch, kept on the device (no host sync)."""
+    count = terms[TERMS[0]].new_tensor(float(len(terms[TERMS[0]])))
+    return torch.stack([*(terms[k].detach().sum() for k in TERMS), count]).double()
+
+
+def _global_means(sums: torch.Tensor) -> dict[str, float]:
+    """Each term's mean over the images of all workers."""
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values)
-    return values
+        dist.all_reduce(sums)
+    sums = sums.cpu()
+    return {k: (sums[i] / sums[-1]).item() for i, k in enumerate(TERMS)}
 
 
 def _slice(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -52,7 +60,7 @@ def _slice(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 def train_epoch(model, optimizer, images, cfg: dict, epoch: int, rank: int, world: int, device) -> dict:
     """One pass over the training images; returns the mean terms over all workers."""
     model.train()
-    sums = torch.zeros(len(TERMS) + 1, dtype=torch.float64)
+    sums = torch.zeros(len(TERMS) + 1, dtype=torch.float64, device=device)
     order = rng.epoch_order(cfg["seed"], epoch, len(images))
     for step, batch in enumerate(order.split(cfg["batch_size"])):
         eps = rng.batch_noise(cfg["seed"], epoch, step, len(batch), cfg["latent_dim"])
@@ -64,9 +72,8 @@ def train_epoch(model, optimizer, images, cfg: dict, epoch: int, rank: int, worl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        sums += torch.tensor([*(terms[k].sum().item() for k in TERMS), len(x)], dtype=torch.float64)
-    sums = _all_sum(sums.to(device)).cpu()
-    return {k: (sums[i] / sums[-1]).item() for i, k in enumerate(TERMS)}
+        sums += _batch_sums(terms)
+    return _global_means(sums)
 
 
 @torch.no_grad()
@@ -75,9 +82,7 @@ def validate(model, images, eps, rank: int, world: int, device) -> dict:
     model.eval()
     idx = _slice(torch.arange(len(images)), rank, world)
     terms = elbo_terms(model, to_float(images[idx.to(device)]), eps[idx].to(device))
-    sums = torch.tensor([*(terms[k].sum().item() for k in TERMS), len(idx)], dtype=torch.float64)
-    sums = _all_sum(sums.to(device)).cpu()
-    return {k: (sums[i] / sums[-1]).item() for i, k in enumerate(TERMS)}
+    return _global_means(_batch_sums(terms))
 
 
 def _restore(model, optimizer) -> dict:

@@ -1,7 +1,6 @@
 """`vae serve`: the real server process on 127.0.0.1, decoding with onnxruntime."""
 import io
 import subprocess
-import sys
 import time
 
 import httpx
