@@ -24,7 +24,8 @@ def parser() -> argparse.ArgumentParser:
     for name, help_text in STAGES.items():
         sub.add_parser(name, help=help_text)
     serve = sub.add_parser("serve", help="serve the ONNX decoder over HTTP with onnxruntime")
-    serve.add_argument("model", help="path to the ONNX decoder, e.g. models/decoder.onnx")
+    serve.add_argument("model", help="the ONNX decoder: a path (models/decoder.onnx) or a registry URI "
+                                     "(models:/vae-decoder@champion)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch", type=int, default=1024, help="largest batch of latent vectors per request")
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             serve.run(args.model, host=args.host, port=args.port, max_batch=args.max_batch)
         else:
             importlib.import_module(f"pipeline.{args.command}").main()
-    except (ParamsError, DataError, FileNotFoundError) as e:
+    except (ParamsError, DataError, FileNotFoundError, LookupError) as e:
         print(f"vae {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -6,6 +6,7 @@ dimension. onnxruntime must reproduce PyTorch's output on random z at every batc
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -89,8 +90,17 @@ def main() -> None:
         report.update(opset=params.export.opset, latent_dim=latent_dim)
         write_json(layout.export_metrics, report)
         tracking.log_metrics(client, run_id, {"export_worst_abs_diff": report["worst_abs_diff"]})
-        client.log_artifact(run_id, str(layout.decoder_onnx), "decoder")
-        client.log_artifact(run_id, str(layout.export_metrics), "decoder")
+        z = np.zeros((1, latent_dim), dtype=np.float32)
+        with torch.no_grad():
+            images = decoder(torch.from_numpy(z)).numpy()
+        version = tracking.log_decoder(layout, run_id, layout.decoder_onnx, z, images)
+        neg_elbo = json.loads(layout.eval_metrics.read_text())["neg_elbo"]
+        champion = tracking.promote(client, version, neg_elbo)
+        for path in (layout.export_metrics, layout.root / "params.yaml", layout.root / "dvc.lock"):
+            if path.is_file():  # dvc.lock is absent when the stage runs outside DVC
+                client.log_artifact(run_id, str(path), "pipeline")
     print(f"export: {layout.decoder_onnx} (opset {params.export.opset}, dynamic batch); onnxruntime "
-          f"{report['providers'][0]} matches torch within {report['worst_abs_diff']:.2g}", flush=True)
+          f"{report['providers'][0]} matches torch within {report['worst_abs_diff']:.2g}; registered "
+          f"{tracking.REGISTERED_MODEL} version {version}"
+          f"{' as champion' if champion else ' (champion unchanged)'}", flush=True)
     print(summary(layout), flush=True)  # the last stage: tell the user where everything is

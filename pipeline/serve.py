@@ -288,9 +288,29 @@ def _inline(schema: dict) -> dict:
     return resolve(schema)
 
 
-def run(model_path: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 1024) -> None:
+def resolve(source: str) -> Path:
+    """An ONNX file: the path itself, or the registered model a `models:/` URI names, fetched
+    from the tracking server ($MLFLOW_TRACKING_URI, else this repository's mlflow.db)."""
+    if source.startswith("models:/"):
+        import mlflow
+        from mlflow.artifacts import download_artifacts
+
+        from pipeline.files import Layout
+        from pipeline.tracking import tracking_uri
+
+        from mlflow.exceptions import MlflowException
+
+        mlflow.set_tracking_uri(tracking_uri(Layout()))
+        try:
+            return Path(download_artifacts(artifact_uri=source)) / "model.onnx"
+        except MlflowException as e:
+            raise LookupError(f"{source}: {e.message}") from None
+    if not Path(source).is_file():
+        raise FileNotFoundError(f"{source}: no such ONNX model (run `make repro` to export one)")
+    return Path(source)
+
+
+def run(source: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 1024) -> None:
     import uvicorn
 
-    if not Path(model_path).is_file():
-        raise FileNotFoundError(f"{model_path}: no such ONNX model (run `make repro` to export one)")
-    uvicorn.run(create_app(model_path, max_batch), host=host, port=port)
+    uvicorn.run(create_app(resolve(source), max_batch), host=host, port=port)

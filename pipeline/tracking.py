@@ -22,6 +22,9 @@ from pipeline.files import Layout, write_json
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "vae-mnist"
+REGISTERED_MODEL = "vae-decoder"
+# Set by `dvc exp run` in the stage's environment.
+DVC_EXPERIMENT_ENV = {"DVC_EXP_NAME": "dvc.experiment", "DVC_EXP_BASELINE_REV": "dvc.baseline"}
 
 
 def tracking_uri(layout: Layout) -> str:
@@ -41,6 +44,7 @@ def lineage_tags(layout: Layout) -> dict[str, str]:
     commit = _git(layout.root, "rev-parse", "HEAD")
     status = _git(layout.root, "status", "--porcelain", "--untracked-files=no")
     tags = {"git.commit": commit or "unknown", "git.dirty": str(bool(status)).lower()}
+    tags |= {tag: os.environ[env] for env, tag in DVC_EXPERIMENT_ENV.items() if os.environ.get(env)}
     lock = layout.root / "dvc.lock"
     if lock.is_file():
         outs = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get("fetch", {}).get("outs", [])
@@ -100,6 +104,51 @@ def failing_marks(client, run_id: str) -> Iterator[None]:
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
+
+
+@contextmanager
+def system_metrics(run_id: str, layout: Layout, interval_s: float = 5.0) -> Iterator[None]:
+    """MLflow's CPU, memory, disk and network metrics for the run, sampled while the block runs."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=tracking_uri(layout))
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+def log_decoder(layout: Layout, run_id: str, onnx_path: Path, z, images) -> str:
+    """Log the ONNX decoder with MLflow's onnx flavor (signature and input example from z ->
+    images) into the run, registered as a new version of `vae-decoder`; returns the version."""
+    import mlflow
+    import onnx
+    from mlflow.models import infer_signature
+
+    mlflow.set_tracking_uri(tracking_uri(layout))
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="decoder", input_example=z,
+                                     signature=infer_signature(z, images), registered_model_name=REGISTERED_MODEL)
+    return str(info.registered_model_version)
+
+
+def promote(client, version: str, neg_elbo: float) -> bool:
+    """Alias the new version `candidate`; move `champion` to it only when its test -ELBO beats
+    the current champion's. Returns whether it became the champion."""
+    from mlflow.exceptions import MlflowException
+
+    client.set_model_version_tag(REGISTERED_MODEL, version, "test_neg_elbo", str(neg_elbo))
+    client.set_registered_model_alias(REGISTERED_MODEL, "candidate", version)
+    try:
+        champion = client.get_model_version_by_alias(REGISTERED_MODEL, "champion")
+        best = float(champion.tags.get("test_neg_elbo", "inf"))
+    except MlflowException:  # no champion yet
+        best = float("inf")
+    if neg_elbo >= best:
+        return False
+    client.set_registered_model_alias(REGISTERED_MODEL, "champion", version)
+    return True
 
 
 def log_metrics(client, run_id: str, metrics: dict[str, float], step: int = 0) -> None:

@@ -294,7 +294,8 @@ def main() -> None:
     run_id = tracking.start_run(layout, params.flat(), {"ray.num_workers": str(params.train.num_workers)})
     client = MlflowClient(tracking.tracking_uri(layout))
     with tracking.failing_marks(client, run_id):
-        state = fit(layout, params, run_id)
+        with tracking.system_metrics(run_id, layout):
+            state = fit(layout, params, run_id)
         metrics = write_outputs(layout, params, state)
         client.set_tag(run_id, "device", state["device"])
         tracking.log_metrics(client, run_id, {"best_epoch": metrics["best_epoch"]})

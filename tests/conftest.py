@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,7 @@ def _start_node(*args: str) -> subprocess.Popen:
 
 
 def _stop_node(node: subprocess.Popen) -> None:
+    """Stop a process started in its own session, with everything it spawned."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(node.pid, sig)
@@ -104,6 +106,32 @@ def ray_address():
         ray.shutdown()
         for node in reversed(nodes):
             _stop_node(node)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """A real `mlflow server` process on 127.0.0.1: SQLite backend and artifact store in a
+    temporary directory. Stages log to it through MLFLOW_TRACKING_URI."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    url = f"http://127.0.0.1:{free_port()}"
+    with open(root / "server.log", "w") as log:  # a file, not a pipe nobody reads
+        server = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+                                   "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+                                   "--port", url.rsplit(":", 1)[1], "--workers", "1"],
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        _stop_node(server)
 
 
 def git_env(**extra: str) -> dict:

@@ -2,7 +2,10 @@
 the project, with tiny params (a few hundred images, one epoch, two Ray workers)."""
 import json
 import math
+import subprocess
+import time
 
+import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -10,7 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import copy_project, git_env, run, set_params
+from conftest import copy_project, free_port, git_env, run, set_params
 from vae.model import VAE
 
 pytestmark = pytest.mark.integration
@@ -33,12 +36,12 @@ def declared_outputs(repo) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def repro(tmp_path_factory, ray_address):
-    """A project copy after one full `dvc repro` (shared by this module's tests), and its log."""
+def repro(tmp_path_factory, ray_address, mlflow_server):
+    """A project copy after one full `dvc repro` against a real MLflow tracking server
+    (shared by this module's tests), and its log."""
     project = copy_project(tmp_path_factory.mktemp("dvc") / "project")
     set_params(project, TINY)
-    env = git_env(RAY_ADDRESS=ray_address)
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = git_env(RAY_ADDRESS=ray_address, MLFLOW_TRACKING_URI=mlflow_server)
     result = run(["dvc", "repro"], project, env=env)
     return project, env, result.stdout + result.stderr
 
@@ -52,7 +55,7 @@ def test_every_stage_ran_and_every_declared_output_exists(repro):
         assert target.exists(), f"{path} declared in dvc.yaml but not written"
         assert target.is_dir() or target.stat().st_size > 0
     assert not list(repo.rglob("*.tmp")), "a temporary file was left behind"
-    assert "mlflow ui --backend-store-uri sqlite:///" in log  # the user is told how to browse
+    assert "Browse the run:" in log and "Serve the decoder:" in log  # the user is told where to look
 
 
 def test_outputs_hold_what_they_should(repro):
@@ -92,7 +95,8 @@ def test_one_mlflow_run_with_lineage(repro):
 
     repo, env, _ = repro
     recorded = json.loads((repo / "models/mlflow_run.json").read_text())
-    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    assert recorded["tracking_uri"] == env["MLFLOW_TRACKING_URI"]
     experiment = client.get_experiment_by_name("vae-mnist")
     runs = client.search_runs([experiment.experiment_id])
     assert [r.info.run_id for r in runs] == [recorded["run_id"]]
@@ -100,14 +104,35 @@ def test_one_mlflow_run_with_lineage(repro):
     assert run_.info.status == "FINISHED"
     head = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert run_.data.tags["git.commit"] == head
+    assert run_.data.tags["git.commit"] == head and run_.data.tags["git.dirty"] == "true"  # params.yaml edited
     assert run_.data.tags["data.md5"] == lock["stages"]["fetch"]["outs"][0]["md5"]
+    assert run_.data.tags["device"] == "cpu" and run_.data.tags["ray.num_workers"] == "2"
     assert run_.data.params["train.epochs"] == "1" and run_.data.params["model.latent_dim"] == "20"
     assert [m.step for m in client.get_metric_history(run_.info.run_id, "val_neg_elbo")] == [1]
+    assert any(key.startswith("system/cpu_utilization") for key in run_.data.metrics)
     assert run_.data.metrics["test_neg_elbo"] == pytest.approx(
         json.loads((repo / "metrics/eval.json").read_text())["neg_elbo"])
     artifacts = {a.path for a in client.list_artifacts(run_.info.run_id)}
-    assert {"model", "evaluation", "decoder"} <= artifacts
+    assert {"model", "evaluation", "pipeline"} <= artifacts
+    assert {"pipeline/params.yaml", "pipeline/dvc.lock", "pipeline/export.json"} <= {
+        a.path for a in client.list_artifacts(run_.info.run_id, "pipeline")}
+
+
+def test_decoder_registered_with_onnx_flavor_and_aliases(repro):
+    import mlflow
+    from mlflow import MlflowClient
+
+    repo, env, _ = repro
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    champion = client.get_model_version_by_alias("vae-decoder", "champion")
+    candidate = client.get_model_version_by_alias("vae-decoder", "candidate")
+    assert champion.version == candidate.version == "1"
+    assert champion.run_id == json.loads((repo / "models/mlflow_run.json").read_text())["run_id"]
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    model = mlflow.pyfunc.load_model("models:/vae-decoder@champion")
+    assert list(model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 20]
+    images = model.predict(np.zeros((2, 20), dtype=np.float32))
+    assert np.asarray(images["image"] if isinstance(images, dict) else images).shape == (2, 1, 28, 28)
 
 
 def test_second_repro_runs_nothing(repro):
@@ -123,3 +148,26 @@ def test_unknown_params_key_fails_naming_it(repro):
     failed = run(["dvc", "repro"], repo, env=env, check=False)
     assert failed.returncode != 0
     assert "train.epochz: unknown key" in failed.stdout + failed.stderr
+
+
+def test_serve_from_the_registry(repro):
+    repo, env, _ = repro
+    port = free_port()
+    with open(repo / "serve.log", "w") as log:
+        server = subprocess.Popen(["vae", "serve", "models:/vae-decoder@champion", "--port", str(port)], cwd=repo,
+                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                meta = httpx.get(f"http://127.0.0.1:{port}/v2/models/vae-decoder").json()
+                break
+            except httpx.TransportError:
+                assert server.poll() is None and time.monotonic() < deadline, (repo / "serve.log").read_text()
+                time.sleep(0.3)
+        assert meta["inputs"][0]["shape"] == [-1, 20]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    missing = run(["vae", "serve", "models:/vae-decoder@nope"], repo, env=env, check=False)
+    assert missing.returncode == 2 and "models:/vae-decoder@nope" in missing.stderr
