@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             serve.run(args.model, host=args.host, port=args.port, max_batch=args.max_batch)
         else:
             importlib.import_module(f"pipeline.{args.command}").main()
-    except (ParamsError, DataError, FileNotFoundError, LookupError) as e:
+    except (ParamsError, DataError, FileNotFoundError, LookupError, ConnectionError) as e:
         print(f"vae {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import time
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -29,6 +30,19 @@ DVC_EXPERIMENT_ENV = {"DVC_EXP_NAME": "dvc.experiment", "DVC_EXP_BASELINE_REV": 
 
 def tracking_uri(layout: Layout) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{layout.mlflow_db}"
+
+
+def require_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, naming the URI, when an HTTP tracking server does not answer: before
+    any training starts, rather than after MLflow's minutes of retries."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+            return
+    except OSError as e:
+        raise ConnectionError(f"MLflow tracking server {uri} is unreachable ({e}); start it, or unset "
+                              f"MLFLOW_TRACKING_URI to log into this repository's mlflow.db") from None
 
 
 def _git(root: Path, *args: str) -> str | None:

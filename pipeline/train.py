@@ -291,6 +291,7 @@ def main() -> None:
 
     layout, params = Layout(), load_params()
     VAE(params.model.vae_config())  # fail on a bad architecture before starting anything
+    tracking.require_reachable(tracking.tracking_uri(layout))
     run_id = tracking.start_run(layout, params.flat(), {"ray.num_workers": str(params.train.num_workers)})
     client = MlflowClient(tracking.tracking_uri(layout))
     with tracking.failing_marks(client, run_id):

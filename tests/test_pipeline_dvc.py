@@ -118,7 +118,7 @@ def test_one_mlflow_run_with_lineage(repro):
         a.path for a in client.list_artifacts(run_.info.run_id, "pipeline")}
 
 
-def test_decoder_registered_with_onnx_flavor_and_aliases(repro):
+def test_decoder_registered_with_onnx_flavor_and_aliases(repro, monkeypatch):
     import mlflow
     from mlflow import MlflowClient
 
@@ -128,7 +128,8 @@ def test_decoder_registered_with_onnx_flavor_and_aliases(repro):
     candidate = client.get_model_version_by_alias("vae-decoder", "candidate")
     assert champion.version == candidate.version == "1"
     assert champion.run_id == json.loads((repo / "models/mlflow_run.json").read_text())["run_id"]
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    # Not mlflow.set_tracking_uri: it also sets the variable for the rest of the session.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
     model = mlflow.pyfunc.load_model("models:/vae-decoder@champion")
     assert list(model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 20]
     images = model.predict(np.zeros((2, 20), dtype=np.float32))

@@ -42,3 +42,19 @@ def test_lineage_tags_name_commit_dirtiness_and_dvc_experiment(tmp_path, monkeyp
     tags = tracking.lineage_tags(Layout(tmp_path))
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
     assert tags == {"git.commit": head, "git.dirty": "false", "dvc.experiment": "lucky-lion", "dvc.baseline": "abc123"}
+
+
+def test_unreachable_tracking_server_fails_before_training(tmp_path):
+    import os
+    import sys
+    from pathlib import Path
+
+    from conftest import free_port
+
+    (tmp_path / "params.yaml").write_text("train:\n  epochs: 1\n")
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    result = subprocess.run([str(Path(sys.executable).parent / "vae"), "train"], cwd=tmp_path, capture_output=True,
+                            text=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, timeout=120)
+    assert result.returncode == 2
+    assert f"MLflow tracking server {uri} is unreachable" in result.stderr
+    assert not (tmp_path / ".ray_results").exists() and not (tmp_path / "models").exists()
