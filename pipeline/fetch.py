@@ -185,7 +185,5 @@ def main() -> None:
         return
     except DataError:
         pass
-    fetch(params.data.source, data_dir, params.data.mirror_timeout_s)
-    for name in MNIST_FILES:
-        verify_file(data_dir / name)
+    fetch(params.data.source, data_dir, params.data.mirror_timeout_s)  # store() verified each file
     print(f"fetch: MNIST verified in {data_dir} (source: {params.data.source})")

@@ -5,8 +5,6 @@ error that names the key, e.g. `params.yaml: train.epoch: unknown key`.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
@@ -90,11 +88,6 @@ class Params(Section):
         """{'section.key': value}, as logged to MLflow."""
         return {f"{section}.{key}": value
                 for section, values in self.model_dump().items() for key, value in values.items()}
-
-    def digest(self, *sections: str) -> str:
-        """A short stable hash of the named sections (all when none are named)."""
-        dump = self.model_dump(include=set(sections) or None)
-        return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _describe(error: dict) -> str:

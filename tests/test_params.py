@@ -41,10 +41,3 @@ def test_malformed_yaml_and_missing_file(tmp_path):
         load_params(write(tmp_path, "train: [\n"))
     with pytest.raises(ParamsError, match="not found"):
         load_params(tmp_path / "absent.yaml")
-
-
-def test_digest_follows_the_sections_it_names():
-    base = Params()
-    changed = Params.model_validate({"eval": {"iwae_k": 7}})
-    assert base.digest("train", "model") == changed.digest("train", "model")
-    assert base.digest() != changed.digest()
