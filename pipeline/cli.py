@@ -29,6 +29,9 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch", type=int, default=1024, help="largest batch of latent vectors per request")
+    serve.add_argument("--ray", action="store_true", help="deploy on Ray Serve ($RAY_ADDRESS, else a local Ray)")
+    serve.add_argument("--replicas", type=int, default=2, help="with --ray: replicas, each its own session")
+    serve.add_argument("--replica-cpus", type=float, default=1.0, help="with --ray: CPUs reserved per replica")
     return p
 
 
@@ -38,7 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipeline").setLevel(logging.INFO)
     try:
-        if args.command == "serve":
+        if args.command == "serve" and args.ray:
+            from pipeline import serve, serve_ray
+
+            serve_ray.run(serve.resolve(args.model), args.host, args.port, args.max_batch, args.replicas,
+                          args.replica_cpus)
+        elif args.command == "serve":
             from pipeline import serve
 
             serve.run(args.model, host=args.host, port=args.port, max_batch=args.max_batch)

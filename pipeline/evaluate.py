@@ -1,8 +1,9 @@
 """Stage `evaluate`: the test-set ELBO, its terms and an importance-weighted log-likelihood,
-in nats per image, plus image grids; all logged into the pipeline's MLflow run.
+in nats per image, the active latent units, plus pictures (reconstructions, prior samples,
+a latent traversal, a map of the latent space); all logged into the pipeline's MLflow run.
 
-Every random draw (reparameterisation noise, IWAE samples, prior samples) comes from
-`eval.seed`, so the same model always gets the same figures.
+Every random draw (test-set binarisation, reparameterisation noise, IWAE samples, prior
+samples) comes from `eval.seed`, so the same model always gets the same figures.
 """
 from __future__ import annotations
 
@@ -25,8 +26,27 @@ def load_model(layout: Layout) -> VAE:
     return model.eval()
 
 
+# Burda et al. (2015): a latent unit is active when its posterior mean varies across images.
+ACTIVE_UNIT_VARIANCE = 0.01
+
+
+def test_set(layout: Layout, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test images as the model sees them (binarised once from eval.seed under dynamic
+    binarisation, as in the literature) and their digit labels."""
+    images, labels = load_split(layout.data_dir, "test")
+    x = to_float(images[: params.eval.max_test_images])
+    if params.data.binarize == "dynamic":
+        x = rng.binarize(x, torch.rand(x.shape, generator=rng.eval_generator(params.eval.seed + 2)))
+    return x, labels[: len(x)]
+
+
 @torch.no_grad()
-def test_metrics(model: VAE, x: torch.Tensor, params: Params) -> dict[str, float]:
+def posterior_means(model: VAE, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([model.encoder(x[i:i + batch_size])[0] for i in range(0, len(x), batch_size)])
+
+
+@torch.no_grad()
+def score(model: VAE, x: torch.Tensor, params: Params) -> dict[str, float]:
     generator = rng.eval_generator(params.eval.seed)
     eps = torch.randn((len(x), model.config.latent_dim), generator=generator)
     sums = {"neg_elbo": 0.0, "recon": 0.0, "kl": 0.0, "nll_iwae": 0.0}
@@ -36,6 +56,8 @@ def test_metrics(model: VAE, x: torch.Tensor, params: Params) -> dict[str, float
         sums["nll_iwae"] -= iwae_log_lik(model, x[idx], params.eval.iwae_k, generator).sum().item()
     metrics = {name: total / len(x) for name, total in sums.items()}
     metrics["bits_per_dim"] = metrics["nll_iwae"] / (math.prod(IMAGE_SHAPE) * math.log(2))
+    spread = posterior_means(model, x, params.eval.batch_size).var(0)
+    metrics["active_units"] = int((spread > ACTIVE_UNIT_VARIANCE).sum())
     return {**metrics, "iwae_k": params.eval.iwae_k, "test_images": len(x)}
 
 
@@ -60,19 +82,59 @@ def save_grids(model: VAE, x: torch.Tensor, layout: Layout, params: Params) -> N
     save_png(layout.samples_plot, torch.sigmoid(model.decoder(z)).reshape(-1, *IMAGE_SHAPE), per_row)
 
 
+@torch.no_grad()
+def save_traversal(model: VAE, mu: torch.Tensor, path, rows: int = 10, steps: int = 11) -> None:
+    """One row per latent dimension (the most used first, by the spread of the test set's
+    posterior means): that dimension swept from -3 to 3, the others held at 0."""
+    dims = mu.var(0).argsort(descending=True)[:rows]
+    z = torch.zeros(len(dims), steps, model.config.latent_dim)
+    for row, dim in enumerate(dims):
+        z[row, :, dim] = torch.linspace(-3, 3, steps)
+    images = torch.sigmoid(model.decoder(z.reshape(-1, model.config.latent_dim)))
+    save_png(path, images.reshape(-1, *IMAGE_SHAPE), steps)
+
+
+def save_latent_map(mu: torch.Tensor, labels: torch.Tensor, path) -> None:
+    """The test set's posterior means coloured by digit: the latent plane itself when it is
+    2-D, else its first two principal components."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: render to a file
+    import matplotlib.pyplot as plt
+
+    if mu.shape[1] == 2:
+        points, axes, title = mu, ("z[0]", "z[1]"), "Latent means of the test images"
+    else:
+        centred = mu - mu.mean(0)
+        components = torch.linalg.svd(centred, full_matrices=False).Vh[:2]
+        points, axes = centred @ components.T, ("PC 1", "PC 2")
+        title = f"Latent means of the test images (PCA of {mu.shape[1]} dimensions)"
+    fig, ax = plt.subplots(figsize=(7, 7), dpi=100)
+    dots = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", vmin=-0.5, vmax=9.5, s=4, alpha=0.6)
+    ax.legend(*dots.legend_elements(), title="digit", loc="upper right", markerscale=1.5, fontsize=8)
+    ax.set(xlabel=axes[0], ylabel=axes[1], title=title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
 def main() -> None:
     layout, params = Layout(), load_params()
     client, run_id = tracking.open_run(layout)
     with tracking.failing_marks(client, run_id):
         model = load_model(layout)
-        images, _ = load_split(layout.data_dir, "test")
-        x = to_float(images[: params.eval.max_test_images])
-        metrics = test_metrics(model, x, params)
+        x, labels = test_set(layout, params)
+        metrics = score(model, x, params)
         save_grids(model, x, layout, params)
+        mu = posterior_means(model, x, params.eval.batch_size)
+        save_traversal(model, mu, layout.traversal_plot)
+        save_latent_map(mu, labels, layout.latent_plot)
         write_json(layout.eval_metrics, metrics)
         tracking.log_metrics(client, run_id, {f"test_{k}": v for k, v in metrics.items()})
-        for path in (layout.eval_metrics, layout.recon_plot, layout.samples_plot):
+        for path in (layout.eval_metrics, layout.recon_plot, layout.samples_plot, layout.traversal_plot,
+                     layout.latent_plot):
             client.log_artifact(run_id, str(path), "evaluation")
     print(f"evaluate: test -ELBO {metrics['neg_elbo']:.2f} nats (recon {metrics['recon']:.2f}, "
-          f"KL {metrics['kl']:.2f}), IWAE k={params.eval.iwae_k} NLL {metrics['nll_iwae']:.2f} "
-          f"on {len(x)} images -> {layout.eval_metrics}", flush=True)
+          f"KL {metrics['kl']:.2f}), IWAE k={params.eval.iwae_k} NLL {metrics['nll_iwae']:.2f}, "
+          f"{metrics['active_units']} active units, on {len(x)} images -> {layout.eval_metrics}", flush=True)

@@ -34,6 +34,8 @@ class Layout:
         self.train_plot = self.root / "plots" / "train.csv"
         self.recon_plot = self.root / "plots" / "reconstructions.png"
         self.samples_plot = self.root / "plots" / "samples.png"
+        self.traversal_plot = self.root / "plots" / "traversal.png"
+        self.latent_plot = self.root / "plots" / "latent_map.png"
         self.ray_results = self.root / ".ray_results"
         self.mlflow_db = self.root / "mlflow.db"
         self.mlflow_artifacts = self.root / "mlartifacts"

@@ -27,7 +27,9 @@ def preferred_providers() -> list[str]:
     return (["CUDAExecutionProvider"] if cuda_usable() else []) + ["CPUExecutionProvider"]
 
 
-def open_session(path: Path | str) -> ort.InferenceSession:
+def open_session(model: Path | str | bytes) -> ort.InferenceSession:
+    """A session on a model file, or on the model's bytes (a replica on another node)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: no per-node placement warnings
-    return ort.InferenceSession(str(path), options, providers=preferred_providers())
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=preferred_providers())

@@ -32,10 +32,13 @@ class DataParams(Section):
     val_size: int = Field(10_000, ge=1, lt=MNIST_TRAIN_IMAGES)
     # Smoke runs: use only the first N training images (null: all of them).
     max_train_images: int | None = Field(None, ge=1)
+    # none: grey levels as Bernoulli targets; dynamic: each batch resampled as Bernoulli(pixel)
+    # (the literature's protocol), the validation and test sets binarised once from a seed.
+    binarize: Literal["none", "dynamic"] = "none"
 
 
 class ModelParams(Section):
-    arch: Literal["mlp"] = "mlp"
+    arch: Literal["mlp", "conv"] = "mlp"
     latent_dim: int = Field(20, ge=1, le=1024)
     hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [400], min_length=1)
 

@@ -47,8 +47,8 @@ class ApiError(Exception):
 class DecoderModel:
     """The one onnxruntime session every request shares, and what clients need to know of it."""
 
-    def __init__(self, path: Path | str, max_batch: int):
-        self.session = open_session(path)
+    def __init__(self, model: Path | str | bytes, max_batch: int):
+        self.session = open_session(model)
         (model_input,), (model_output,) = self.session.get_inputs(), self.session.get_outputs()
         self.input, self.output = model_input.name, model_output.name
         self.latent_dim, self.max_batch = model_input.shape[1], max_batch
@@ -193,8 +193,8 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(model_path: Path | str, max_batch: int = 1024) -> FastAPI:
-    model, metrics = DecoderModel(model_path, max_batch), Metrics()
+def create_app(onnx_model: Path | str | bytes, max_batch: int = 1024) -> FastAPI:
+    model, metrics = DecoderModel(onnx_model, max_batch), Metrics()
     # A body limit that still admits the largest allowed batch (FastAPI answers 413 past it).
     app = FastAPI(title="VAE decoder", description=__doc__,
                   max_body_size=max_batch * model.latent_dim * BYTES_PER_FLOAT + 4096)

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -26,6 +27,14 @@ EXPERIMENT = "vae-mnist"
 REGISTERED_MODEL = "vae-decoder"
 # Set by `dvc exp run` in the stage's environment.
 DVC_EXPERIMENT_ENV = {"DVC_EXP_NAME": "dvc.experiment", "DVC_EXP_BASELINE_REV": "dvc.baseline"}
+# MLflow's client retries an unreachable server for minutes by default (7 retries, doubling
+# waits, 120 s timeouts); a server that goes away mid-run must not stall training that long.
+# Set for this process and its children unless the user chose otherwise.
+for _name, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}.items():
+    os.environ.setdefault(_name, _value)
+# Why this process stopped logging to MLflow, once a call has failed (see best_effort).
+_gave_up: str | None = None
 
 
 def tracking_uri(layout: Layout) -> str:
@@ -73,7 +82,9 @@ def _experiment_id(client, layout: Layout) -> str:
         return found.experiment_id
     # With the default local store, keep artifacts in the repository; a server decides its own.
     location = None if os.environ.get("MLFLOW_TRACKING_URI") else layout.mlflow_artifacts.as_uri()
-    return client.create_experiment(EXPERIMENT, artifact_location=location)
+    # The kind makes the UI open on the runs table and their charts, not on GenAI traces.
+    return client.create_experiment(EXPERIMENT, artifact_location=location,
+                                    tags={"mlflow.experimentKind": "custom_model_development"})
 
 
 def start_run(layout: Layout, params: dict[str, object], tags: dict[str, str]) -> str:
@@ -109,14 +120,32 @@ def open_run(layout: Layout) -> tuple["MlflowClient", str]:  # noqa: F821
         return client, run.info.run_id
 
 
+def best_effort(what: str, call, *args, **kwargs):
+    """call(*args, **kwargs), for logging that must not cost the training it records. When
+    the tracking server stops answering (after MLflow's bounded retries), warn once, naming
+    what was lost, and skip MLflow for the rest of this process: the training goes on and
+    its outputs are still written."""
+    global _gave_up
+    if _gave_up:
+        return None
+    try:
+        return call(*args, **kwargs)
+    except Exception as e:  # MlflowException or a requests error, whichever the client raised
+        _gave_up = what
+        print(f"WARNING: MLflow stopped answering while logging {what} ({type(e).__name__}: {e}). "
+              f"Training goes on and writes its outputs, but this process logs nothing more to MLflow, "
+              f"so the run there is incomplete.", file=sys.stderr, flush=True)
+        return None
+
+
 @contextmanager
 def failing_marks(client, run_id: str) -> Iterator[None]:
     """A stage that raises marks the pipeline's run FAILED, so the UI never shows a dead run
-    as RUNNING; the stage's error still propagates."""
+    as RUNNING; the stage's error still propagates (even when the server is gone too)."""
     try:
         yield
     except BaseException:
-        client.set_terminated(run_id, status="FAILED")
+        best_effort("the run's FAILED status", client.set_terminated, run_id, status="FAILED")
         raise
 
 
@@ -130,7 +159,7 @@ def system_metrics(run_id: str, layout: Layout, interval_s: float = 5.0) -> Iter
     try:
         yield
     finally:
-        monitor.finish()
+        monitor.finish()  # catches its own errors: a server gone away costs one bounded retry
 
 
 def log_decoder(layout: Layout, run_id: str, onnx_path: Path, z, images) -> str:
@@ -138,8 +167,13 @@ def log_decoder(layout: Layout, run_id: str, onnx_path: Path, z, images) -> str:
     images) into the run, registered as a new version of `vae-decoder`; returns the version."""
     import mlflow
     import onnx
+    import onnxruntime
     from mlflow.models import infer_signature
 
+    # The flavor records MLflow's default providers (CUDA, then CPU), so the model uses a GPU
+    # wherever it is loaded with one; MLflow's check of the input example then loads it here,
+    # where onnxruntime would log CUDA's absence as an error before falling back to CPU.
+    onnxruntime.set_default_logger_severity(4)
     mlflow.set_tracking_uri(tracking_uri(layout))
     with mlflow.start_run(run_id=run_id):
         info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="decoder", input_example=z,

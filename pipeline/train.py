@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import tracking
+from pipeline.ray_connect import connect_ray
 from pipeline.files import Layout, atomic_path, write_bytes, write_json
 from pipeline.params import Params, load_params
 from vae import rng
@@ -65,6 +66,9 @@ def train_epoch(model, optimizer, images, cfg: dict, epoch: int, rank: int, worl
     for step, batch in enumerate(order.split(cfg["batch_size"])):
         eps = rng.batch_noise(cfg["seed"], epoch, step, len(batch), cfg["latent_dim"])
         x = to_float(images[_slice(batch, rank, world).to(device)])
+        if cfg["binarize"] == "dynamic":  # drawn for the global batch, then sliced, like eps
+            uniform = rng.batch_uniform(cfg["seed"], epoch, step, len(batch), x.shape[1])
+            x = rng.binarize(x, _slice(uniform, rank, world).to(device))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["bf16"] and device.type == "cuda"):
             terms = elbo_terms(model, x, _slice(eps, rank, world).to(device))
         # DDP averages over workers: scaling by world/len(batch) makes that the global mean.
@@ -76,12 +80,23 @@ def train_epoch(model, optimizer, images, cfg: dict, epoch: int, rank: int, worl
     return _global_means(sums)
 
 
+def validation_set(images: torch.Tensor, cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validation images as model inputs (binarised once, if so) and their noise, both
+    fixed for the whole run."""
+    generator = rng.eval_generator(cfg["seed"])
+    x = to_float(images)
+    eps = torch.randn((len(x), cfg["latent_dim"]), generator=generator)
+    if cfg["binarize"] == "dynamic":
+        x = rng.binarize(x, torch.rand(x.shape, generator=generator))
+    return x, eps
+
+
 @torch.no_grad()
-def validate(model, images, eps, rank: int, world: int, device) -> dict:
-    """Mean terms on the validation images, with noise fixed for the whole run."""
+def validate(model, x, eps, rank: int, world: int, device) -> dict:
+    """Mean terms on this worker's slice of the validation set, over all workers."""
     model.eval()
-    idx = _slice(torch.arange(len(images)), rank, world)
-    terms = elbo_terms(model, to_float(images[idx.to(device)]), eps[idx].to(device))
+    idx = _slice(torch.arange(len(x)), rank, world)
+    terms = elbo_terms(model, x[idx].to(device), eps[idx].to(device))
     return _global_means(_batch_sums(terms))
 
 
@@ -117,7 +132,8 @@ def _mlflow_logger(cfg: dict):
     from mlflow import MlflowClient
 
     client = MlflowClient(cfg["tracking_uri"])
-    return lambda metrics, epoch: tracking.log_metrics(client, cfg["run_id"], metrics, step=epoch)
+    return lambda metrics, epoch: tracking.best_effort(
+        f"epoch {epoch}'s metrics", tracking.log_metrics, client, cfg["run_id"], metrics, step=epoch)
 
 
 def _node_ids(world: int) -> list[str]:
@@ -155,8 +171,9 @@ def train_loop_per_worker(cfg: dict) -> None:
     ddp_model = ray.train.torch.prepare_model(model)
     with warnings.catch_warnings():  # zero-copy, read-only views of the object store: never written
         warnings.simplefilter("ignore", UserWarning)
-        train_images, val_images = (torch.from_numpy(ray.get(ref)).to(device) for ref in cfg["data"])
-    val_eps = torch.randn((len(val_images), cfg["latent_dim"]), generator=rng.eval_generator(cfg["seed"]))
+        train_images, val_images = (torch.from_numpy(ray.get(ref)) for ref in cfg["data"])
+    train_images = train_images.to(device)
+    val_x, val_eps = validation_set(val_images, cfg)
     state["nodes"] = _node_ids(world)
     log = _mlflow_logger(cfg) if rank == 0 else None
     if log and state["run_id"] != cfg["run_id"]:
@@ -166,7 +183,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     for epoch in range(state["epoch"], cfg["epochs"]):
         start = time.perf_counter()
         train = train_epoch(ddp_model, optimizer, train_images, cfg, epoch, rank, world, device)
-        val = validate(model, val_images, val_eps, rank, world, device)
+        val = validate(model, val_x, val_eps, rank, world, device)
         seconds = time.perf_counter() - start
         row = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in train.items()},
                **{f"val_{k}": v for k, v in val.items()},
@@ -184,31 +201,6 @@ def train_loop_per_worker(cfg: dict) -> None:
 
 
 # --- on the driver ----------------------------------------------------------------------
-
-def connect_ray(num_workers: int, address: str | None = None) -> None:
-    """Join `address` or $RAY_ADDRESS when set, else start a quiet local Ray sized to this machine."""
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Ray Train V2 re-routes print() in workers through logging and echoes it, printing
-    # every epoch line twice; plain print is what we want. The preemption watcher only
-    # matters on preemptible cloud nodes and warns at start-up everywhere else.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    if ray.is_initialized():
-        return
-    # Without the dashboard Ray's state API is absent, and Ray Train's placement-group
-    # cleaner warns about it every few seconds: keep Ray's own loggers at ERROR in workers.
-    # Without the dashboard Ray's state API is absent, and Ray Train's placement-group
-    # cleaner warns about it every few seconds: keep Ray's own loggers at ERROR in workers.
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": True,
-             "logging_config": ray.LoggingConfig(log_level="ERROR")}
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, **quiet)
-    else:
-        # "local": a new Ray of our own, not whatever `ray start` last left on this machine.
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_workers), include_dashboard=False, **quiet)
-
 
 def gpu_workers(use_gpu, cluster_gpus: float) -> bool:
     if use_gpu == "auto":
@@ -248,7 +240,7 @@ def fit(layout: Layout, params: Params, run_id: str) -> dict:
     connect_ray(params.train.num_workers, params.train.ray_address)
     use_gpu = gpu_workers(params.train.use_gpu, ray.cluster_resources().get("GPU", 0))
     cfg = {**params.train.model_dump(), "model": params.model.vae_config().__dict__,
-           "latent_dim": params.model.latent_dim, "run_id": run_id,
+           "latent_dim": params.model.latent_dim, "binarize": params.data.binarize, "run_id": run_id,
            "tracking_uri": tracking.tracking_uri(layout),
            "data": [ray.put(a) for a in load_training_data(layout, params)]}
     storage = params.train.storage_path or str(layout.ray_results)
@@ -298,10 +290,12 @@ def main() -> None:
         with tracking.system_metrics(run_id, layout):
             state = fit(layout, params, run_id)
         metrics = write_outputs(layout, params, state)
-        client.set_tag(run_id, "device", state["device"])
-        tracking.log_metrics(client, run_id, {"best_epoch": metrics["best_epoch"]})
-        client.log_artifact(run_id, str(layout.model), "model")
+    # The outputs are written: from here on, a tracking server gone away costs a warning only.
+    best_effort = tracking.best_effort
+    best_effort("the device tag", client.set_tag, run_id, "device", state["device"])
+    best_effort("the best epoch", tracking.log_metrics, client, run_id, {"best_epoch": metrics["best_epoch"]})
+    best_effort("the model checkpoint", client.log_artifact, run_id, str(layout.model), "model")
     # Training is the run's long part; evaluate and export add to it after it is FINISHED.
-    client.set_terminated(run_id, status="FINISHED")
+    best_effort("the run's FINISHED status", client.set_terminated, run_id, status="FINISHED")
     print(f"train: best epoch {metrics['best_epoch']} (validation -ELBO {metrics['best_val_neg_elbo']:.2f} nats) "
           f"-> {layout.model}", flush=True)

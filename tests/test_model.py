@@ -61,3 +61,16 @@ def test_iwae_with_one_sample_is_the_elbo_in_expectation(model):
     torch.testing.assert_close(iwae_1, elbo, atol=0.1, rtol=0)
     assert (iwae_64 > elbo).all()  # more samples, a tighter bound
     assert torch.isfinite(iwae_64).all() and not math.isnan(iwae_64.sum().item())
+
+
+def test_conv_architecture_shapes_and_any_leading_dims():
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(arch="conv", latent_dim=6, hidden_dims=(32,)))
+    x = torch.rand(4, 784)
+    logits, mu, logvar = model(x, torch.randn(4, 6))
+    assert logits.shape == (4, 784) and mu.shape == (4, 6)
+    assert any(isinstance(m, torch.nn.Conv2d) for m in model.encoder.modules())
+    assert any(isinstance(m, torch.nn.ConvTranspose2d) for m in model.decoder.modules())
+    z = torch.randn(3, 4, 6)  # (k, N, latent), as IWAE decodes
+    torch.testing.assert_close(model.decoder(z)[1], model.decoder(z[1]))
+    assert torch.isfinite(iwae_log_lik(model, (x > 0.5).float(), 5, torch.Generator().manual_seed(0))).all()

@@ -182,3 +182,43 @@ def test_openapi_fuzzing_never_gets_a_5xx(server):
         send()
     assert sent[0] >= 1000 and not failures, failures[:5]
     assert httpx.get(f"{server}/v2/health/ready").status_code == 200
+
+
+@pytest.mark.integration
+def test_ray_serve_with_two_replicas(decoder_and_onnx, ray_address, tmp_path):
+    """`vae serve --ray --replicas 2` on the test's 2-node Ray cluster: both replicas run
+    (one per node: each node has one CPU), and requests through Serve's proxy decode right."""
+    from ray import serve
+
+    from conftest import git_env
+
+    decoder, onnx_path = decoder_and_onnx
+    port = free_port()
+    with open(tmp_path / "serve.log", "w") as log:
+        process = subprocess.Popen([str(BIN / "vae"), "serve", str(onnx_path), "--ray", "--replicas", "2",
+                                    "--port", str(port)], env=git_env(RAY_ADDRESS=ray_address), stdout=log,
+                                   stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while "replicas of" not in (tmp_path / "serve.log").read_text():  # printed once serve.run returns
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.5)
+        while serve.status().applications["vae-decoder"].deployments["vae-decoder"].replica_states != {"RUNNING": 2}:
+            assert time.monotonic() < deadline, serve.status()
+            time.sleep(0.5)
+        assert httpx.get(f"{url}/v2/health/ready").status_code == 200
+        z = np.random.default_rng(1).standard_normal((20, 5, LATENT)).astype(np.float32)
+        with torch.no_grad():
+            expected = decoder(torch.from_numpy(z.reshape(-1, LATENT))).numpy().reshape(20, 5, 1, 28, 28)
+        with httpx.Client(timeout=30) as client:
+            for batch, want in zip(z, expected):
+                response = client.post(f"{url}/v1/decode", json={"z": batch.tolist()})
+                assert response.status_code == 200, response.text
+                np.testing.assert_allclose(np.array(response.json()["images"]), want, atol=1e-5)
+            assert client.post(f"{url}/v1/decode", json={"z": [[0.0]]}).status_code == 400  # still our errors
+    finally:
+        process.terminate()
+        returncode = process.wait(timeout=60)
+        serve.shutdown()  # in case the process could not: later tests need the cluster's CPUs
+    assert returncode == 0, (tmp_path / "serve.log").read_text()  # SIGTERM took the replicas down itself

@@ -1,8 +1,17 @@
-"""pipeline/tracking.py against a real MLflow store: lineage tags and the champion rule."""
+"""pipeline/tracking.py against real MLflow stores and servers: lineage tags, the champion
+rule, and a tracking server that is unreachable at the start or goes away mid-run."""
+import os
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
+import yaml
 from mlflow import MlflowClient
+
+from conftest import BIN, _stop_node, free_port, mlflow_server_process
 
 from pipeline import tracking
 from pipeline.files import Layout
@@ -45,12 +54,6 @@ def test_lineage_tags_name_commit_dirtiness_and_dvc_experiment(tmp_path, monkeyp
 
 
 def test_unreachable_tracking_server_fails_before_training(tmp_path):
-    import os
-    import sys
-    from pathlib import Path
-
-    from conftest import free_port
-
     (tmp_path / "params.yaml").write_text("train:\n  epochs: 1\n")
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     result = subprocess.run([str(Path(sys.executable).parent / "vae"), "train"], cwd=tmp_path, capture_output=True,
@@ -58,3 +61,34 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path):
     assert result.returncode == 2
     assert f"MLflow tracking server {uri} is unreachable" in result.stderr
     assert not (tmp_path / ".ray_results").exists() and not (tmp_path / "models").exists()
+
+
+@pytest.mark.integration
+def test_server_lost_mid_run_costs_a_warning_not_the_training(tmp_path, mnist_dir, ray_address):
+    """The server answers when `vae train` creates the run, then goes away for good before
+    the first epoch is logged: training finishes, warns once per process, writes its outputs."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/mnist").symlink_to(mnist_dir)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "data": {"val_size": 200, "max_train_images": 600},
+        "train": {"epochs": 2, "batch_size": 64, "num_workers": 2}}))
+    (tmp_path / "server").mkdir()
+    with mlflow_server_process(tmp_path / "server", f"sqlite:///{tmp_path}/server/mlflow.db") as (url, server):
+        env = {**os.environ, "MLFLOW_TRACKING_URI": url, "RAY_ADDRESS": ray_address}
+        with open(tmp_path / "train.log", "w") as log:
+            train = subprocess.Popen([str(BIN / "vae"), "train"], cwd=tmp_path, env=env, stdout=log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "models/mlflow_run.json").exists():  # written once the run exists
+            assert train.poll() is None and time.monotonic() < deadline, (tmp_path / "train.log").read_text()
+            time.sleep(0.1)
+        _stop_node(server)
+        returncode = train.wait(timeout=300)
+    out = (tmp_path / "train.log").read_text()
+    assert returncode == 0, out
+    assert "WARNING: MLflow stopped answering while logging epoch 1's metrics" in out  # rank 0's worker
+    assert out.count("WARNING: MLflow stopped answering") == 2, out  # and once more in the driver
+    checkpoint = torch.load(tmp_path / "models/vae.pt", weights_only=True)
+    assert set(checkpoint) == {"state_dict", "config"}
+    assert yaml.safe_load((tmp_path / "metrics/train.json").read_text())["epochs"] == 2
+    assert len((tmp_path / "plots/train.csv").read_text().splitlines()) == 3

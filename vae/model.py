@@ -14,15 +14,21 @@ IMAGE_SHAPE = (1, 28, 28)
 INPUT_DIM = 28 * 28
 
 
+ARCHS = ("mlp", "conv")
+# conv: two stride-2 convolutions take 28x28 to CONV_CHANNELS[-1] maps of 7x7.
+CONV_CHANNELS = (32, 64)
+CONV_FLAT = CONV_CHANNELS[-1] * 7 * 7
+
+
 @dataclass(frozen=True)
 class VAEConfig:
     latent_dim: int = 20
-    hidden_dims: tuple[int, ...] = (400,)
+    hidden_dims: tuple[int, ...] = (400,)  # mlp: every hidden layer; conv: the dense layer after the convolutions
     arch: str = "mlp"
 
     def __post_init__(self):
-        if self.arch != "mlp":
-            raise ValueError(f"model.arch: unknown architecture {self.arch!r} (known: 'mlp')")
+        if self.arch not in ARCHS:
+            raise ValueError(f"model.arch: unknown architecture {self.arch!r} (known: {', '.join(map(repr, ARCHS))})")
         object.__setattr__(self, "hidden_dims", tuple(self.hidden_dims))
 
 
@@ -36,12 +42,29 @@ def mlp(sizes: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def conv_body() -> nn.Sequential:
+    """(N, 784) -> (N, CONV_FLAT): 28x28 -> 14x14 -> 7x7 feature maps, flattened."""
+    c1, c2 = CONV_CHANNELS
+    return nn.Sequential(nn.Unflatten(1, IMAGE_SHAPE), nn.Conv2d(1, c1, 4, 2, 1), nn.ReLU(),
+                         nn.Conv2d(c1, c2, 4, 2, 1), nn.ReLU(), nn.Flatten())
+
+
+def deconv_head() -> nn.Sequential:
+    """(N, CONV_FLAT) -> (N, 784) logits: the mirror of conv_body."""
+    c1, c2 = CONV_CHANNELS
+    return nn.Sequential(nn.Unflatten(1, (c2, 7, 7)), nn.ConvTranspose2d(c2, c1, 4, 2, 1), nn.ReLU(),
+                         nn.ConvTranspose2d(c1, 1, 4, 2, 1), nn.Flatten())
+
+
 class Encoder(nn.Module):
     """x (N, 784) -> mean and log-variance of the diagonal Gaussian q(z|x)."""
 
     def __init__(self, config: VAEConfig):
         super().__init__()
-        self.body = nn.Sequential(mlp([INPUT_DIM, *config.hidden_dims]), nn.ReLU())
+        if config.arch == "conv":
+            self.body = nn.Sequential(conv_body(), mlp([CONV_FLAT, *config.hidden_dims]), nn.ReLU())
+        else:
+            self.body = nn.Sequential(mlp([INPUT_DIM, *config.hidden_dims]), nn.ReLU())
         self.head = nn.Linear(config.hidden_dims[-1], 2 * config.latent_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,10 +77,15 @@ class Decoder(nn.Module):
 
     def __init__(self, config: VAEConfig):
         super().__init__()
-        self.net = mlp([config.latent_dim, *reversed(config.hidden_dims), INPUT_DIM])
+        if config.arch == "conv":
+            self.net = nn.Sequential(mlp([config.latent_dim, *reversed(config.hidden_dims), CONV_FLAT]), nn.ReLU(),
+                                     deconv_head())
+        else:
+            self.net = mlp([config.latent_dim, *reversed(config.hidden_dims), INPUT_DIM])
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)
+        # Any leading dims (IWAE decodes (k, N, latent) at once); convolutions want (N, latent).
+        return self.net(z.reshape(-1, z.shape[-1])).reshape(*z.shape[:-1], INPUT_DIM)
 
 
 class ImageDecoder(nn.Module):

@@ -1,14 +1,14 @@
 """Randomness drawn from the seed and the position in training, never from process state.
 
-Each epoch's data order and each global batch's reparameterisation noise come from a
-generator seeded by (seed, epoch[, step]). Every worker computes the same global values
+Each epoch's data order and each global batch's reparameterisation noise and binarisation
+draws come from a generator seeded by (seed, epoch[, step]). Every worker computes the same global values
 and takes its own slice, so the model does not depend on how many workers there are.
 """
 from __future__ import annotations
 
 import torch
 
-_EPOCH_STREAM, _NOISE_STREAM = 1, 2
+_EPOCH_STREAM, _NOISE_STREAM, _EVAL_STREAM, _BINARIZE_STREAM = 1, 2, 3, 4
 
 
 def _generator(*key: int) -> torch.Generator:
@@ -29,6 +29,16 @@ def batch_noise(seed: int, epoch: int, step: int, batch: int, latent_dim: int) -
     return torch.randn((batch, latent_dim), generator=_generator(seed, _NOISE_STREAM, epoch, step))
 
 
+def batch_uniform(seed: int, epoch: int, step: int, batch: int, pixels: int) -> torch.Tensor:
+    """Uniform draws in [0, 1) for every pixel of one global batch (dynamic binarisation)."""
+    return torch.rand((batch, pixels), generator=_generator(seed, _BINARIZE_STREAM, epoch, step))
+
+
+def binarize(x: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Each pixel 1 with probability its grey level: Bernoulli(x), from the given draws."""
+    return (uniform < x).to(x.dtype)
+
+
 def eval_generator(seed: int) -> torch.Generator:
     """A generator for evaluation draws (validation noise, test binarisation, samples)."""
-    return _generator(seed, 3)
+    return _generator(seed, _EVAL_STREAM)

@@ -1,0 +1,31 @@
+"""Joining Ray: the cluster at $RAY_ADDRESS (or a given address), else a quiet local Ray."""
+from __future__ import annotations
+
+import logging
+import os
+
+# Ray Train V2 re-routes print() in workers through logging and echoes it, printing every
+# epoch line twice; plain print is what we want. The preemption watcher only matters on
+# preemptible cloud nodes and warns at start-up everywhere else. Ray Train passes both on
+# from the driver to its workers.
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def connect_ray(num_workers: int, address: str | None = None) -> None:
+    """Join `address` or $RAY_ADDRESS when set, else start a quiet local Ray sized to this machine."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for name, value in WORKER_ENV.items():
+        os.environ.setdefault(name, value)
+    if ray.is_initialized():
+        return
+    # Without the dashboard Ray's state API is absent, and Ray Train's placement-group
+    # cleaner warns about it every few seconds: keep Ray's own loggers at ERROR in workers.
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": True,
+             "logging_config": ray.LoggingConfig(log_level="ERROR")}
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, **quiet)
+    else:
+        # "local": a new Ray of our own, not whatever `ray start` last left on this machine.
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_workers), include_dashboard=False, **quiet)

@@ -1,0 +1,53 @@
+"""`vae serve --ray`: the same app as `vae serve` (pipeline/serve.py), deployed on Ray Serve
+as N replicas, each with its own onnxruntime session, behind Ray Serve's HTTP proxy.
+
+It joins $RAY_ADDRESS when set (replicas then spread over the cluster's nodes), else starts
+a local Ray. The model travels to the replicas as bytes, so no node needs the driver's disk.
+/metrics is per replica: each answers for the requests it served.
+"""
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+from pipeline.ray_connect import connect_ray
+
+DEPLOYMENT = "vae-decoder"
+
+
+def deployment(onnx_bytes: bytes, max_batch: int, replicas: int, replica_cpus: float):
+    """The Ray Serve application: replicas building the FastAPI app when they start."""
+    from ray import serve
+
+    @serve.deployment(name=DEPLOYMENT, num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus})
+    @serve.ingress()
+    class Decoder:
+        def __init__(self, model: bytes, batch: int):
+            self.model, self.batch = model, batch
+
+        def __serve_build_asgi_app__(self):
+            from pipeline.serve import create_app
+
+            return create_app(self.model, self.batch)
+
+    return Decoder.bind(onnx_bytes, max_batch)
+
+
+def run(model_path: Path, host: str, port: int, max_batch: int, replicas: int, replica_cpus: float = 1.0) -> None:
+    from ray import serve
+
+    connect_ray(num_workers=replicas)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(deployment(model_path.read_bytes(), max_batch, replicas, replica_cpus), name=DEPLOYMENT,
+              route_prefix="/")
+    print(f"serve: {replicas} Ray Serve replicas of {model_path} on http://{host}:{port}", flush=True)
+    # Serve outlives its driver on a cluster: on Ctrl-C or SIGTERM, take the replicas down.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()

@@ -1,0 +1,88 @@
+"""pipeline/evaluate.py on a small model trained here on real MNIST: the importance-weighted
+bound's properties, active units, binarisation, and the pictures."""
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.evaluate import ACTIVE_UNIT_VARIANCE, posterior_means, save_latent_map, save_traversal, score
+from pipeline.params import Params
+from vae import rng
+from vae.data import load_split, to_float
+from vae.model import VAE, VAEConfig
+from vae.objectives import elbo_terms, iwae_log_lik
+
+LATENT = 8
+
+
+@pytest.fixture(scope="module")
+def trained(mnist_dir):
+    """A small MLP VAE after 300 Adam steps on 3,000 training images, and 200 test images."""
+    torch.manual_seed(0)
+    train_images, _ = load_split(mnist_dir, "train")
+    test_images, labels = load_split(mnist_dir, "test")
+    x = to_float(train_images[:3000])
+    model = VAE(VAEConfig(latent_dim=LATENT, hidden_dims=(128,)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for step in range(300):
+        batch = x[torch.randint(len(x), (100,))]
+        loss = elbo_terms(model, batch, torch.randn(len(batch), LATENT))["neg_elbo"].mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), to_float(test_images[:200]), labels[:200]
+
+
+def params(**eval_params) -> Params:
+    return Params.model_validate({"eval": eval_params})
+
+
+def test_importance_weighted_bound_tightens_as_k_grows(trained):
+    model, x, _ = trained
+    bounds = [iwae_log_lik(model, x, k, torch.Generator().manual_seed(k)).mean().item() for k in (1, 10, 100)]
+    assert bounds[0] < bounds[1] < bounds[2], bounds
+    assert bounds[2] - bounds[0] > 1.0  # a trained model's posterior is not exact: k matters
+
+
+def test_estimate_does_not_depend_on_the_batch_size(trained):
+    model, x, _ = trained
+    small, large = (score(model, x, params(iwae_k=20, batch_size=b)) for b in (7, 200))
+    for name in ("neg_elbo", "recon", "kl"):  # the same noise per image whatever the batching
+        assert small[name] == pytest.approx(large[name], abs=1e-3)
+    # IWAE samples are drawn per batch, so only the estimate's noise differs: well under a nat.
+    assert small["nll_iwae"] == pytest.approx(large["nll_iwae"], abs=0.5)
+    assert large["nll_iwae"] <= large["neg_elbo"]
+
+
+def test_active_units_count_latents_whose_posterior_mean_varies(trained):
+    model, x, _ = trained
+    silenced = VAE(model.config)
+    silenced.load_state_dict(model.state_dict())
+    with torch.no_grad():  # the mean of the first 3 latents no longer depends on the image
+        silenced.encoder.head.weight[:3] = 0.0
+    spread = posterior_means(silenced, x, 64).var(0)
+    assert (spread[:3] == 0).all()
+    metrics = score(silenced, x, params(iwae_k=1))
+    assert metrics["active_units"] == int((spread > ACTIVE_UNIT_VARIANCE).sum()) <= LATENT - 3
+    assert score(model, x, params(iwae_k=1))["active_units"] > metrics["active_units"] - 3
+
+
+def test_binarisation_is_bernoulli_of_the_grey_level():
+    grey = torch.full((2000, 784), 0.3)
+    draws = rng.binarize(grey, rng.batch_uniform(0, 0, 0, 2000, 784))
+    assert set(draws.unique().tolist()) == {0.0, 1.0}
+    assert draws.mean().item() == pytest.approx(0.3, abs=0.005)
+    torch.testing.assert_close(draws, rng.binarize(grey, rng.batch_uniform(0, 0, 0, 2000, 784)))
+    assert not torch.equal(draws, rng.binarize(grey, rng.batch_uniform(0, 0, 1, 2000, 784)))
+
+
+def test_traversal_and_latent_map_pictures(trained, tmp_path):
+    model, x, labels = trained
+    mu = posterior_means(model, x, 64)
+    save_traversal(model, mu, tmp_path / "traversal.png", rows=5, steps=11)
+    with Image.open(tmp_path / "traversal.png") as picture:
+        assert picture.size == (11 * 30 + 2, 5 * 30 + 2)  # 28-pixel cells, 2-pixel padding
+    for latent in (mu, mu[:, :2]):  # a PCA projection, and the 2-D latent itself
+        save_latent_map(latent, labels, tmp_path / "map.png")
+        with Image.open(tmp_path / "map.png") as picture:
+            assert picture.size == (700, 700) and picture.format == "PNG"
+    assert not list(tmp_path.glob("*.tmp"))
