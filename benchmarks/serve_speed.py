@@ -2,11 +2,12 @@
 
   1. decoding in-process: onnxruntime vs torch eager, at batch 1 and 1024;
   2. HTTP at batch 1 with concurrent clients, for a bounded time each: `vae serve` (Open
-     Inference Protocol) vs `mlflow models serve` of the same registered ONNX model.
+     Inference Protocol) vs `mlflow models serve` of the same registered ONNX model;
+  3. a soak of `vae serve`: errors and the server's resident memory over --soak seconds.
 
 Run from a repository where `make repro` has run (models/, mlflow.db):
 
-    python benchmarks/serve_speed.py [--seconds 10] [--clients 32]
+    python benchmarks/serve_speed.py [--seconds 10] [--clients 32] [--soak 60]
 """
 from __future__ import annotations
 
@@ -76,9 +77,17 @@ def start(cmd: list[str], url: str, env: dict) -> subprocess.Popen:
     raise RuntimeError(f"{cmd[0]} did not start")
 
 
-async def load(url: str, body: dict, seconds: float, clients: int) -> dict:
-    """`clients` concurrent loops posting `body` for `seconds`; latencies and errors."""
-    latencies, errors = [], 0
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise LookupError(f"no VmRSS for process {pid}")
+
+
+async def load(url: str, body: dict, seconds: float, clients: int, pid: int | None = None) -> dict:
+    """`clients` concurrent loops posting `body` for `seconds`; latencies and errors, and
+    the resident memory of process `pid` once a second."""
+    latencies, errors, rss = [], 0, []
     deadline = time.monotonic() + seconds
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(limits=limits, timeout=10) as client:
@@ -93,9 +102,16 @@ async def load(url: str, body: dict, seconds: float, clients: int) -> dict:
                     ok = False
                 latencies.append(time.perf_counter() - start)
                 errors += not ok
-        await asyncio.gather(*(loop() for _ in range(clients)))
+
+        async def sample():
+            while time.monotonic() < deadline:
+                rss.append(rss_mib(pid))
+                await asyncio.sleep(1)
+
+        await asyncio.gather(*(loop() for _ in range(clients)), *([sample()] if pid else []))
     ms = np.array(latencies) * 1000
-    return {"rps": len(ms) / seconds, "p50": np.percentile(ms, 50), "p99": np.percentile(ms, 99), "errors": errors}
+    return {"rps": len(ms) / seconds, "p50": np.percentile(ms, 50), "p99": np.percentile(ms, 99), "errors": errors,
+            "requests": len(ms), "rss": rss}
 
 
 def over_http(layout: Layout, seconds: float, clients: int) -> None:
@@ -133,14 +149,36 @@ def over_http(layout: Layout, seconds: float, clients: int) -> None:
     print(f"{'throughput ratio, ours / mlflow':40}{ours / theirs:>8.2f}x")
 
 
+def soak(layout: Layout, seconds: float, clients: int) -> None:
+    latent = open_session(layout.decoder_onnx).get_inputs()[0].shape[1]
+    port = free_port()
+    process = start([str(BIN / "vae"), "serve", str(layout.decoder_onnx), "--port", str(port)],
+                    f"http://127.0.0.1:{port}/v2/health/ready", dict(os.environ))
+    body = {"inputs": [{"name": "z", "datatype": "FP32", "shape": [1, latent], "data": [0.1] * latent}]}
+    try:
+        r = asyncio.run(load(f"http://127.0.0.1:{port}/v2/models/vae-decoder/infer", body, seconds, clients,
+                             process.pid))
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    warm, end = r["rss"][min(10, len(r["rss"]) - 1)], r["rss"][-1]  # after 10 s of warm-up, and at the end
+    print(f"\n3. soak of vae serve, {clients} clients, {seconds:g} s: {r['requests']} requests, {r['errors']} errors, "
+          f"{r['rps']:.0f} req/s")
+    print(f"   server RSS: {r['rss'][0]:.0f} MiB at start, {warm:.0f} after 10 s, {end:.0f} at the end "
+          f"({(end - warm) / warm:+.1%}), {max(r['rss']):.0f} at most")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--soak", type=float, default=60, help="seconds of the soak (0: skip it)")
     args = parser.parse_args()
     layout = Layout()
     in_process(layout)
     over_http(layout, args.seconds, args.clients)
+    if args.soak:
+        soak(layout, args.soak, args.clients)
 
 
 if __name__ == "__main__":

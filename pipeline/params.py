@@ -39,17 +39,18 @@ class DataParams(Section):
 
 class ModelParams(Section):
     arch: Literal["mlp", "conv"] = "mlp"
-    latent_dim: int = Field(20, ge=1, le=1024)
-    hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [400], min_length=1)
+    latent_dim: int = Field(32, ge=1, le=1024)
+    hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [512, 256], min_length=1)
 
     def vae_config(self) -> VAEConfig:
         return VAEConfig(latent_dim=self.latent_dim, hidden_dims=tuple(self.hidden_dims), arch=self.arch)
 
 
 class TrainParams(Section):
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(30, ge=1)
     batch_size: int = Field(128, ge=1)  # global: split across the workers
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(2e-3, gt=0)  # the peak, under the one-cycle schedule
+    lr_schedule: Literal["onecycle", "constant"] = "onecycle"
     seed: int = Field(0, ge=0)
     num_workers: int = Field(2, ge=1)
     use_gpu: Literal["auto", True, False] = "auto"

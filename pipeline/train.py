@@ -14,7 +14,7 @@ import hashlib
 import io
 import json
 import logging
-import os
+import math
 import tempfile
 import time
 import warnings
@@ -58,7 +58,7 @@ def _slice(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return t.tensor_split(world)[rank]
 
 
-def train_epoch(model, optimizer, images, cfg: dict, epoch: int, rank: int, world: int, device) -> dict:
+def train_epoch(model, optimizer, schedule, images, cfg: dict, epoch: int, rank: int, world: int, device) -> dict:
     """One pass over the training images; returns the mean terms over all workers."""
     model.train()
     sums = torch.zeros(len(TERMS) + 1, dtype=torch.float64, device=device)
@@ -76,6 +76,7 @@ def train_epoch(model, optimizer, images, cfg: dict, epoch: int, rank: int, worl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        schedule.step()
         sums += _batch_sums(terms)
     return _global_means(sums)
 
@@ -100,7 +101,16 @@ def validate(model, x, eps, rank: int, world: int, device) -> dict:
     return _global_means(_batch_sums(terms))
 
 
-def _restore(model, optimizer) -> dict:
+def learning_rate_schedule(optimizer, cfg: dict, train_images: int):
+    """Per global step, so the same on every worker: one-cycle (warm up to train.lr over the
+    first 10% of steps, then anneal) or constant."""
+    if cfg["lr_schedule"] == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    steps = cfg["epochs"] * math.ceil(train_images / cfg["batch_size"])
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg["lr"], total_steps=steps, pct_start=0.1)
+
+
+def _restore(model, optimizer, schedule) -> dict:
     """Training state from Ray's latest checkpoint (a restarted worker group, or a rerun)."""
     import ray.train
 
@@ -111,10 +121,11 @@ def _restore(model, optimizer) -> dict:
         state = torch.load(Path(path) / "state.pt", weights_only=True)
     model.load_state_dict(state.pop("model"))
     optimizer.load_state_dict(state.pop("optimizer"))
+    schedule.load_state_dict(state.pop("schedule"))
     return state
 
 
-def _report(model, optimizer, state: dict, metrics: dict, rank: int) -> None:
+def _report(model, optimizer, schedule, state: dict, metrics: dict, rank: int) -> None:
     """Report the epoch to Ray; rank 0 attaches the checkpoint (every rank must call report)."""
     import ray.train
 
@@ -122,7 +133,8 @@ def _report(model, optimizer, state: dict, metrics: dict, rank: int) -> None:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        torch.save({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict()},
+        torch.save({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict()},
                    Path(tmp) / "state.pt")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
@@ -167,11 +179,12 @@ def train_loop_per_worker(cfg: dict) -> None:
     torch.manual_seed(cfg["seed"])  # same initial weights on every rank
     model = VAE(VAEConfig(**cfg["model"]))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-    state = _restore(model, optimizer)
-    ddp_model = ray.train.torch.prepare_model(model)
     with warnings.catch_warnings():  # zero-copy, read-only views of the object store: never written
         warnings.simplefilter("ignore", UserWarning)
         train_images, val_images = (torch.from_numpy(ray.get(ref)) for ref in cfg["data"])
+    schedule = learning_rate_schedule(optimizer, cfg, len(train_images))
+    state = _restore(model, optimizer, schedule)
+    ddp_model = ray.train.torch.prepare_model(model)
     train_images = train_images.to(device)
     val_x, val_eps = validation_set(val_images, cfg)
     state["nodes"] = _node_ids(world)
@@ -182,7 +195,7 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     for epoch in range(state["epoch"], cfg["epochs"]):
         start = time.perf_counter()
-        train = train_epoch(ddp_model, optimizer, train_images, cfg, epoch, rank, world, device)
+        train = train_epoch(ddp_model, optimizer, schedule, train_images, cfg, epoch, rank, world, device)
         val = validate(model, val_x, val_eps, rank, world, device)
         seconds = time.perf_counter() - start
         row = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in train.items()},
@@ -197,7 +210,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             print(f"epoch {epoch + 1:>3}/{cfg['epochs']}  train {train['neg_elbo']:8.3f}  "
                   f"val {val['neg_elbo']:8.3f}  {seconds:6.1f} s  {row['samples_per_second']:8.0f} img/s",
                   flush=True)
-        _report(model, optimizer, state, row, rank)
+        _report(model, optimizer, schedule, state, row, rank)
 
 
 # --- on the driver ----------------------------------------------------------------------

@@ -2,6 +2,7 @@
 the project, with tiny params (a few hundred images, one epoch, two Ray workers)."""
 import json
 import math
+import re
 import subprocess
 import time
 
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.integration
 
 TINY = {
     "data": {"source": "pypi", "val_size": 200, "max_train_images": 300},
+    "model": {"latent_dim": 20, "hidden_dims": [400]},
     "train": {"epochs": 2, "num_workers": 2, "batch_size": 64},  # two points: a loss curve
     "eval": {"max_test_images": 200, "iwae_k": 5, "grid_images": 16},
 }
@@ -127,6 +129,35 @@ def test_second_repro_runs_nothing(repro):
     again = run(["dvc", "repro"], repo, env=env)
     assert "Running stage" not in again.stdout
     assert "Data and pipelines are up to date" in again.stdout
+
+
+def test_push_then_pull_in_a_fresh_clone_restores_everything_without_rerunning(repro, tmp_path):
+    repo, env, _ = repro
+    remote = tmp_path / "remote"  # instead of the default beside the repository
+    run(["dvc", "remote", "modify", "--local", "storage", "url", str(remote)], repo, env=env)
+    run(["git", "add", "-A"], repo, env=env)
+    run(["git", "commit", "-qm", "results"], repo, env=env)
+    run(["dvc", "push"], repo, env=env)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path, env=env)
+    run(["dvc", "remote", "modify", "--local", "storage", "url", str(remote)], clone, env=env)
+    run(["dvc", "pull"], clone, env=env)
+    for path in ("models/vae.pt", "models/decoder.onnx", "data/mnist/t10k-images-idx3-ubyte", "metrics/eval.json"):
+        assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], clone, env=env).stdout
+    assert "Running stage" not in run(["dvc", "repro"], clone, env=env).stdout
+
+
+def stages_run(log: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", log)
+
+
+def test_a_changed_param_reruns_exactly_the_stages_that_read_it(repro):
+    repo, env, _ = repro
+    set_params(repo, {"export": {"parity_batches": [1, 64]}})
+    assert stages_run(run(["dvc", "repro"], repo, env=env).stdout) == ["export"]
+    set_params(repo, {"train": {"lr": 0.002}})  # a dry run: what would run, without training again
+    assert stages_run(run(["dvc", "repro", "--dry"], repo, env=env).stdout) == ["train", "evaluate", "export"]
 
 
 def test_unknown_params_key_fails_naming_it(repro):

@@ -1,0 +1,89 @@
+"""infra/: the manifests parse, the Ray cluster YAML passes Ray's own schema, and every
+image, version and command they name exists in this repository or its environment."""
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import yaml
+from ray.autoscaler._private.util import validate_config
+
+from conftest import ROOT
+from pipeline.cli import STAGES
+
+INFRA = ROOT / "infra"
+IMAGE = "ghcr.io/your-org/vae-mnist:latest"  # what infra/docker/Dockerfile's build line tags
+
+
+def documents(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def test_every_manifest_parses():
+    paths = sorted(INFRA.rglob("*.yaml"))
+    assert {p.relative_to(INFRA).as_posix() for p in paths} >= {
+        "ray/cluster.yaml", "kuberay/rayjob.yaml", "kuberay/raycluster.yaml", "kuberay/params-configmap.yaml",
+        "mlflow/compose.yaml"}
+    for path in paths:
+        assert documents(path), f"{path} is empty"
+
+
+def test_cluster_launcher_yaml_passes_rays_schema():
+    config = yaml.safe_load((INFRA / "ray/cluster.yaml").read_text())
+    validate_config(config)
+    assert config["docker"]["image"] == IMAGE
+    broken = {**config, "max_worker": 4}  # a typo must not pass
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(broken)
+
+
+def test_kuberay_manifests_run_our_image_at_our_ray_version():
+    dockerfile = (INFRA / "docker/Dockerfile").read_text()
+    base_version = re.search(r"^FROM rayproject/ray:([\d.]+)-py311-gpu$", dockerfile, re.M).group(1)
+    assert base_version == ray.__version__  # the image's Ray is the Ray the project runs
+    assert f"-t {IMAGE} ." in dockerfile
+    job = documents(INFRA / "kuberay/rayjob.yaml")[0]
+    cluster = documents(INFRA / "kuberay/raycluster.yaml")[0]
+    assert (job["kind"], cluster["kind"]) == ("RayJob", "RayCluster")
+    for spec in (job["spec"]["rayClusterSpec"], cluster["spec"]):
+        assert spec["rayVersion"] == base_version
+        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        for group in groups:
+            assert {c["image"] for c in group["template"]["spec"]["containers"]} == {IMAGE}
+        assert all(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+                   for g in spec["workerGroupSpecs"])
+
+
+def test_rayjob_runs_existing_stages_with_params_that_validate():
+    from pipeline.params import Params
+
+    job = documents(INFRA / "kuberay/rayjob.yaml")[0]
+    for command in job["spec"]["entrypoint"].split("&&"):
+        program, stage = command.split()
+        assert program == "vae" and stage in STAGES
+    configmap = documents(INFRA / "kuberay/params-configmap.yaml")[0]
+    params = Params.model_validate(yaml.safe_load(configmap["data"]["params.yaml"]))
+    assert params.train.storage_path.startswith("s3://") and params.train.use_gpu is True
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    assert head["volumes"][0]["configMap"]["name"] == configmap["metadata"]["name"]
+    assert head["containers"][0]["volumeMounts"][0]["mountPath"] == "/app/params.yaml"
+    assert "WORKDIR /app" in (INFRA / "docker/Dockerfile").read_text()
+
+
+def test_mlflow_stack_is_postgres_and_s3_behind_one_server():
+    compose = documents(INFRA / "mlflow/compose.yaml")[0]
+    services = compose["services"]
+    assert {"postgres", "minio", "mlflow"} <= set(services)
+    command = services["mlflow"]["command"]
+    assert command[:2] == ["mlflow", "server"]
+    store = command[command.index("--backend-store-uri") + 1]
+    assert store.startswith("postgresql+psycopg://") and "@postgres:5432/" in store
+    assert command[command.index("--artifacts-destination") + 1].startswith("s3://")
+    assert (INFRA / "mlflow" / services["mlflow"]["build"]["dockerfile"]).is_file()
+    for service in services.values():  # nothing listens beyond this machine
+        assert all(str(port).startswith("127.0.0.1:") for port in service.get("ports", []))
+    mlflow_image = (INFRA / "mlflow/Dockerfile").read_text()
+    import mlflow
+
+    assert f"ghcr.io/mlflow/mlflow:v{mlflow.__version__}" in mlflow_image
