@@ -7,7 +7,7 @@ BIN    := $(abspath $(VENV))/bin
 # Rebuilt only when the project's dependencies change.
 STAMP  := $(VENV)/.installed
 
-.PHONY: repro test install system-packages clean
+.PHONY: repro test install system-packages up down clean
 
 repro: $(STAMP)
 	PATH="$(BIN):$$PATH" dvc repro
@@ -40,6 +40,15 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $@
+
+# The infra/ topology on this machine, 127.0.0.1 only: PostgreSQL, MLflow on it, a 2-node
+# Ray cluster. Then `source .stack/env` points the pipeline at it.
+STACK ?= .stack
+up: $(STAMP) system-packages
+	$(BIN)/python infra/local/stack.py up $(STACK)
+
+down: $(STAMP)
+	$(BIN)/python infra/local/stack.py down $(STACK)
 
 clean:
 	rm -rf $(VENV) .ray_results mlartifacts mlflow.db

@@ -47,11 +47,22 @@ def _umask() -> int:
     return mask
 
 
+def _sweep(path: Path) -> None:
+    """Remove what a writer of `path` killed mid-write (SIGKILL skips every cleanup) left
+    beside it. Safe: DVC runs one stage at a time per repository."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it onto `path`, else remove it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _sweep(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp)
@@ -68,6 +79,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield an empty temporary directory beside `path`; on success it replaces `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _sweep(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     old = path.with_name(f".{path.name}.old")
     try:

@@ -103,11 +103,14 @@ def validate(model, x, eps, rank: int, world: int, device) -> dict:
 
 def learning_rate_schedule(optimizer, cfg: dict, train_images: int):
     """Per global step, so the same on every worker: one-cycle (warm up to train.lr over the
-    first 10% of steps, then anneal) or constant."""
-    if cfg["lr_schedule"] == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    first 10% of steps, then anneal) or constant. A smoke run too short to warm up and
+    anneal gets the constant rate."""
     steps = cfg["epochs"] * math.ceil(train_images / cfg["batch_size"])
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg["lr"], total_steps=steps, pct_start=0.1)
+    if cfg["lr_schedule"] == "constant" or steps < 4:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    # At least two warm-up steps: OneCycleLR divides by the warm-up length minus one.
+    warmup = max(0.1, 2 / steps)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg["lr"], total_steps=steps, pct_start=warmup)
 
 
 def _restore(model, optimizer, schedule) -> dict:
@@ -308,6 +311,8 @@ def main() -> None:
     best_effort("the device tag", client.set_tag, run_id, "device", state["device"])
     best_effort("the best epoch", tracking.log_metrics, client, run_id, {"best_epoch": metrics["best_epoch"]})
     best_effort("the model checkpoint", client.log_artifact, run_id, str(layout.model), "model")
+    for path in (layout.train_metrics, layout.train_plot):
+        best_effort(f"{path.name}", client.log_artifact, run_id, str(path), "training")
     # Training is the run's long part; evaluate and export add to it after it is FINISHED.
     best_effort("the run's FINISHED status", client.set_terminated, run_id, status="FINISHED")
     print(f"train: best epoch {metrics['best_epoch']} (validation -ELBO {metrics['best_val_neg_elbo']:.2f} nats) "

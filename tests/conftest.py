@@ -2,17 +2,12 @@
 and throw-away git+DVC copies of the project."""
 from __future__ import annotations
 
-import glob
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,17 +15,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT / "infra" / "local"))
+import stack  # noqa: E402  (infra/local/stack.py: the servers and clusters, as `make up` starts them)
+
+free_port = stack.free_port
 # The test Ray cluster uses token authentication with a token of this session. Set before
 # anything imports ray (it reads the auth mode once), and inherited by every node and stage.
 os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
 # What a copy of the project needs to run its pipeline.
 PROJECT_FILES = ["vae", "pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True, timeout: float = 600):
@@ -52,67 +45,27 @@ def mnist_dir(tmp_path_factory) -> Path:
     return data_dir
 
 
-def _wait_for_nodes(count: int, deadline_s: float = 120) -> None:
-    import ray
-
-    deadline = time.monotonic() + deadline_s
-    while sum(node["Alive"] for node in ray.nodes()) < count:
-        if time.monotonic() > deadline:
-            pytest.fail(f"the Ray cluster did not reach {count} nodes: {ray.nodes()}")
-        time.sleep(0.5)
-
-
-def _start_node(temp_dir: Path, *args: str) -> subprocess.Popen:
-    # Each node in its own process group: stopping it must reach the raylet, GCS and
-    # workers it spawns (stopping `ray start --block` alone leaves them running). Each in
-    # its own temp dir, as on separate machines: sharing one, both nodes' log monitors
-    # would stream every worker line to the driver twice.
-    return subprocess.Popen([str(BIN / "ray"), "start", "--block", "--num-cpus=1", "--disable-usage-stats",
-                             "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", *args],
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _stop_node(node: subprocess.Popen, first: int = signal.SIGTERM) -> None:
-    """Stop a process started in its own session, with everything it spawned."""
-    for sig in (first, signal.SIGKILL):
-        try:
-            os.killpg(node.pid, sig)
-            node.wait(timeout=10)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 @pytest.fixture(scope="session")
 def ray_address():
-    """A real 2-node Ray cluster on 127.0.0.1 for the whole session: `ray start --head` plus a
-    second `ray start --address`, one CPU each, so two training workers land on different
-    nodes. Stopped by signalling its own processes (`ray stop` would stop every Ray on the
-    machine). Stages join it through RAY_ADDRESS."""
+    """A real 2-node Ray cluster on 127.0.0.1 for the whole session (infra/local/stack.py:
+    `ray start --head` plus a second `ray start --address`), one CPU each, so two training
+    workers land on different nodes. Stopped by signalling its own processes (`ray stop`
+    would stop every Ray on the machine). Stages join it through RAY_ADDRESS."""
     import ray
 
     from pipeline.ray_connect import connect_ray
 
-    address = f"127.0.0.1:{free_port()}"
-    # Short paths: Ray's Unix sockets live under them.
-    temp_dirs = [Path(tempfile.mkdtemp(prefix="ray-")) for _ in range(2)]
-    nodes = [_start_node(temp_dirs[0], "--head", f"--port={address.split(':')[1]}", "--include-dashboard=false")]
     try:
-        deadline = time.monotonic() + 120
-        while subprocess.run([str(BIN / "ray"), "status", f"--address={address}"], capture_output=True).returncode:
-            if time.monotonic() > deadline or nodes[0].poll() is not None:
-                pytest.fail("the Ray head node did not start")
-            time.sleep(1)
-        nodes.append(_start_node(temp_dirs[1], f"--address={address}"))
+        address, nodes, temp_dirs = stack.ray_cluster(cpus_per_node=1, auth=stack.ray_auth())
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    try:
         connect_ray(num_workers=2, address=address)
-        _wait_for_nodes(2)
         yield address
     finally:
         ray.shutdown()
         for node in reversed(nodes):
-            _stop_node(node)
+            stack.stop(node)
         for temp_dir in temp_dirs:
             shutil.rmtree(temp_dir, ignore_errors=True)
 
@@ -129,33 +82,18 @@ def system_program(path: str, package: str) -> str:
     return found
 
 
-def _wait_for_http(url: str, process: subprocess.Popen, log: Path, deadline_s: float = 120) -> None:
-    deadline = time.monotonic() + deadline_s
-    while True:
-        try:
-            if urllib.request.urlopen(url, timeout=2).status == 200:
-                return
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"{process.args[0]} did not start:\n{log.read_text()[-4000:]}")
-            time.sleep(0.5)
-
-
 @contextmanager
 def mlflow_server_process(root: Path, backend_uri: str):
     """A real `mlflow server` on 127.0.0.1 with backend_uri as its store and artifacts in
     root; yields its URL and the process (tests may stop it for good)."""
-    url = f"http://127.0.0.1:{free_port()}"
-    with open(root / "server.log", "w") as log:  # a file, not a pipe nobody reads
-        server = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri,
-                                   "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-                                   "--port", url.rsplit(":", 1)[1], "--workers", "1"],
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_for_http(f"{url}/health", server, root / "server.log")
+        url, server = stack.mlflow_server(root, backend_uri)
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    try:
         yield url, server
     finally:
-        _stop_node(server)
+        stack.stop(server)
 
 
 @pytest.fixture(scope="session")
@@ -167,42 +105,22 @@ def mlflow_server(tmp_path_factory) -> str:
         yield url
 
 
-@pytest.fixture(scope="session")
-def postgres_uri() -> str:
-    """A throw-away PostgreSQL server (Debian's package) on 127.0.0.1, trust authentication,
-    with an empty database `mlflow`; its SQLAlchemy URI. PostgreSQL refuses to run as root,
-    so as root it runs as the package's `postgres` user, from a directory that user owns."""
-    initdb = system_program(max(glob.glob("/usr/lib/postgresql/*/bin/initdb"), default="initdb"), "postgresql")
-    bindir = Path(initdb).parent
-    root = Path(tempfile.mkdtemp(prefix="vae-postgres-"))
-    as_user = []
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = str(free_port())
-    run([*as_user, initdb, "-D", str(root / "data"), "-U", "mlflow", "--auth=trust", "-E", "UTF8"], root)
-    with open(root / "postgres.log", "w") as log:
-        server = subprocess.Popen([*as_user, str(bindir / "postgres"), "-D", str(root / "data"), "-h", "127.0.0.1",
-                                   "-p", port, "-k", str(root)], stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+@pytest.fixture(scope="module")
+def local_stack(tmp_path_factory) -> dict:
+    """`make up`: PostgreSQL (Debian's package), an MLflow server on it and a 2-node Ray
+    cluster, all on 127.0.0.1, as a user brings them up; `make down` afterwards. The
+    environment its env file exports (MLFLOW_TRACKING_URI, RAY_ADDRESS, VAE_STACK_POSTGRES)."""
+    bindir = stack.postgres_bindir()
+    system_program(str(bindir / "initdb") if bindir else "initdb", "postgresql")
+    state = tmp_path_factory.mktemp("stack")
+    make = ["make", "--no-print-directory", "-C", str(ROOT)]
     try:
-        deadline = time.monotonic() + 60
-        while subprocess.run([str(bindir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", port]).returncode:
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"postgres did not start:\n{(root / 'postgres.log').read_text()}")
-            time.sleep(0.3)
-        run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", port, "-U", "mlflow", "mlflow"], root)
-        yield f"postgresql://mlflow@127.0.0.1:{port}/mlflow"
+        run([*make, "up", f"STACK={state}"], ROOT)
+        exported = dict(line.removeprefix("export ").split("=", 1) for line in (state / "env").read_text().split("\n")
+                        if line)
+        yield exported
     finally:
-        _stop_node(server, first=signal.SIGINT)  # PostgreSQL's fast shutdown
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def mlflow_postgres_server(tmp_path_factory, postgres_uri) -> str:
-    """A real `mlflow server` whose backend store is the PostgreSQL server above."""
-    with mlflow_server_process(tmp_path_factory.mktemp("mlflow-postgres"), postgres_uri) as (url, _):
-        yield url
+        run([*make, "down", f"STACK={state}"], ROOT)
 
 
 def git_env(**extra: str) -> dict:
@@ -236,6 +154,10 @@ def set_params(repo: Path, changes: dict) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
 
 
+# What tests train when the model's size is beside the point: seconds, not minutes.
+SMALL_MODEL = {"latent_dim": 8, "hidden_dims": [128]}
+
+
 def fit_in_folder(root: Path, mnist_dir: Path, **train_params):
     """pipeline.train.fit() in a fresh project folder (own MLflow store and Ray storage),
     with small data; returns the final training state."""
@@ -249,6 +171,7 @@ def fit_in_folder(root: Path, mnist_dir: Path, **train_params):
     layout = Layout(root)
     params = Params.model_validate({
         "data": {"val_size": 200, "max_train_images": train_params.pop("images", 640)},
+        "model": SMALL_MODEL,
         "train": {"epochs": 1, "batch_size": 32, "num_workers": 2, **train_params}})
     return fit(layout, params, tracking.start_run(layout, params.flat(), {}))
 
@@ -274,7 +197,10 @@ def check_pipeline_run(client, run_, repo: Path) -> None:
     assert any(key.startswith("system/cpu_utilization") for key in run_.data.metrics)
     evaluation = json.loads((repo / "metrics/eval.json").read_text())
     assert run_.data.metrics["test_neg_elbo"] == pytest.approx(evaluation["neg_elbo"])
-    assert {"model", "evaluation", "pipeline"} <= {a.path for a in client.list_artifacts(run_id)}
+    assert {"model", "training", "evaluation", "pipeline"} <= {a.path for a in client.list_artifacts(run_id)}
+    assert {"training/train.json", "training/train.csv"} <= {a.path for a in client.list_artifacts(run_id, "training")}
+    assert {f"evaluation/{name}" for name in ("eval.json", "traversal.png", "latent_map.png")} <= {
+        a.path for a in client.list_artifacts(run_id, "evaluation")}
     assert {"pipeline/params.yaml", "pipeline/dvc.lock", "pipeline/export.json"} <= {
         a.path for a in client.list_artifacts(run_id, "pipeline")}
     (version,) = client.search_model_versions(f"run_id = '{run_id}'")

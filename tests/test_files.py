@@ -28,3 +28,30 @@ def test_atomic_dir_replaces_whole_directories(tmp_path):
     with atomic_dir(target) as tmp:
         (tmp / "fresh").write_text("x")
     assert [p.name for p in target.iterdir()] == ["fresh"] and [p.name for p in tmp_path.iterdir()] == ["repo"]
+
+
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_a_writer_killed_mid_write_leaves_the_old_output_and_its_litter_is_swept(tmp_path, kind):
+    """A real SIGKILL mid-write: the output stays as it was (nothing partial for DVC to
+    cache), and the next write sweeps up the temporary the killed writer left behind."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "out"
+    target.mkdir() if kind == "dir" else target.write_text("old")
+    opener = "atomic_dir" if kind == "dir" else "atomic_path"
+    write = "(tmp / 'half').write_text('x')" if kind == "dir" else "tmp.write_text('half')"
+    killed = subprocess.run([sys.executable, "-c", f"""
+import os, signal
+from pipeline.files import {opener}
+with {opener}({str(target)!r}) as tmp:
+    {write}
+    os.kill(os.getpid(), signal.SIGKILL)
+"""])
+    assert killed.returncode == -9
+    litter = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert len(litter) == 1  # what SIGKILL left: no cleanup ran
+    assert (list(target.iterdir()) == []) if kind == "dir" else target.read_text() == "old"
+    with (atomic_dir if kind == "dir" else atomic_path)(target) as tmp:
+        (tmp / "fresh").write_text("x") if kind == "dir" else tmp.write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

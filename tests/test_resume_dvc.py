@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import copy_project, fit_in_folder, git_env, run, set_params
+from conftest import SMALL_MODEL, copy_project, fit_in_folder, git_env, run, set_params
 
 pytestmark = pytest.mark.integration
 TRAIN = {"epochs": 3, "batch_size": 32, "num_workers": 2}
@@ -18,7 +18,7 @@ TRAIN = {"epochs": 3, "batch_size": 32, "num_workers": 2}
 def test_killed_repro_resumes_to_the_uninterrupted_model(tmp_path, mnist_dir, ray_address):
     repo = copy_project(tmp_path / "project")
     set_params(repo, {"data": {"source": str(mnist_dir), "val_size": 200, "max_train_images": 4800},
-                      "train": TRAIN, "eval": {"max_test_images": 100, "iwae_k": 2}})
+                      "model": SMALL_MODEL, "train": TRAIN, "eval": {"max_test_images": 100, "iwae_k": 2}})
     env = git_env(RAY_ADDRESS=ray_address)
     with open(tmp_path / "killed.log", "w") as log:
         process = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -11,7 +11,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from conftest import BIN, _stop_node, free_port, mlflow_server_process
+from conftest import BIN, free_port, mlflow_server_process, stack
 
 from pipeline import tracking
 from pipeline.files import Layout
@@ -74,7 +74,9 @@ def test_server_lost_mid_run_costs_a_warning_not_the_training(tmp_path, mnist_di
         "train": {"epochs": 2, "batch_size": 64, "num_workers": 2}}))
     (tmp_path / "server").mkdir()
     with mlflow_server_process(tmp_path / "server", f"sqlite:///{tmp_path}/server/mlflow.db") as (url, server):
-        env = {**os.environ, "MLFLOW_TRACKING_URI": url, "RAY_ADDRESS": ray_address}
+        # No client retries: what is under test is what happens once they are spent.
+        env = {**os.environ, "MLFLOW_TRACKING_URI": url, "RAY_ADDRESS": ray_address,
+               "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
         with open(tmp_path / "train.log", "w") as log:
             train = subprocess.Popen([str(BIN / "vae"), "train"], cwd=tmp_path, env=env, stdout=log,
                                      stderr=subprocess.STDOUT)
@@ -82,7 +84,7 @@ def test_server_lost_mid_run_costs_a_warning_not_the_training(tmp_path, mnist_di
         while not (tmp_path / "models/mlflow_run.json").exists():  # written once the run exists
             assert train.poll() is None and time.monotonic() < deadline, (tmp_path / "train.log").read_text()
             time.sleep(0.1)
-        _stop_node(server)
+        stack.stop(server)
         returncode = train.wait(timeout=300)
     out = (tmp_path / "train.log").read_text()
     assert returncode == 0, out

@@ -79,3 +79,22 @@ def test_gpu_choice():
 def test_gpu_workers_with_bf16(tmp_path, mnist_dir, ray_address):
     state = train(tmp_path, mnist_dir, "gpu", num_workers=1, use_gpu=True, bf16=True)
     assert state["device"] == "cuda" and state["history"][-1]["val_neg_elbo"] < 550
+
+
+@pytest.mark.parametrize("epochs, images", [(30, 50_000), (2, 300), (1, 64)])
+def test_learning_rate_schedule_peaks_at_train_lr_and_survives_tiny_runs(epochs, images):
+    from pipeline.train import learning_rate_schedule
+
+    cfg = {"lr_schedule": "onecycle", "lr": 2e-3, "epochs": epochs, "batch_size": 128}
+    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=cfg["lr"])
+    schedule = learning_rate_schedule(optimizer, cfg, images)
+    rates = []
+    for _ in range(epochs * -(-images // 128)):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert max(rates) == pytest.approx(2e-3)
+    if len(rates) >= 4:  # warm-up from below the peak, annealed far below it at the end
+        assert rates[0] < 2e-3 / 10 and rates[-1] < 2e-3 / 100
+    else:
+        assert rates == [2e-3] * len(rates)

@@ -1,6 +1,8 @@
-"""`dvc exp run` against an MLflow server whose store is PostgreSQL (the production backend
-of infra/): each experiment is one complete run tagged with its name, and an experiment
-that DVC restores from its run-cache adds nothing to MLflow: no run, no model version."""
+"""`dvc exp run` against the infra/ topology brought up by `make up` on 127.0.0.1: an MLflow
+server whose store is PostgreSQL, and a 2-node Ray cluster. Each experiment is one
+complete run tagged with its name, stored in PostgreSQL and trained on both Ray nodes; an
+experiment that DVC restores from its run-cache adds nothing to MLflow: no run, no model
+version."""
 import json
 import re
 
@@ -8,27 +10,28 @@ import pytest
 import sqlalchemy
 from mlflow import MlflowClient
 
-from conftest import check_pipeline_run, copy_project, git_env, logged_model, run, set_params
+from conftest import SMALL_MODEL, check_pipeline_run, copy_project, git_env, logged_model, run, set_params
 
 pytestmark = pytest.mark.integration
 LEARNING_RATES = ("0.002", "0.003")
 
 
 @pytest.fixture(scope="module")
-def experiments(tmp_path_factory, mnist_dir, ray_address, mlflow_postgres_server):
+def experiments(tmp_path_factory, mnist_dir, local_stack):
     """Two experiments run with `dvc exp run -S train.lr=...` from one committed baseline;
     the project, its environment, and each learning rate's experiment name and run id."""
     repo = copy_project(tmp_path_factory.mktemp("experiments") / "project")
     set_params(repo, {"data": {"source": str(mnist_dir), "val_size": 200, "max_train_images": 300},
-                      "train": {"epochs": 1, "num_workers": 2, "batch_size": 64},
+                      "model": SMALL_MODEL, "train": {"epochs": 1, "num_workers": 2, "batch_size": 64},
                       "eval": {"max_test_images": 100, "iwae_k": 2, "grid_images": 8}})
-    env = git_env(RAY_ADDRESS=ray_address, MLFLOW_TRACKING_URI=mlflow_postgres_server)
+    env = git_env(**local_stack)
     run(["git", "commit", "-qam", "small params"], repo, env=env)
     names, run_ids = {}, {}
     for lr in LEARNING_RATES:
         out = run(["dvc", "exp", "run", "-S", f"train.lr={lr}"], repo, env=env).stdout
         names[lr] = re.search(r"Ran experiment\(s\): (\S+)", out).group(1)
         run_ids[lr] = json.loads((repo / "models/mlflow_run.json").read_text())["run_id"]
+        assert json.loads((repo / "metrics/train.json").read_text())["ray_nodes"] == 2  # both of the stack's nodes
     return repo, env, names, run_ids
 
 
@@ -46,9 +49,9 @@ def test_each_experiment_is_one_run_tagged_with_its_name(experiments):
     check_pipeline_run(client, client.get_run(run_ids[LEARNING_RATES[-1]]), repo)
 
 
-def test_runs_and_models_are_stored_in_postgresql(experiments, postgres_uri):
-    _, _, _, run_ids = experiments
-    engine = sqlalchemy.create_engine(postgres_uri)
+def test_runs_and_models_are_stored_in_postgresql(experiments):
+    _, env, _, run_ids = experiments
+    engine = sqlalchemy.create_engine(env["VAE_STACK_POSTGRES"])
     try:
         with engine.connect() as db:
             rows = db.execute(sqlalchemy.text("SELECT run_uuid, status FROM runs")).all()

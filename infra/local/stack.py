@@ -1,0 +1,204 @@
+"""The infra/ topology on this one machine, on 127.0.0.1 only, with real processes:
+PostgreSQL (Debian's package), an MLflow server on it, and a 2-node Ray cluster.
+
+    make up      # python infra/local/stack.py up .stack; then: source .stack/env
+    make down    # python infra/local/stack.py down .stack
+
+The tests start their servers and clusters through the same functions.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """A background process in its own session (so stop() reaches all it spawns), its output
+    in a log file (an unread pipe would fill up and block it)."""
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+
+def _alive(process: subprocess.Popen | int) -> bool:
+    if isinstance(process, subprocess.Popen):
+        return process.poll() is None
+    try:  # not our child (a `make up` of earlier): gone, or a zombie its new parent will reap
+        return Path(f"/proc/{process}/stat").read_text().split()[2] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def stop(process: subprocess.Popen | int, first: int = signal.SIGTERM, timeout_s: float = 10) -> None:
+    """Stop a process started by start(), with everything it spawned: `first`, then SIGKILL."""
+    pid = process.pid if isinstance(process, subprocess.Popen) else process
+    for sig in (first, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout_s
+        while _alive(process) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not _alive(process):
+            return
+
+
+def wait_until(ready: Callable[[], bool], process: subprocess.Popen, log: Path, what: str,
+               deadline_s: float = 120) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not ready():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start:\n{log.read_text()[-4000:]}")
+        time.sleep(0.3)
+
+
+def http_ok(url: str) -> bool:
+    try:
+        return urllib.request.urlopen(url, timeout=2).status == 200
+    except OSError:
+        return False
+
+
+def postgres_bindir() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(found[-1]).parent if found else None
+
+
+def postgres() -> tuple[str, subprocess.Popen, Path]:
+    """A throw-away PostgreSQL server with an empty database `mlflow` (trust authentication,
+    127.0.0.1 only): its URI, process and data directory. PostgreSQL refuses to run as
+    root, so as root it runs as the package's `postgres` user, in a directory it owns."""
+    bindir = postgres_bindir()
+    if bindir is None:
+        raise FileNotFoundError("PostgreSQL is not installed (Debian package: postgresql)")
+    root = Path(tempfile.mkdtemp(prefix="vae-postgres-"))
+    as_user = []
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = str(free_port())
+    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(root / "data"), "-U", "mlflow", "--auth=trust",
+                    "-E", "UTF8"], check=True, capture_output=True)
+    server = start([*as_user, str(bindir / "postgres"), "-D", str(root / "data"), "-h", "127.0.0.1", "-p", port,
+                    "-k", str(root)], root / "postgres.log")
+    ready = [str(bindir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", port]
+    wait_until(lambda: subprocess.run(ready).returncode == 0, server, root / "postgres.log", "postgres", 60)
+    subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", port, "-U", "mlflow", "mlflow"], check=True)
+    return f"postgresql://mlflow@127.0.0.1:{port}/mlflow", server, root
+
+
+def mlflow_server(root: Path, backend_uri: str) -> tuple[str, subprocess.Popen]:
+    """`mlflow server` on 127.0.0.1 with backend_uri as its store and artifacts in root."""
+    port = free_port()
+    server = start([str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri, "--artifacts-destination",
+                    str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                   root / "mlflow.log")
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: http_ok(f"{url}/health"), server, root / "mlflow.log", "mlflow server")
+    return url, server
+
+
+def ray_auth() -> dict[str, str]:
+    """Token authentication for the cluster: the caller's token if it has one, else a new
+    one. Every node and every client of the cluster needs the same two variables."""
+    return {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
+            "RAY_AUTH_TOKEN": os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)}
+
+
+def ray_cluster(cpus_per_node: int, auth: dict[str, str]) -> tuple[str, list[subprocess.Popen], list[Path]]:
+    """`ray start --head` plus a second `ray start --address`: its address, node processes
+    and temp dirs. Each node has its own temp dir, as on separate machines (sharing one,
+    both nodes' log monitors would stream every worker line twice); short paths, since
+    Ray's Unix sockets live there."""
+    address = f"127.0.0.1:{free_port()}"
+    dirs = [Path(tempfile.mkdtemp(prefix="ray-")) for _ in range(2)]
+    env = {**os.environ, **auth, "RAY_USAGE_STATS_ENABLED": "0"}
+
+    def node(temp_dir: Path, *args: str) -> subprocess.Popen:
+        return start([str(BIN / "ray"), "start", "--block", f"--num-cpus={cpus_per_node}", "--disable-usage-stats",
+                      "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", *args], temp_dir / "node.log", env)
+
+    def active_nodes() -> int:
+        out = subprocess.run([str(BIN / "ray"), "status", f"--address={address}"], capture_output=True, text=True,
+                             env=env).stdout
+        return out.split("Active:")[-1].split("Pending:")[0].count("node_") if "Active:" in out else 0
+
+    nodes = [node(dirs[0], "--head", f"--port={address.split(':')[1]}", "--include-dashboard=false")]
+    wait_until(lambda: active_nodes() == 1, nodes[0], dirs[0] / "node.log", "the Ray head node")
+    nodes.append(node(dirs[1], f"--address={address}"))
+    wait_until(lambda: active_nodes() == 2, nodes[1], dirs[1] / "node.log", "the second Ray node")
+    return address, nodes, dirs
+
+
+def up(state: Path) -> None:
+    state.mkdir(parents=True, exist_ok=True)
+    if (state / "state.json").exists():
+        sys.exit(f"{state}/state.json exists: the stack is up (make down first)")
+    pids, dirs = [], []
+    try:
+        uri, db, db_dir = postgres()
+        pids.append(db.pid)
+        dirs.append(str(db_dir))
+        url, tracking = mlflow_server(state, uri)
+        pids.append(tracking.pid)
+        auth = ray_auth()
+        address, nodes, ray_dirs = ray_cluster(max(1, (os.cpu_count() or 2) // 2), auth)
+        pids += [n.pid for n in nodes]
+        dirs += [str(d) for d in ray_dirs]
+    finally:  # what started is recorded even if a later piece failed, so `make down` stops it
+        (state / "state.json").write_text(json.dumps({"pids": pids, "dirs": dirs}))
+    exported = {"MLFLOW_TRACKING_URI": url, "RAY_ADDRESS": address, "VAE_STACK_POSTGRES": uri, **auth}
+    env_file = state / "env"
+    env_file.touch(mode=0o600)  # it holds the cluster's token
+    env_file.write_text("".join(f"export {name}={value}\n" for name, value in exported.items()))
+    print(f"up: PostgreSQL {uri}, MLflow {url}, Ray {address} (2 nodes).\nUse it: source {state}/env")
+
+
+def down(state: Path) -> None:
+    recorded = json.loads((state / "state.json").read_text()) if (state / "state.json").exists() else None
+    if recorded is None:
+        print(f"down: nothing recorded in {state}")
+        return
+    for pid in reversed(recorded["pids"]):  # Ray nodes, MLflow, then PostgreSQL (fast shutdown)
+        stop(pid, first=signal.SIGINT if pid == recorded["pids"][0] else signal.SIGTERM)
+    for path in recorded["dirs"]:
+        shutil.rmtree(path, ignore_errors=True)
+    (state / "state.json").unlink()
+    (state / "env").unlink(missing_ok=True)
+    print("down: stopped")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["up", "down"])
+    parser.add_argument("state", nargs="?", default=".stack", type=Path, help="where the stack keeps its state")
+    args = parser.parse_args()
+    if args.action == "up":
+        up(args.state)
+    else:
+        down(args.state)
+
+
+if __name__ == "__main__":
+    main()
