@@ -158,7 +158,7 @@ def set_params(repo: Path, changes: dict) -> None:
 SMALL_MODEL = {"latent_dim": 8, "hidden_dims": [128]}
 
 
-def fit_in_folder(root: Path, mnist_dir: Path, **train_params):
+def fit_in_folder(root: Path, mnist_dir: Path, model: dict = SMALL_MODEL, **train_params):
     """pipeline.train.fit() in a fresh project folder (own MLflow store and Ray storage),
     with small data; returns the final training state."""
     from pipeline import tracking
@@ -171,7 +171,7 @@ def fit_in_folder(root: Path, mnist_dir: Path, **train_params):
     layout = Layout(root)
     params = Params.model_validate({
         "data": {"val_size": 200, "max_train_images": train_params.pop("images", 640)},
-        "model": SMALL_MODEL,
+        "model": model,
         "train": {"epochs": 1, "batch_size": 32, "num_workers": 2, **train_params}})
     return fit(layout, params, tracking.start_run(layout, params.flat(), {}))
 

@@ -133,6 +133,22 @@ def test_second_repro_runs_nothing(repro):
     assert "Data and pipelines are up to date" in again.stdout
 
 
+def test_dvc_shows_metrics_params_and_plots(repro, tmp_path):
+    repo, env, _ = repro
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo, env=env).stdout)[""]["data"]
+    assert {"metrics/train.json", "metrics/eval.json", "metrics/export.json"} <= set(shown)
+    evaluation = json.loads((repo / "metrics/eval.json").read_text())
+    assert shown["metrics/eval.json"]["data"]["neg_elbo"] == evaluation["neg_elbo"]
+    diff = json.loads(run(["dvc", "metrics", "diff", "--json"], repo, env=env).stdout)  # HEAD has none yet
+    assert diff["metrics/eval.json"]["neg_elbo"]["new"] == evaluation["neg_elbo"]
+    changed = json.loads(run(["dvc", "params", "diff", "--json"], repo, env=env).stdout)["params.yaml"]
+    assert changed["train.epochs"]["old"] == 30 and changed["train.epochs"]["new"] == 2  # TINY, not committed
+    run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], repo, env=env)
+    assert "train_neg_elbo" in (tmp_path / "plots/index.html").read_text()  # the training curves
+    pictures = {p.name.removeprefix("workspace_plots_") for p in (tmp_path / "plots/static").iterdir()}
+    assert pictures == {"reconstructions.png", "samples.png", "traversal.png", "latent_map.png"}
+
+
 def test_push_then_pull_in_a_fresh_clone_restores_everything_without_rerunning(repro, tmp_path):
     repo, env, _ = repro
     remote = tmp_path / "remote"  # instead of the default beside the repository

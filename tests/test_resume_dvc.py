@@ -9,16 +9,18 @@ import time
 import pytest
 import torch
 
-from conftest import SMALL_MODEL, copy_project, fit_in_folder, git_env, run, set_params
+from conftest import copy_project, fit_in_folder, git_env, run, set_params
 
 pytestmark = pytest.mark.integration
 TRAIN = {"epochs": 3, "batch_size": 32, "num_workers": 2}
+# Big enough that the kill lands mid-training, not after it: PyTorch's example model.
+MODEL = {"latent_dim": 20, "hidden_dims": [400]}
 
 
 def test_killed_repro_resumes_to_the_uninterrupted_model(tmp_path, mnist_dir, ray_address):
     repo = copy_project(tmp_path / "project")
     set_params(repo, {"data": {"source": str(mnist_dir), "val_size": 200, "max_train_images": 4800},
-                      "model": SMALL_MODEL, "train": TRAIN, "eval": {"max_test_images": 100, "iwae_k": 2}})
+                      "model": MODEL, "train": TRAIN, "eval": {"max_test_images": 100, "iwae_k": 2}})
     env = git_env(RAY_ADDRESS=ray_address)
     with open(tmp_path / "killed.log", "w") as log:
         process = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -37,9 +39,9 @@ def test_killed_repro_resumes_to_the_uninterrupted_model(tmp_path, mnist_dir, ra
     assert "epoch   1/3" not in resumed.stdout, "the rerun trained epoch 1 again instead of resuming"
     assert "epoch   3/3" in resumed.stdout
     model = torch.load(repo / "models" / "vae.pt", weights_only=True)["state_dict"]
-    reference = fit_in_folder(tmp_path / "reference", mnist_dir, images=4800, **TRAIN)["best"]["model"]
+    reference = fit_in_folder(tmp_path / "reference", mnist_dir, MODEL, images=4800, **TRAIN)["best"]["model"]
     assert all(torch.equal(model[k], reference[k]) for k in reference)
 
-    set_params(repo, {"train": {"lr": 0.002}})
+    set_params(repo, {"train": {"lr": 0.004}})  # not the default: a changed params set
     fresh = run(["dvc", "repro"], repo, env=env)
     assert "epoch   1/3" in fresh.stdout  # a different model: trained from the start

@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 import pytest
 import torch
 
-from conftest import fit_in_folder
+from conftest import SMALL_MODEL, fit_in_folder
 from pipeline.train import gpu_workers
 from vae.model import VAE, VAEConfig
 
@@ -33,7 +33,7 @@ def test_one_and_two_workers_make_the_same_model(tmp_path, mnist_dir, ray_addres
     assert abs(one["history"][-1]["val_neg_elbo"] - two["history"][-1]["val_neg_elbo"]) <= 0.1
     assert all(torch.equal(two["model"][k], two_again["model"][k]) for k in two["model"])
     torch.manual_seed(0)
-    initial = VAE(VAEConfig()).state_dict()
+    initial = VAE(VAEConfig(**SMALL_MODEL)).state_dict()
     assert max_abs_diff(one["model"], initial) > 1e-3  # and training did move the weights
 
 
@@ -50,7 +50,8 @@ def _kill_a_worker_after_first_checkpoint(storage, killed: list):
 
 
 def test_killed_worker_resumes_from_checkpoint_to_the_same_model(tmp_path, mnist_dir, ray_address):
-    run = dict(images=6400, epochs=4, max_failures=1)
+    # PyTorch's example model, not the small one: epochs long enough for the kill to land mid-run.
+    run = dict(images=6400, epochs=4, max_failures=1, model={"latent_dim": 20, "hidden_dims": [400]})
     killed: list[int] = []
     killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint,
                               args=(tmp_path / "killed" / ".ray_results", killed))
