@@ -45,6 +45,8 @@ def test_each_experiment_is_one_run_tagged_with_its_name(experiments):
         tags = client.get_run(run_ids[lr]).data.tags
         assert tags["dvc.experiment"] == names[lr] and tags["dvc.baseline"] == baseline
         assert client.get_run(run_ids[lr]).data.params["train.lr"] == lr
+    shown = run(["dvc", "exp", "show", "--json"], repo, env=env).stdout  # both, with their metrics
+    assert all(name in shown for name in names.values()) and "metrics/eval.json" in shown
     # The workspace holds the last experiment's outputs: its run must hold all of them.
     check_pipeline_run(client, client.get_run(run_ids[LEARNING_RATES[-1]]), repo)
 
