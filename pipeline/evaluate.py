@@ -46,7 +46,8 @@ def posterior_means(model: VAE, x: torch.Tensor, batch_size: int) -> torch.Tenso
 
 
 @torch.no_grad()
-def score(model: VAE, x: torch.Tensor, params: Params) -> dict[str, float]:
+def score(model: VAE, x: torch.Tensor, params: Params, mu: torch.Tensor | None = None) -> dict[str, float]:
+    """The test metrics; mu, the posterior means of x, when the caller already has them."""
     generator = rng.eval_generator(params.eval.seed)
     eps = torch.randn((len(x), model.config.latent_dim), generator=generator)
     sums = {"neg_elbo": 0.0, "recon": 0.0, "kl": 0.0, "nll_iwae": 0.0}
@@ -56,7 +57,7 @@ def score(model: VAE, x: torch.Tensor, params: Params) -> dict[str, float]:
         sums["nll_iwae"] -= iwae_log_lik(model, x[idx], params.eval.iwae_k, generator).sum().item()
     metrics = {name: total / len(x) for name, total in sums.items()}
     metrics["bits_per_dim"] = metrics["nll_iwae"] / (math.prod(IMAGE_SHAPE) * math.log(2))
-    spread = posterior_means(model, x, params.eval.batch_size).var(0)
+    spread = (posterior_means(model, x, params.eval.batch_size) if mu is None else mu).var(0)
     metrics["active_units"] = int((spread > ACTIVE_UNIT_VARIANCE).sum())
     return {**metrics, "iwae_k": params.eval.iwae_k, "test_images": len(x)}
 
@@ -125,9 +126,9 @@ def main() -> None:
     with tracking.failing_marks(client, run_id):
         model = load_model(layout)
         x, labels = test_set(layout, params)
-        metrics = score(model, x, params)
+        mu = posterior_means(model, x, params.eval.batch_size)  # for the metrics and both latent pictures
+        metrics = score(model, x, params, mu)
         save_grids(model, x, layout, params)
-        mu = posterior_means(model, x, params.eval.batch_size)
         save_traversal(model, mu, layout.traversal_plot)
         save_latent_map(mu, labels, layout.latent_plot)
         write_json(layout.eval_metrics, metrics)
