@@ -1,23 +1,29 @@
 """Serving speed, side by side in one invocation, on this machine and 127.0.0.1 only:
 
   1. decoding in-process: onnxruntime vs torch eager, at batch 1 and 1024;
-  2. HTTP at batch 1 with concurrent clients, for a bounded time each: `vae serve` (Open
-     Inference Protocol) vs `mlflow models serve` of the same registered ONNX model;
+  2. HTTP at batch 1 over concurrent connections, for a bounded time each, driven by wrk:
+     `vae serve` (Open Inference Protocol) vs `mlflow models serve` of the same registered
+     ONNX model, flat out; then `vae serve` paced at --rate requests/s, for its latency;
   3. a soak of `vae serve`: errors and the server's resident memory over --soak seconds.
+
+Needs `wrk` (apt-get install wrk): a Python load generator would take the CPU the server
+needs on a small machine, and measure itself.
 
 Run from a repository where `make repro` has run (models/, mlflow.db):
 
-    python benchmarks/serve_speed.py [--seconds 10] [--clients 32] [--soak 60]
+    python benchmarks/serve_speed.py [--seconds 10] [--clients 32] [--rate 500] [--soak 60]
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
+import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +38,7 @@ from pipeline.tracking import tracking_uri
 from vae.model import ImageDecoder
 
 BIN = Path(sys.executable).parent
+WRK_SCRIPT = Path(__file__).with_name("post.lua")
 
 
 def per_call_ms(fn, repeats: int) -> float:
@@ -84,43 +91,33 @@ def rss_mib(pid: int) -> float:
     raise LookupError(f"no VmRSS for process {pid}")
 
 
-async def load(url: str, body: dict, seconds: float, clients: int, pid: int | None = None) -> dict:
-    """`clients` concurrent loops posting `body` for `seconds`; latencies and errors, and
-    the resident memory of process `pid` once a second."""
-    latencies, errors, rss = [], 0, []
-    deadline = time.monotonic() + seconds
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(limits=limits, timeout=10) as client:
-        async def loop():
-            nonlocal errors
-            while time.monotonic() < deadline:
-                start = time.perf_counter()
-                try:
-                    response = await client.post(url, json=body)
-                    ok = response.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                latencies.append(time.perf_counter() - start)
-                errors += not ok
-
-        async def sample():
-            while time.monotonic() < deadline:
+def wrk(url: str, body: dict, seconds: float, clients: int, think_ms: float = 0, pid: int | None = None) -> dict:
+    """wrk (C, one thread: one core, the server gets the other) posting `body` over `clients`
+    keep-alive connections: flat out, or paced by an exponential think time per connection.
+    Also samples the resident memory of process `pid` once a second."""
+    if shutil.which("wrk") is None:
+        sys.exit("serve_speed: needs the `wrk` load generator (Debian/Ubuntu: apt-get install wrk; macOS: brew install wrk)")
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as body_file:
+        json.dump(body, body_file)
+        body_file.flush()
+        env = {**os.environ, "WRK_BODY": body_file.name, "WRK_THINK_MS": str(think_ms)}
+        process = subprocess.Popen(["wrk", "-t1", f"-c{clients}", f"-d{seconds:g}s", "-s", str(WRK_SCRIPT), url],
+                                   env=env, stdout=subprocess.PIPE, text=True)
+        rss = []
+        while process.poll() is None:
+            if pid:
                 rss.append(rss_mib(pid))
-                await asyncio.sleep(1)
-
-        await asyncio.gather(*(loop() for _ in range(clients)), *([sample()] if pid else []))
-    ms = np.array(latencies) * 1000
-    return {"rps": len(ms) / seconds, "p50": np.percentile(ms, 50), "p99": np.percentile(ms, 99), "errors": errors,
-            "requests": len(ms), "rss": rss}
+            time.sleep(1)
+        summary = json.loads(process.stdout.read().strip().splitlines()[-1])
+    return summary | {"rps": summary["requests"] / summary["seconds"], "rss": rss}
 
 
-def over_http(layout: Layout, seconds: float, clients: int) -> None:
-    # mlflow models serve starts `uvicorn` through a shell: it must be on PATH.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(layout), "PATH": f"{BIN}:{os.environ['PATH']}"}
+def contenders(layout: Layout) -> dict:
+    """name -> (server command, ready URL, infer URL, body of one batch-1 request)."""
     latent = open_session(layout.decoder_onnx).get_inputs()[0].shape[1]
     z = [0.1] * latent
     ours_port, mlflow_port = free_port(), free_port()
-    contenders = {
+    return {
         "vae serve (onnxruntime, OIP infer)": (
             [str(BIN / "vae"), "serve", str(layout.decoder_onnx), "--port", str(ours_port)],
             f"http://127.0.0.1:{ours_port}/v2/health/ready",
@@ -133,37 +130,44 @@ def over_http(layout: Layout, seconds: float, clients: int) -> None:
             f"http://127.0.0.1:{mlflow_port}/invocations",
             {"inputs": [z]}),  # the signature is an un-named tensor spec
     }
-    print(f"\n2. HTTP, batch 1, {clients} concurrent clients, {seconds:g} s each, 127.0.0.1")
+
+
+def row(name: str, r: dict) -> str:
+    return f"{name:40}{r['rps']:>9.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['errors']:>8}"
+
+
+def over_http(layout: Layout, seconds: float, clients: int, rate: float) -> None:
+    # mlflow models serve starts `uvicorn` through a shell: it must be on PATH.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(layout), "PATH": f"{BIN}:{os.environ['PATH']}"}
+    print(f"\n2. HTTP, batch 1, {clients} connections, {seconds:g} s each, wrk on 127.0.0.1")
     print(f"{'':40}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
     results = {}
-    for name, (cmd, ready, url, body) in contenders.items():
+    for name, (cmd, ready, url, body) in contenders(layout).items():
         process = start(cmd, ready, env)
         try:
-            results[name] = asyncio.run(load(url, body, seconds, clients))
+            results[name] = wrk(url, body, seconds, clients)
+            print(row(name, results[name]))
+            if name.startswith("vae serve"):  # paced: each connection sends about rate/clients requests a second
+                paced = wrk(url, body, seconds, clients, think_ms=1000 * clients / rate)
+                print(row(f"  same, paced at about {rate:g} req/s", paced))
         finally:
             process.terminate()
             process.wait(timeout=30)
-        r = results[name]
-        print(f"{name:40}{r['rps']:>9.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{r['errors']:>8}")
     ours, theirs = (r["rps"] for r in results.values())
     print(f"{'throughput ratio, ours / mlflow':40}{ours / theirs:>8.2f}x")
 
 
 def soak(layout: Layout, seconds: float, clients: int) -> None:
-    latent = open_session(layout.decoder_onnx).get_inputs()[0].shape[1]
-    port = free_port()
-    process = start([str(BIN / "vae"), "serve", str(layout.decoder_onnx), "--port", str(port)],
-                    f"http://127.0.0.1:{port}/v2/health/ready", dict(os.environ))
-    body = {"inputs": [{"name": "z", "datatype": "FP32", "shape": [1, latent], "data": [0.1] * latent}]}
+    cmd, ready, url, body = next(iter(contenders(layout).values()))
+    process = start(cmd, ready, dict(os.environ))
     try:
-        r = asyncio.run(load(f"http://127.0.0.1:{port}/v2/models/vae-decoder/infer", body, seconds, clients,
-                             process.pid))
+        r = wrk(url, body, seconds, clients, pid=process.pid)
     finally:
         process.terminate()
         process.wait(timeout=30)
     warm, end = r["rss"][min(10, len(r["rss"]) - 1)], r["rss"][-1]  # after 10 s of warm-up, and at the end
-    print(f"\n3. soak of vae serve, {clients} clients, {seconds:g} s: {r['requests']} requests, {r['errors']} errors, "
-          f"{r['rps']:.0f} req/s")
+    print(f"\n3. soak of vae serve, {clients} connections, {seconds:g} s: {r['requests']} requests, "
+          f"{r['errors']} errors, {r['rps']:.0f} req/s, p99 {r['p99_ms']:.1f} ms")
     print(f"   server RSS: {r['rss'][0]:.0f} MiB at start, {warm:.0f} after 10 s, {end:.0f} at the end "
           f"({(end - warm) / warm:+.1%}), {max(r['rss']):.0f} at most")
 
@@ -172,11 +176,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--rate", type=float, default=500, help="requests/s of the paced run")
     parser.add_argument("--soak", type=float, default=60, help="seconds of the soak (0: skip it)")
     args = parser.parse_args()
     layout = Layout()
     in_process(layout)
-    over_http(layout, args.seconds, args.clients)
+    over_http(layout, args.seconds, args.clients, args.rate)
     if args.soak:
         soak(layout, args.soak, args.clients)
 
