@@ -53,6 +53,9 @@ class TrainParams(Section):
     lr_schedule: Literal["onecycle", "constant"] = "onecycle"
     seed: int = Field(0, ge=0)
     num_workers: int = Field(2, ge=1)
+    # CPUs each worker reserves, and so the threads torch uses in it (auto: the cluster's CPUs
+    # shared evenly among the workers, at most one node's worth).
+    cpus_per_worker: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
     use_gpu: Literal["auto", True, False] = "auto"
     bf16: bool = False  # bf16 autocast on GPU workers (CPU workers always train in fp32)
     max_failures: int = Field(2, ge=0)  # worker-group restarts from the last checkpoint
@@ -63,7 +66,7 @@ class TrainParams(Section):
     storage_path: str | None = None
 
     # Keys that say where and how wide training runs, not which model it makes.
-    PLACEMENT: ClassVar[set[str]] = {"num_workers", "max_failures", "ray_address", "storage_path"}
+    PLACEMENT: ClassVar[set[str]] = {"num_workers", "cpus_per_worker", "max_failures", "ray_address", "storage_path"}
 
 
 class EvalParams(Section):

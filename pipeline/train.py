@@ -181,7 +181,8 @@ def train_loop_per_worker(cfg: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg["seed"])  # same initial weights on every rank
     model = VAE(VAEConfig(**cfg["model"]))
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    # Fused: one kernel for every parameter, instead of a dozen ops each (a third of a CPU step).
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], fused=True)
     with warnings.catch_warnings():  # zero-copy, read-only views of the object store: never written
         warnings.simplefilter("ignore", UserWarning)
         train_images, val_images = (torch.from_numpy(ray.get(ref)) for ref in cfg["data"])
@@ -226,6 +227,24 @@ def gpu_workers(use_gpu, cluster_gpus: float) -> bool:
     return bool(use_gpu)
 
 
+def share_cpus(node_cpus: list[float], num_workers: int) -> int:
+    """The most CPUs per worker with which all the workers still fit on the nodes."""
+    for cpus in range(int(max(node_cpus, default=1)), 1, -1):
+        if sum(int(n) // cpus for n in node_cpus) >= num_workers:
+            return cpus
+    return 1
+
+
+def cpus_per_worker(setting: int | str, num_workers: int) -> int:
+    """CPUs a worker reserves. Ray sets OMP_NUM_THREADS, hence torch's threads, from it: with
+    Ray's default of 1, a lone worker would use one core of many."""
+    if setting != "auto":
+        return int(setting)
+    import ray
+
+    return share_cpus([node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]], num_workers)
+
+
 def run_name(params: Params) -> str:
     """Same model-defining params and code, same name: a rerun resumes that Ray run. The
     worker count is left out on purpose: the model does not depend on it."""
@@ -260,11 +279,13 @@ def fit(layout: Layout, params: Params, run_id: str) -> dict:
            "tracking_uri": tracking.tracking_uri(layout),
            "data": [ray.put(a) for a in load_training_data(layout, params)]}
     storage = params.train.storage_path or str(layout.ray_results)
+    cpus = cpus_per_worker(params.train.cpus_per_worker, params.train.num_workers)
     print(f"train: {params.train.num_workers} Ray workers on {'GPU (NCCL)' if use_gpu else 'CPU (Gloo)'}, "
-          f"checkpoints in {storage}", flush=True)
+          f"{cpus} CPU{'s' * (cpus > 1)} each, checkpoints in {storage}", flush=True)
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=cfg,
-        scaling_config=ScalingConfig(num_workers=params.train.num_workers, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(num_workers=params.train.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(name=run_name(params), storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=params.train.max_failures),
