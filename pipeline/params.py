@@ -51,6 +51,7 @@ class TrainParams(Section):
     batch_size: int = Field(128, ge=1)  # global: split across the workers
     lr: float = Field(2e-3, gt=0)  # the peak, under the one-cycle schedule
     lr_schedule: Literal["onecycle", "constant"] = "onecycle"
+    iwae_k: int = Field(1, ge=1, le=1000)  # importance samples per image in the training bound (1: the ELBO)
     seed: int = Field(0, ge=0)
     num_workers: int = Field(2, ge=1)
     # CPUs each worker reserves, and so the threads torch uses in it (auto: the cluster's CPUs

@@ -30,7 +30,7 @@ from pipeline.params import Params, load_params
 from vae import rng
 from vae.data import load_split, to_float
 from vae.model import VAE, VAEConfig
-from vae.objectives import elbo_terms
+from vae.objectives import elbo_terms, iwae_terms
 
 TERMS = ("neg_elbo", "recon", "kl")
 # The files whose change makes a different model: part of the Ray run name, so a rerun
@@ -64,15 +64,17 @@ def train_epoch(model, optimizer, schedule, images, cfg: dict, epoch: int, rank:
     sums = torch.zeros(len(TERMS) + 1, dtype=torch.float64, device=device)
     order = rng.epoch_order(cfg["seed"], epoch, len(images))
     for step, batch in enumerate(order.split(cfg["batch_size"])):
-        eps = rng.batch_noise(cfg["seed"], epoch, step, len(batch), cfg["latent_dim"])
+        eps = rng.batch_noise(cfg["seed"], epoch, step, len(batch), cfg["latent_dim"], cfg["iwae_k"])
+        eps = _slice(eps, rank, world).to(device)
+        eps = eps.unsqueeze(0) if eps.dim() == 2 else eps.transpose(0, 1)  # (k, images, latent)
         x = to_float(images[_slice(batch, rank, world).to(device)])
         if cfg["binarize"] == "dynamic":  # drawn for the global batch, then sliced, like eps
             uniform = rng.batch_uniform(cfg["seed"], epoch, step, len(batch), x.shape[1])
             x = rng.binarize(x, _slice(uniform, rank, world).to(device))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["bf16"] and device.type == "cuda"):
-            terms = elbo_terms(model, x, _slice(eps, rank, world).to(device))
+            terms = iwae_terms(model, x, eps)
         # DDP averages over workers: scaling by world/len(batch) makes that the global mean.
-        loss = terms["neg_elbo"].sum() * world / len(batch)
+        loss = terms["loss"].sum() * world / len(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

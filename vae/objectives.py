@@ -2,6 +2,8 @@
 
     log p(x) >= E_q[log p(x|z)] - KL(q(z|x) || p(z))          (ELBO)
     log p(x) >= E[log mean_k p(x, z_k) / q(z_k|x)]             (IWAE, k samples; k=1 is the ELBO)
+
+Training maximises either (`iwae_terms`); evaluation estimates log p(x) with a large k.
 """
 from __future__ import annotations
 
@@ -29,12 +31,39 @@ def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -
     return -0.5 * (LOG_2PI + logvar + (z - mu).pow(2) / logvar.exp()).sum(-1)
 
 
+def prior_log_prob(z: torch.Tensor) -> torch.Tensor:
+    """log N(z; 0, I), per latent vector."""
+    return -0.5 * (LOG_2PI + z.pow(2)).sum(-1)
+
+
 def elbo_terms(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-image reconstruction (-log p(x|z)), KL, and their sum, the negative ELBO."""
     logits, mu, logvar = model(x, eps)
     recon = -bernoulli_log_lik(logits, x)
     kl = gaussian_kl(mu, logvar)
     return {"neg_elbo": recon + kl, "recon": recon, "kl": kl}
+
+
+def _log_weights(model: VAE, x, mu, logvar, eps) -> tuple[torch.Tensor, torch.Tensor]:
+    """For noise eps (k, N, D): log p(x|z_k) and the importance log-weights
+    log p(x, z_k) - log q(z_k|x), each (k, N)."""
+    z = mu + torch.exp(0.5 * logvar) * eps
+    log_px_z = bernoulli_log_lik(model.decoder(z), x.expand(len(eps), *x.shape))
+    return log_px_z, log_px_z + prior_log_prob(z) - gaussian_log_prob(z, mu, logvar)
+
+
+def iwae_terms(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Training terms with k = len(eps) importance samples per image (eps: (k, N, D)): `loss`,
+    the negative IWAE bound (Burda et al. 2015), and the ELBO's terms averaged over the k
+    samples, for the logs. With k = 1 the loss is the negative ELBO with its analytic KL."""
+    if len(eps) == 1:
+        terms = elbo_terms(model, x, eps[0])
+        return {"loss": terms["neg_elbo"], **terms}
+    mu, logvar = model.encoder(x)
+    log_px_z, log_w = _log_weights(model, x, mu, logvar, eps)
+    recon, kl = -log_px_z.mean(0), gaussian_kl(mu, logvar)
+    return {"loss": math.log(len(eps)) - torch.logsumexp(log_w, dim=0), "neg_elbo": recon + kl,
+            "recon": recon, "kl": kl}
 
 
 @torch.no_grad()
@@ -48,11 +77,7 @@ def iwae_log_lik(model: VAE, x: torch.Tensor, k: int, generator: torch.Generator
     mu, logvar = model.encoder(x)
     total = torch.full((len(x),), -math.inf)
     for start in range(0, k, chunk):
-        m = min(chunk, k - start)
-        eps = torch.randn((m, *mu.shape), generator=generator)
-        z = mu + torch.exp(0.5 * logvar) * eps                      # (m, N, D)
-        log_px_z = bernoulli_log_lik(model.decoder(z), x.expand(m, *x.shape))
-        log_pz = gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
-        log_qz = gaussian_log_prob(z, mu, logvar)
-        total = torch.logaddexp(total, torch.logsumexp(log_px_z + log_pz - log_qz, dim=0))
+        eps = torch.randn((min(chunk, k - start), *mu.shape), generator=generator)
+        _, log_w = _log_weights(model, x, mu, logvar, eps)
+        total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
     return total - math.log(k)

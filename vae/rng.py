@@ -24,9 +24,11 @@ def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=_generator(seed, _EPOCH_STREAM, epoch))
 
 
-def batch_noise(seed: int, epoch: int, step: int, batch: int, latent_dim: int) -> torch.Tensor:
-    """Standard normal noise for every image of one global batch."""
-    return torch.randn((batch, latent_dim), generator=_generator(seed, _NOISE_STREAM, epoch, step))
+def batch_noise(seed: int, epoch: int, step: int, batch: int, latent_dim: int, samples: int = 1) -> torch.Tensor:
+    """Standard normal noise for every image of one global batch: (batch, latent_dim), or
+    (batch, samples, latent_dim) for several importance samples per image."""
+    shape = (batch, latent_dim) if samples == 1 else (batch, samples, latent_dim)
+    return torch.randn(shape, generator=_generator(seed, _NOISE_STREAM, epoch, step))
 
 
 def batch_uniform(seed: int, epoch: int, step: int, batch: int, pixels: int) -> torch.Tensor:
