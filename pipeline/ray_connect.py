@@ -29,3 +29,22 @@ def connect_ray(num_workers: int, address: str | None = None) -> None:
     else:
         # "local": a new Ray of our own, not whatever `ray start` last left on this machine.
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_workers), include_dashboard=False, **quiet)
+
+
+def torch_trainer():
+    """Ray Train's TorchTrainer; on a Ray without a dashboard, less its placement-group cleaner.
+    The cleaner asks the state API, which the dashboard serves, whether the controller lives;
+    without one it cannot tell, and only prints tracebacks at every run's start and end."""
+    from ray._private.worker import get_dashboard_url  # ray 2.60 has no public form of this
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    if get_dashboard_url():
+        return TorchTrainer
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [callback for callback in super()._create_default_callbacks()
+                    if not isinstance(callback, PlacementGroupCleanerCallback)]
+
+    return Trainer

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import tracking
-from pipeline.ray_connect import connect_ray
+from pipeline.ray_connect import connect_ray, torch_trainer
 from pipeline.files import Layout, atomic_path, write_bytes, write_json
 from pipeline.params import Params, load_params
 from vae import rng
@@ -272,9 +272,9 @@ def fit(layout: Layout, params: Params, run_id: str) -> dict:
     """Run the TorchTrainer; return the final training state from its last checkpoint."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     connect_ray(params.train.num_workers, params.train.ray_address)
+    trainer_class = torch_trainer()
     use_gpu = gpu_workers(params.train.use_gpu, ray.cluster_resources().get("GPU", 0))
     cfg = {**params.train.model_dump(), "model": params.model.vae_config().__dict__,
            "latent_dim": params.model.latent_dim, "binarize": params.data.binarize, "run_id": run_id,
@@ -284,7 +284,7 @@ def fit(layout: Layout, params: Params, run_id: str) -> dict:
     cpus = cpus_per_worker(params.train.cpus_per_worker, params.train.num_workers)
     print(f"train: {params.train.num_workers} Ray workers on {'GPU (NCCL)' if use_gpu else 'CPU (Gloo)'}, "
           f"{cpus} CPU{'s' * (cpus > 1)} each, checkpoints in {storage}", flush=True)
-    trainer = TorchTrainer(
+    trainer = trainer_class(
         train_loop_per_worker, train_loop_config=cfg,
         scaling_config=ScalingConfig(num_workers=params.train.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus}),
