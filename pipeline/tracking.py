@@ -172,12 +172,19 @@ def log_decoder(layout: Layout, run_id: str, onnx_path: Path, z, images) -> str:
 
     # The flavor records MLflow's default providers (CUDA, then CPU), so the model uses a GPU
     # wherever it is loaded with one; MLflow's check of the input example then loads it here,
-    # where onnxruntime would log CUDA's absence as an error before falling back to CPU.
+    # where onnxruntime would log CUDA's absence as an error, and MLflow warn of it, before
+    # falling back to CPU. Export reports the providers in use itself.
     onnxruntime.set_default_logger_severity(4)
+    flavor_log = logging.getLogger("mlflow.onnx")
+    level = flavor_log.level
+    flavor_log.setLevel(logging.ERROR)
     mlflow.set_tracking_uri(tracking_uri(layout))
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="decoder", input_example=z,
-                                     signature=infer_signature(z, images), registered_model_name=REGISTERED_MODEL)
+    try:
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="decoder", input_example=z,
+                                         signature=infer_signature(z, images), registered_model_name=REGISTERED_MODEL)
+    finally:
+        flavor_log.setLevel(level)
     return str(info.registered_model_version)
 
 

@@ -61,6 +61,7 @@ def test_every_stage_ran_and_every_declared_output_exists(repro):
     assert not list(repo.rglob("*.tmp")), "a temporary file was left behind"
     assert "Browse the run:" in log and "Serve the decoder:" in log  # the user is told where to look
     assert "Traceback" not in log, log  # Ray stays quiet (no dashboard, no placement-group cleaner noise)
+    assert "failed to initialize" not in log, log  # nor MLflow about the CUDA provider a CPU machine lacks
 
 
 def test_outputs_hold_what_they_should(repro):
