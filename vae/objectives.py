@@ -44,11 +44,10 @@ def elbo_terms(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> dict[str, torc
     return {"neg_elbo": recon + kl, "recon": recon, "kl": kl}
 
 
-def _log_weights(model: VAE, x, mu, logvar, eps) -> tuple[torch.Tensor, torch.Tensor]:
-    """For noise eps (k, N, D): log p(x|z_k) and the importance log-weights
-    log p(x, z_k) - log q(z_k|x), each (k, N)."""
-    z = mu + torch.exp(0.5 * logvar) * eps
-    log_px_z = bernoulli_log_lik(model.decoder(z), x.expand(len(eps), *x.shape))
+def _log_weights(x, logits, z, mu, logvar) -> tuple[torch.Tensor, torch.Tensor]:
+    """For k latent draws z (k, N, D) and their decoded logits: log p(x|z_k) and the
+    importance log-weights log p(x, z_k) - log q(z_k|x), each (k, N)."""
+    log_px_z = bernoulli_log_lik(logits, x.expand(len(z), *x.shape))
     return log_px_z, log_px_z + prior_log_prob(z) - gaussian_log_prob(z, mu, logvar)
 
 
@@ -59,8 +58,11 @@ def iwae_terms(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> dict[str, torc
     if len(eps) == 1:
         terms = elbo_terms(model, x, eps[0])
         return {"loss": terms["neg_elbo"], **terms}
-    mu, logvar = model.encoder(x)
-    log_px_z, log_w = _log_weights(model, x, mu, logvar, eps)
+    # Through the model's own forward (which broadcasts over the k draws): under DDP only
+    # that forward's parameters get their gradients averaged across workers.
+    logits, mu, logvar = model(x, eps)
+    z = mu + torch.exp(0.5 * logvar) * eps  # the draws the forward decoded
+    log_px_z, log_w = _log_weights(x, logits, z, mu, logvar)
     recon, kl = -log_px_z.mean(0), gaussian_kl(mu, logvar)
     return {"loss": math.log(len(eps)) - torch.logsumexp(log_w, dim=0), "neg_elbo": recon + kl,
             "recon": recon, "kl": kl}
@@ -77,7 +79,7 @@ def iwae_log_lik(model: VAE, x: torch.Tensor, k: int, generator: torch.Generator
     mu, logvar = model.encoder(x)
     total = torch.full((len(x),), -math.inf)
     for start in range(0, k, chunk):
-        eps = torch.randn((min(chunk, k - start), *mu.shape), generator=generator)
-        _, log_w = _log_weights(model, x, mu, logvar, eps)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn((min(chunk, k - start), *mu.shape), generator=generator)
+        _, log_w = _log_weights(x, model.decoder(z), z, mu, logvar)
         total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
     return total - math.log(k)
