@@ -77,7 +77,7 @@ def ours_epoch(images: torch.Tensor) -> float:
     start = time.perf_counter()
     for step, batch in enumerate(rng.epoch_order(0, 0, len(images)).split(BATCH)):
         x = to_float(images[batch])
-        loss = elbo_terms(model, x, rng.batch_noise(0, 0, step, len(batch), LATENT))["neg_elbo"].sum() / len(batch)
+        loss = elbo_terms(model, x, rng.batch_noise(0, 0, step, len(batch), LATENT)[:, 0])["neg_elbo"].sum() / len(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -54,8 +54,8 @@ class TrainParams(Section):
     iwae_k: int = Field(1, ge=1, le=1000)  # importance samples per image in the training bound (1: the ELBO)
     seed: int = Field(0, ge=0)
     num_workers: int = Field(2, ge=1)
-    # CPUs each worker reserves, and so the threads torch uses in it (auto: the cluster's CPUs
-    # shared evenly among the workers, at most one node's worth).
+    # CPUs each worker reserves, and so the threads torch uses in it (auto: the most with
+    # which every worker still fits on the cluster's nodes).
     cpus_per_worker: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
     use_gpu: Literal["auto", True, False] = "auto"
     bf16: bool = False  # bf16 autocast on GPU workers (CPU workers always train in fp32)

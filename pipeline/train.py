@@ -65,8 +65,7 @@ def train_epoch(model, optimizer, schedule, images, cfg: dict, epoch: int, rank:
     order = rng.epoch_order(cfg["seed"], epoch, len(images))
     for step, batch in enumerate(order.split(cfg["batch_size"])):
         eps = rng.batch_noise(cfg["seed"], epoch, step, len(batch), cfg["latent_dim"], cfg["iwae_k"])
-        eps = _slice(eps, rank, world).to(device)
-        eps = eps.unsqueeze(0) if eps.dim() == 2 else eps.transpose(0, 1)  # (k, images, latent)
+        eps = _slice(eps, rank, world).to(device).transpose(0, 1)  # (k, images, latent)
         x = to_float(images[_slice(batch, rank, world).to(device)])
         if cfg["binarize"] == "dynamic":  # drawn for the global batch, then sliced, like eps
             uniform = rng.batch_uniform(cfg["seed"], epoch, step, len(batch), x.shape[1])

@@ -25,10 +25,9 @@ def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
 
 
 def batch_noise(seed: int, epoch: int, step: int, batch: int, latent_dim: int, samples: int = 1) -> torch.Tensor:
-    """Standard normal noise for every image of one global batch: (batch, latent_dim), or
-    (batch, samples, latent_dim) for several importance samples per image."""
-    shape = (batch, latent_dim) if samples == 1 else (batch, samples, latent_dim)
-    return torch.randn(shape, generator=_generator(seed, _NOISE_STREAM, epoch, step))
+    """Standard normal noise for every image of one global batch: (batch, samples, latent_dim),
+    `samples` importance samples per image."""
+    return torch.randn((batch, samples, latent_dim), generator=_generator(seed, _NOISE_STREAM, epoch, step))
 
 
 def batch_uniform(seed: int, epoch: int, step: int, batch: int, pixels: int) -> torch.Tensor:
