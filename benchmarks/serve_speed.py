@@ -52,7 +52,7 @@ def per_call_ms(fn, repeats: int) -> float:
 
 
 def in_process(layout: Layout) -> None:
-    decoder = ImageDecoder(load_model(layout).decoder).eval()
+    decoder = ImageDecoder(load_model(layout)).eval()
     session = open_session(layout.decoder_onnx)
     latent = session.get_inputs()[0].shape[1]
     print(f"\n1. decode in-process, median ms per call (torch threads {torch.get_num_threads()})")

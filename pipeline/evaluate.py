@@ -42,14 +42,14 @@ def test_set(layout: Layout, params: Params) -> tuple[torch.Tensor, torch.Tensor
 
 @torch.no_grad()
 def posterior_means(model: VAE, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([model.encoder(x[i:i + batch_size])[0] for i in range(0, len(x), batch_size)])
+    return torch.cat([model.posterior_mean(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 @torch.no_grad()
 def score(model: VAE, x: torch.Tensor, params: Params, mu: torch.Tensor | None = None) -> dict[str, float]:
     """The test metrics; mu, the posterior means of x, when the caller already has them."""
     generator = rng.eval_generator(params.eval.seed)
-    eps = torch.randn((len(x), model.config.latent_dim), generator=generator)
+    eps = torch.randn((len(x), model.config.noise_dim), generator=generator)
     sums = {"neg_elbo": 0.0, "recon": 0.0, "kl": 0.0, "nll_iwae": 0.0}
     for idx in torch.arange(len(x)).split(params.eval.batch_size):
         for name, values in elbo_terms(model, x[idx], eps[idx]).items():
@@ -72,15 +72,14 @@ def save_grids(model: VAE, x: torch.Tensor, layout: Layout, params: Params) -> N
     """Reconstructions (each row of inputs above its row of outputs) and prior samples."""
     n, per_row = min(params.eval.grid_images, len(x)), 8
     inputs = x[:n]
-    mu, _ = model.encoder(inputs)
-    outputs = torch.sigmoid(model.decoder(mu))
+    outputs = torch.sigmoid(model.decode(model.posterior_mean(inputs)))
     rows = []
     for start in range(0, n, per_row):
         rows += [inputs[start:start + per_row], outputs[start:start + per_row]]
     save_png(layout.recon_plot, torch.cat(rows).reshape(-1, *IMAGE_SHAPE), per_row)
     z = torch.randn((params.eval.grid_images, model.config.latent_dim),
                     generator=rng.eval_generator(params.eval.seed + 1))
-    save_png(layout.samples_plot, torch.sigmoid(model.decoder(z)).reshape(-1, *IMAGE_SHAPE), per_row)
+    save_png(layout.samples_plot, torch.sigmoid(model.decode(z)).reshape(-1, *IMAGE_SHAPE), per_row)
 
 
 @torch.no_grad()
@@ -91,7 +90,7 @@ def save_traversal(model: VAE, mu: torch.Tensor, path, rows: int = 10, steps: in
     z = torch.zeros(len(dims), steps, model.config.latent_dim)
     for row, dim in enumerate(dims):
         z[row, :, dim] = torch.linspace(-3, 3, steps)
-    images = torch.sigmoid(model.decoder(z.reshape(-1, model.config.latent_dim)))
+    images = torch.sigmoid(model.decode(z.reshape(-1, model.config.latent_dim)))
     save_png(path, images.reshape(-1, *IMAGE_SHAPE), steps)
 
 

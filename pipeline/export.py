@@ -82,7 +82,7 @@ def main() -> None:
     client, run_id = tracking.open_run(layout)
     with tracking.failing_marks(client, run_id):
         model = load_model(layout)
-        decoder, latent_dim = ImageDecoder(model.decoder), model.config.latent_dim
+        decoder, latent_dim = ImageDecoder(model), model.config.latent_dim
         with atomic_path(layout.decoder_onnx) as tmp:
             export_decoder(decoder, latent_dim, tmp, params.export.opset)
             report = check_parity(decoder, latent_dim, tmp, params.export)

@@ -41,9 +41,14 @@ class ModelParams(Section):
     arch: Literal["mlp", "conv"] = "mlp"
     latent_dim: int = Field(32, ge=1, le=1024)
     hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [512, 256], min_length=1)
+    # A second stochastic layer z_mid between x and z (null: none), and the hidden layers
+    # between z_mid and z (Burda et al.'s two-layer model: 100 and [100, 100]).
+    mid_latent_dim: int | None = Field(None, ge=1, le=1024)
+    mid_hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [100, 100], min_length=1)
 
     def vae_config(self) -> VAEConfig:
-        return VAEConfig(latent_dim=self.latent_dim, hidden_dims=tuple(self.hidden_dims), arch=self.arch)
+        return VAEConfig(latent_dim=self.latent_dim, hidden_dims=tuple(self.hidden_dims), arch=self.arch,
+                         mid_latent_dim=self.mid_latent_dim, mid_hidden_dims=tuple(self.mid_hidden_dims))
 
 
 class TrainParams(Section):

@@ -64,7 +64,7 @@ def train_epoch(model, optimizer, schedule, images, cfg: dict, epoch: int, rank:
     sums = torch.zeros(len(TERMS) + 1, dtype=torch.float64, device=device)
     order = rng.epoch_order(cfg["seed"], epoch, len(images))
     for step, batch in enumerate(order.split(cfg["batch_size"])):
-        eps = rng.batch_noise(cfg["seed"], epoch, step, len(batch), cfg["latent_dim"], cfg["iwae_k"])
+        eps = rng.batch_noise(cfg["seed"], epoch, step, len(batch), cfg["noise_dim"], cfg["iwae_k"])
         eps = _slice(eps, rank, world).to(device).transpose(0, 1)  # (k, images, latent)
         x = to_float(images[_slice(batch, rank, world).to(device)])
         if cfg["binarize"] == "dynamic":  # drawn for the global batch, then sliced, like eps
@@ -87,7 +87,7 @@ def validation_set(images: torch.Tensor, cfg: dict) -> tuple[torch.Tensor, torch
     fixed for the whole run."""
     generator = rng.eval_generator(cfg["seed"])
     x = to_float(images)
-    eps = torch.randn((len(x), cfg["latent_dim"]), generator=generator)
+    eps = torch.randn((len(x), cfg["noise_dim"]), generator=generator)
     if cfg["binarize"] == "dynamic":
         x = rng.binarize(x, torch.rand(x.shape, generator=generator))
     return x, eps
@@ -276,7 +276,7 @@ def fit(layout: Layout, params: Params, run_id: str) -> dict:
     trainer_class = torch_trainer()
     use_gpu = gpu_workers(params.train.use_gpu, ray.cluster_resources().get("GPU", 0))
     cfg = {**params.train.model_dump(), "model": params.model.vae_config().__dict__,
-           "latent_dim": params.model.latent_dim, "binarize": params.data.binarize, "run_id": run_id,
+           "noise_dim": params.model.vae_config().noise_dim, "binarize": params.data.binarize, "run_id": run_id,
            "tracking_uri": tracking.tracking_uri(layout),
            "data": [ray.put(a) for a in load_training_data(layout, params)]}
     storage = params.train.storage_path or str(layout.ray_results)

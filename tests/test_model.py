@@ -5,8 +5,11 @@ import math
 import pytest
 import torch
 
+from torch.distributions import Bernoulli, Normal
+
+from vae.densities import gaussian_kl, gaussian_log_prob
 from vae.model import VAE, ImageDecoder, VAEConfig
-from vae.objectives import elbo_terms, gaussian_kl, gaussian_log_prob, iwae_log_lik, iwae_terms
+from vae.objectives import elbo_terms, iwae_log_lik, iwae_terms
 
 
 @pytest.fixture
@@ -17,9 +20,9 @@ def model():
 
 def test_shapes(model):
     x = torch.rand(5, 784)
-    logits, mu, logvar = model(x, torch.randn(5, 8))
-    assert logits.shape == (5, 784) and mu.shape == logvar.shape == (5, 8)
-    assert ImageDecoder(model.decoder)(torch.randn(3, 8)).shape == (3, 1, 28, 28)
+    log_px_z, log_ratio, kl = model(x, torch.randn(3, 5, 8))
+    assert log_px_z.shape == log_ratio.shape == (3, 5) and kl.shape == (5,)
+    assert ImageDecoder(model)(torch.randn(3, 8)).shape == (3, 1, 28, 28)
     terms = elbo_terms(model, x, torch.randn(5, 8))
     assert all(t.shape == (5,) for t in terms.values())
     torch.testing.assert_close(terms["neg_elbo"], terms["recon"] + terms["kl"])
@@ -87,10 +90,54 @@ def test_conv_architecture_shapes_and_any_leading_dims():
     torch.manual_seed(0)
     model = VAE(VAEConfig(arch="conv", latent_dim=6, hidden_dims=(32,)))
     x = torch.rand(4, 784)
-    logits, mu, logvar = model(x, torch.randn(4, 6))
-    assert logits.shape == (4, 784) and mu.shape == (4, 6)
+    log_px_z, _, kl = model(x, torch.randn(1, 4, 6))
+    assert log_px_z.shape == (1, 4) and kl.shape == (4,)
     assert any(isinstance(m, torch.nn.Conv2d) for m in model.encoder.modules())
     assert any(isinstance(m, torch.nn.ConvTranspose2d) for m in model.decoder.modules())
     z = torch.randn(3, 4, 6)  # (k, N, latent), as IWAE decodes
     torch.testing.assert_close(model.decoder(z)[1], model.decoder(z[1]))
     assert torch.isfinite(iwae_log_lik(model, (x > 0.5).float(), 5, torch.Generator().manual_seed(0))).all()
+
+
+@pytest.fixture
+def two_layer():
+    torch.manual_seed(0)
+    return VAE(VAEConfig(latent_dim=4, hidden_dims=(64,), mid_latent_dim=6, mid_hidden_dims=(16, 16)))
+
+
+def test_two_layer_weights_are_the_chain_of_conditionals(two_layer):
+    """log p(x|z_mid) and log p(z_mid|z)p(z) - log q(z_mid|x)q(z|z_mid), written out again
+    with torch.distributions from the model's parts and the same noise."""
+    model, x = two_layer, (torch.rand(5, 784) > 0.5).float()
+    eps = torch.randn(3, 5, 10)
+    with torch.no_grad():
+        log_px_z, log_ratio, kl = model(x, eps)
+        mu, logvar = model.encoder(x)
+        q_mid = Normal(mu, torch.exp(0.5 * logvar))
+        mid = q_mid.loc + q_mid.scale * eps[..., :6]
+        top_mu, top_logvar = model.upper_encoder(mid)
+        q_top = Normal(top_mu, torch.exp(0.5 * top_logvar))
+        top = q_top.loc + q_top.scale * eps[..., 6:]
+        p_mu, p_logvar = model.upper_decoder(top)
+        expected = (Normal(0.0, 1.0).log_prob(top).sum(-1) + Normal(p_mu, torch.exp(0.5 * p_logvar)).log_prob(mid).sum(-1)
+                    - q_mid.log_prob(mid).sum(-1) - q_top.log_prob(top).sum(-1))
+        torch.testing.assert_close(log_ratio, expected)
+        torch.testing.assert_close(log_px_z, Bernoulli(logits=model.decoder(mid)).log_prob(x).sum(-1))
+        torch.testing.assert_close(kl, -expected.mean(0))
+
+
+def test_two_layer_bounds_and_gradients(two_layer):
+    model, x = two_layer, (torch.rand(8, 784, generator=torch.Generator().manual_seed(5)) > 0.5).float()
+    generator = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        elbo = -torch.stack([elbo_terms(model, x, torch.randn(8, 10, generator=generator))["neg_elbo"]
+                             for _ in range(2000)]).mean(0)
+        iwae_1 = torch.stack([iwae_log_lik(model, x, 1, generator) for _ in range(2000)]).mean(0)
+        iwae_64 = iwae_log_lik(model, x, 64, generator)
+    torch.testing.assert_close(iwae_1, elbo, atol=0.3, rtol=0)
+    assert (iwae_64 > elbo).all()
+    iwae_terms(model, x, torch.randn(4, 8, 10, generator=generator))["loss"].sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    z = torch.randn(3, 4)
+    torch.testing.assert_close(ImageDecoder(model)(z).flatten(1), torch.sigmoid(model.decoder(model.upper_decoder(z)[0])))
+    assert model.posterior_mean(x).shape == (8, 4)

@@ -18,7 +18,7 @@ LATENT = 4
 @pytest.fixture(scope="module")
 def decoder_and_onnx(tmp_path_factory):
     torch.manual_seed(0)
-    decoder = ImageDecoder(VAE(VAEConfig(latent_dim=LATENT, hidden_dims=(32,))).decoder).eval()
+    decoder = ImageDecoder(VAE(VAEConfig(latent_dim=LATENT, hidden_dims=(32,)))).eval()
     path = tmp_path_factory.mktemp("serve") / "decoder.onnx"
     export_decoder(decoder, LATENT, path, opset=18)
     return decoder, path

@@ -1,4 +1,5 @@
-"""The VAE: a Gaussian encoder q(z|x), a Bernoulli decoder p(x|z), and the standard normal prior.
+"""The VAE: a Gaussian encoder q(z|x), a Bernoulli decoder p(x|z), and the standard normal prior;
+optionally a second stochastic layer between x and z (Burda et al.'s two-layer model).
 
 Pure PyTorch. The architecture is chosen by a small config, so a saved model is its
 state_dict plus `asdict(config)`: no pickled classes, loadable with weights_only=True.
@@ -9,6 +10,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+
+from vae.densities import bernoulli_log_lik, gaussian_kl, gaussian_log_prob, prior_log_prob
 
 IMAGE_SHAPE = (1, 28, 28)
 INPUT_DIM = 28 * 28
@@ -25,11 +28,26 @@ class VAEConfig:
     latent_dim: int = 20
     hidden_dims: tuple[int, ...] = (400,)  # mlp: every hidden layer; conv: the dense layer after the convolutions
     arch: str = "mlp"
+    # Two stochastic layers, x <-> h <-> z_mid <-> h' <-> z: z_mid's size (None: one layer, x <-> h <-> z)
+    # and the hidden layers h' between z_mid and z.
+    mid_latent_dim: int | None = None
+    mid_hidden_dims: tuple[int, ...] = (100, 100)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"model.arch: unknown architecture {self.arch!r} (known: {', '.join(map(repr, ARCHS))})")
         object.__setattr__(self, "hidden_dims", tuple(self.hidden_dims))
+        object.__setattr__(self, "mid_hidden_dims", tuple(self.mid_hidden_dims))
+
+    @property
+    def bottom_dim(self) -> int:
+        """The size of the latent next to x: z_mid with two layers, else z."""
+        return self.mid_latent_dim or self.latent_dim
+
+    @property
+    def noise_dim(self) -> int:
+        """Standard normal draws per sample: z_mid's then z's (see VAE.forward)."""
+        return self.latent_dim + (self.mid_latent_dim or 0)
 
 
 def mlp(sizes: list[int]) -> nn.Sequential:
@@ -56,8 +74,20 @@ def deconv_head() -> nn.Sequential:
                          nn.ConvTranspose2d(c1, 1, 4, 2, 1), nn.Flatten())
 
 
+class Gaussian(nn.Module):
+    """An MLP from its input to the mean and log-variance of a diagonal Gaussian."""
+
+    def __init__(self, sizes: list[int]):
+        super().__init__()
+        self.net = mlp([*sizes[:-1], 2 * sizes[-1]])
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.net(h).chunk(2, dim=-1)
+        return mu, logvar
+
+
 class Encoder(nn.Module):
-    """x (N, 784) -> mean and log-variance of the diagonal Gaussian q(z|x)."""
+    """x (N, 784) -> mean and log-variance of the diagonal Gaussian q(z|x) (of z_mid with two layers)."""
 
     def __init__(self, config: VAEConfig):
         super().__init__()
@@ -65,7 +95,7 @@ class Encoder(nn.Module):
             self.body = nn.Sequential(conv_body(), mlp([CONV_FLAT, *config.hidden_dims]), nn.ReLU())
         else:
             self.body = nn.Sequential(mlp([INPUT_DIM, *config.hidden_dims]), nn.ReLU())
-        self.head = nn.Linear(config.hidden_dims[-1], 2 * config.latent_dim)
+        self.head = nn.Linear(config.hidden_dims[-1], 2 * config.bottom_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.head(self.body(x)).chunk(2, dim=-1)
@@ -73,45 +103,58 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """z (N, latent_dim) -> Bernoulli logits of the 784 pixels."""
+    """z (N, latent_dim) -> Bernoulli logits of the 784 pixels (from z_mid with two layers)."""
 
     def __init__(self, config: VAEConfig):
         super().__init__()
         if config.arch == "conv":
-            self.net = nn.Sequential(mlp([config.latent_dim, *reversed(config.hidden_dims), CONV_FLAT]), nn.ReLU(),
+            self.net = nn.Sequential(mlp([config.bottom_dim, *reversed(config.hidden_dims), CONV_FLAT]), nn.ReLU(),
                                      deconv_head())
         else:
-            self.net = mlp([config.latent_dim, *reversed(config.hidden_dims), INPUT_DIM])
+            self.net = mlp([config.bottom_dim, *reversed(config.hidden_dims), INPUT_DIM])
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         # Any leading dims (IWAE decodes (k, N, latent) at once); convolutions want (N, latent).
         return self.net(z.reshape(-1, z.shape[-1])).reshape(*z.shape[:-1], INPUT_DIM)
 
 
-class ImageDecoder(nn.Module):
-    """The decoder as served: z -> pixel probabilities shaped as images (N, 1, 28, 28)."""
-
-    def __init__(self, decoder: Decoder):
-        super().__init__()
-        self.decoder = decoder
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.decoder(z)).reshape(-1, *IMAGE_SHAPE)
-
-
 class VAE(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         self.config = config
-        self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
+        self.encoder = Encoder(config)  # q(z|x), or q(z_mid|x)
+        self.decoder = Decoder(config)  # p(x|z), or p(x|z_mid)
+        if config.mid_latent_dim:
+            mid, top = [config.mid_latent_dim, *config.mid_hidden_dims], config.latent_dim
+            self.upper_encoder = Gaussian([*mid, top])  # q(z|z_mid)
+            self.upper_decoder = Gaussian([top, *reversed(mid)])  # p(z_mid|z)
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor):
-        """Reparameterised pass: z = mu + sigma * eps, with the noise eps given by the caller
-        (so it can be drawn from the seed and the sample index, not from hidden RNG state)."""
+        """k reparameterised samples of the latents per image, from the noise eps (k, N, noise_dim)
+        given by the caller (so it can be drawn from the seed and the sample index, not from
+        hidden RNG state). Returns, per sample, log p(x|z) and log p(z) - log q(z|x), each (k, N),
+        and the ELBO's KL term per image: in closed form with one stochastic layer, else the
+        samples' estimate."""
         mu, logvar = self.encoder(x)
-        z = mu + torch.exp(0.5 * logvar) * eps
-        return self.decoder(z), mu, logvar
+        noise, top_noise = eps.split([self.config.bottom_dim, eps.shape[-1] - self.config.bottom_dim], dim=-1)
+        z = mu + torch.exp(0.5 * logvar) * noise
+        log_px_z = bernoulli_log_lik(self.decoder(z), x.expand(len(z), *x.shape))
+        if not self.config.mid_latent_dim:
+            return log_px_z, prior_log_prob(z) - gaussian_log_prob(z, mu, logvar), gaussian_kl(mu, logvar)
+        top_mu, top_logvar = self.upper_encoder(z)
+        top = top_mu + torch.exp(0.5 * top_logvar) * top_noise
+        log_ratio = (prior_log_prob(top) + gaussian_log_prob(z, *self.upper_decoder(top))
+                     - gaussian_log_prob(z, mu, logvar) - gaussian_log_prob(top, top_mu, top_logvar))
+        return log_px_z, log_ratio, -log_ratio.mean(0)
+
+    def posterior_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean of q(z|x); with two layers, of q(z|z_mid) at z_mid's mean."""
+        mu, _ = self.encoder(x)
+        return self.upper_encoder(mu)[0] if self.config.mid_latent_dim else mu
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Bernoulli logits of the pixels given z; with two layers, through z_mid's mean given z."""
+        return self.decoder(self.upper_decoder(z)[0] if self.config.mid_latent_dim else z)
 
     def to_checkpoint(self) -> dict:
         return {"state_dict": self.state_dict(), "config": asdict(self.config)}
@@ -121,3 +164,14 @@ class VAE(nn.Module):
         model = cls(VAEConfig(**checkpoint["config"]))
         model.load_state_dict(checkpoint["state_dict"])
         return model
+
+
+class ImageDecoder(nn.Module):
+    """The decoder as served: z -> pixel probabilities shaped as images (N, 1, 28, 28)."""
+
+    def __init__(self, model: VAE):
+        super().__init__()
+        self.model = model
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.model.decode(z)).reshape(-1, *IMAGE_SHAPE)
