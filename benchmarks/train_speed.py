@@ -9,7 +9,7 @@ Model 784-400-20 MLP, batch 128, Adam lr 1e-3. Prints seconds per 60,000-image e
 ratio to (a), Ray's overhead against (b), and the FLOP lower bound from a measured matmul
 rate on this machine.
 
-    python benchmarks/train_speed.py --data data/mnist [--epochs 2]
+    python benchmarks/train_speed.py --data data/mnist [--epochs 2] [--profile]
 """
 from __future__ import annotations
 
@@ -70,12 +70,12 @@ def reference_epoch(data_dir: Path) -> float:
 
 
 # (b) our step, no Ray.
-def ours_epoch(images: torch.Tensor) -> float:
+def ours_epoch(images: torch.Tensor, steps: int | None = None) -> float:
     torch.manual_seed(0)
     model = VAE(VAEConfig(latent_dim=LATENT, hidden_dims=(HIDDEN,)))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     start = time.perf_counter()
-    for step, batch in enumerate(rng.epoch_order(0, 0, len(images)).split(BATCH)):
+    for step, batch in enumerate(rng.epoch_order(0, 0, len(images)).split(BATCH)[:steps]):
         x = to_float(images[batch])
         loss = elbo_terms(model, x, rng.batch_noise(0, 0, step, len(batch), LATENT)[:, 0])["neg_elbo"].sum() / len(batch)
         optimizer.zero_grad(set_to_none=True)
@@ -104,6 +104,27 @@ def ray_epochs(data_dir: Path, workers: int, epochs: int) -> list[float]:
     return [row["epoch_seconds"] * EPOCH_IMAGES / (EPOCH_IMAGES - 1000) for row in state["history"]]
 
 
+# Where (b)'s time goes, by the kind of work each ATen op does (self time, no double counting).
+KINDS = {"aten::addmm": "matmul", "aten::mm": "matmul", "aten::_fused_adam_": "optimizer (fused Adam)"}
+
+
+def profile_ours(images: torch.Tensor, steps: int = 100) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    ours_epoch(images, steps)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        wall = ours_epoch(images, steps)
+    by_kind: dict[str, float] = {}
+    for event in prof.key_averages():
+        kind = KINDS.get(event.key, "other ops")
+        by_kind[kind] = by_kind.get(kind, 0.0) + event.self_cpu_time_total / 1e6
+    by_kind["outside ops (Python, dispatch)"] = max(0.0, wall - sum(by_kind.values()))
+    scale = EPOCH_IMAGES / (steps * BATCH)
+    print(f"\n(b) profiled over {steps} steps, seconds per 60,000-image epoch (the profiler adds its own overhead):")
+    for kind, seconds in sorted(by_kind.items(), key=lambda item: -item[1]):
+        print(f"  {kind:34}{seconds * scale:7.2f}")
+
+
 def flop_bound_seconds() -> float:
     """Matmul FLOPs of one epoch (forward + backward = 3x forward) at this machine's measured rate."""
     a, b = torch.randn(BATCH, 784), torch.randn(784, HIDDEN)
@@ -121,8 +142,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("data/mnist"))
     parser.add_argument("--epochs", type=int, default=2, help="epochs per contender; the best one counts")
+    parser.add_argument("--profile", action="store_true", help="only (b), its time split by kind of op")
     args = parser.parse_args()
     images, _ = load_split(args.data, "train")
+    if args.profile:
+        profile_ours(images)
+        return
 
     rows = {"(a) reference loop (DataLoader + ToTensor)": min(reference_epoch(args.data) for _ in range(args.epochs)),
             "(b) ours, no Ray": min(ours_epoch(images) for _ in range(args.epochs))}

@@ -4,7 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.evaluate import ACTIVE_UNIT_VARIANCE, posterior_means, save_latent_map, save_traversal, score
+from pipeline.evaluate import (ACTIVE_UNIT_VARIANCE, posterior_means, save_grids, save_latent_map, save_traversal,
+                               score)
+from pipeline.files import Layout
 from pipeline.params import Params
 from vae import rng
 from vae.data import load_split, to_float
@@ -86,3 +88,22 @@ def test_traversal_and_latent_map_pictures(trained, tmp_path):
         with Image.open(tmp_path / "map.png") as picture:
             assert picture.size == (700, 700) and picture.format == "PNG"
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_two_layer_model_is_scored_and_drawn(trained, tmp_path):
+    """Two stochastic layers: the figures and the pictures come from the same code, through
+    the posterior mean of the top latent and the decoder's path through z_mid."""
+    _, x, labels = trained
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(latent_dim=4, hidden_dims=(64,), mid_latent_dim=6, mid_hidden_dims=(16,))).eval()
+    metrics = score(model, (x[:50] > 0.5).float(), params(iwae_k=20))
+    assert metrics["neg_elbo"] == pytest.approx(metrics["recon"] + metrics["kl"])
+    assert metrics["nll_iwae"] < metrics["neg_elbo"] and metrics["active_units"] <= 4
+    mu = posterior_means(model, x, 64)
+    assert mu.shape == (len(x), 4)
+    layout = Layout(tmp_path)
+    save_grids(model, x, layout, params(grid_images=16))
+    save_traversal(model, mu, layout.traversal_plot, rows=4)
+    for path in (layout.recon_plot, layout.samples_plot, layout.traversal_plot):
+        with Image.open(path) as picture:
+            assert picture.format == "PNG"

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from conftest import SMALL_MODEL, fit_in_folder
+from pipeline.params import Params
 from pipeline.train import gpu_workers, share_cpus
-from vae.model import VAE, VAEConfig
+from vae.model import VAE
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +29,9 @@ def max_abs_diff(a: dict, b: dict) -> float:
 def test_one_and_two_workers_make_the_same_model(tmp_path, mnist_dir, ray_address):
     # With 3 importance samples per image: the noise of each image, k draws of it, is still
     # drawn for the global batch and sliced (k = 1 takes the same path, one draw per image).
-    run = {"iwae_k": 3}
+    # Two stochastic layers, so every module of that model goes through DDP's averaging too.
+    model = {**SMALL_MODEL, "mid_latent_dim": 6, "mid_hidden_dims": [16]}
+    run = {"iwae_k": 3, "model": model}
     one = train(tmp_path, mnist_dir, "one", num_workers=1, **run)  # 640 images / 32 = 20 steps
     two = train(tmp_path, mnist_dir, "two", num_workers=2, **run)
     two_again = train(tmp_path, mnist_dir, "two-again", num_workers=2, **run)
@@ -36,7 +39,7 @@ def test_one_and_two_workers_make_the_same_model(tmp_path, mnist_dir, ray_addres
     assert abs(one["history"][-1]["val_neg_elbo"] - two["history"][-1]["val_neg_elbo"]) <= 0.1
     assert all(torch.equal(two["model"][k], two_again["model"][k]) for k in two["model"])
     torch.manual_seed(0)
-    initial = VAE(VAEConfig(**SMALL_MODEL)).state_dict()
+    initial = VAE(Params.model_validate({"model": model}).model.vae_config()).state_dict()
     assert max_abs_diff(one["model"], initial) > 1e-3  # and training did move the weights
 
 
