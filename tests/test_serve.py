@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import BIN, free_port
-from pipeline.export import export_decoder
+from pipeline.export import check_parity, export_decoder
+from pipeline.params import ExportParams
 from vae.model import VAE, ImageDecoder, VAEConfig
 
 LATENT = 4
@@ -22,6 +23,20 @@ def decoder_and_onnx(tmp_path_factory):
     path = tmp_path_factory.mktemp("serve") / "decoder.onnx"
     export_decoder(decoder, LATENT, path, opset=18)
     return decoder, path
+
+
+def test_two_layer_decoder_exports_through_the_middle_layer_and_nothing_else(tmp_path):
+    """z -> mean of z_mid -> pixels in the ONNX graph: its weights are the two decoder
+    networks', none of the encoders', and onnxruntime matches torch."""
+    import onnx
+
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(latent_dim=LATENT, hidden_dims=(32,), mid_latent_dim=6, mid_hidden_dims=(8,)))
+    decoder, path = ImageDecoder(model).eval(), tmp_path / "decoder.onnx"
+    export_decoder(decoder, LATENT, path, opset=18)
+    assert check_parity(decoder, LATENT, path, ExportParams())["worst_abs_diff"] <= 1e-5
+    weights = {tensor.name for tensor in onnx.load(str(path)).graph.initializer if len(tensor.dims) == 2}
+    assert {name.split(".")[1] for name in weights} == {"decoder", "upper_decoder"}
 
 
 @pytest.fixture(scope="module")
