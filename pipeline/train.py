@@ -65,7 +65,7 @@ def train_epoch(model, optimizer, schedule, images, cfg: dict, epoch: int, rank:
     order = rng.epoch_order(cfg["seed"], epoch, len(images))
     for step, batch in enumerate(order.split(cfg["batch_size"])):
         eps = rng.batch_noise(cfg["seed"], epoch, step, len(batch), cfg["noise_dim"], cfg["iwae_k"])
-        eps = _slice(eps, rank, world).to(device).transpose(0, 1)  # (k, images, latent)
+        eps = _slice(eps, rank, world).to(device).transpose(0, 1)  # (k, images, noise_dim)
         x = to_float(images[_slice(batch, rank, world).to(device)])
         if cfg["binarize"] == "dynamic":  # drawn for the global batch, then sliced, like eps
             uniform = rng.batch_uniform(cfg["seed"], epoch, step, len(batch), x.shape[1])
@@ -275,8 +275,9 @@ def fit(layout: Layout, params: Params, run_id: str) -> dict:
     connect_ray(params.train.num_workers, params.train.ray_address)
     trainer_class = torch_trainer()
     use_gpu = gpu_workers(params.train.use_gpu, ray.cluster_resources().get("GPU", 0))
-    cfg = {**params.train.model_dump(), "model": params.model.vae_config().__dict__,
-           "noise_dim": params.model.vae_config().noise_dim, "binarize": params.data.binarize, "run_id": run_id,
+    model_config = params.model.vae_config()
+    cfg = {**params.train.model_dump(), "model": model_config.__dict__, "noise_dim": model_config.noise_dim,
+           "binarize": params.data.binarize, "run_id": run_id,
            "tracking_uri": tracking.tracking_uri(layout),
            "data": [ray.put(a) for a in load_training_data(layout, params)]}
     storage = params.train.storage_path or str(layout.ray_results)

@@ -135,7 +135,11 @@ class VAE(nn.Module):
         hidden RNG state). Returns, per sample, log p(x|z) and log p(z) - log q(z|x), each (k, N),
         and the ELBO's KL term per image: in closed form with one stochastic layer, else the
         samples' estimate."""
-        mu, logvar = self.encoder(x)
+        return self.sample_terms(x, *self.encoder(x), eps)
+
+    def sample_terms(self, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor):
+        """forward's terms from the encoder's output (mu, logvar), already computed for x: the
+        importance-weighted estimate draws its samples in chunks and encodes x only once."""
         noise, top_noise = eps.split([self.config.bottom_dim, eps.shape[-1] - self.config.bottom_dim], dim=-1)
         z = mu + torch.exp(0.5 * logvar) * noise
         log_px_z = bernoulli_log_lik(self.decoder(z), x.expand(len(z), *x.shape))

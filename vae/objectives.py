@@ -43,9 +43,10 @@ def iwae_log_lik(model: VAE, x: torch.Tensor, k: int, generator: torch.Generator
     The k samples are drawn `chunk` at a time and combined with a running logsumexp, so
     memory stays at (N, chunk) whatever k is.
     """
+    mu, logvar = model.encoder(x)
     total = torch.full((len(x),), -math.inf)
     for start in range(0, k, chunk):
         eps = torch.randn((min(chunk, k - start), len(x), model.config.noise_dim), generator=generator)
-        log_px_z, log_ratio, _ = model(x, eps)
+        log_px_z, log_ratio, _ = model.sample_terms(x, mu, logvar, eps)
         total = torch.logaddexp(total, torch.logsumexp(log_px_z + log_ratio, dim=0))
     return total - math.log(k)

@@ -24,10 +24,10 @@ def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=_generator(seed, _EPOCH_STREAM, epoch))
 
 
-def batch_noise(seed: int, epoch: int, step: int, batch: int, latent_dim: int, samples: int = 1) -> torch.Tensor:
-    """Standard normal noise for every image of one global batch: (batch, samples, latent_dim),
+def batch_noise(seed: int, epoch: int, step: int, batch: int, noise_dim: int, samples: int = 1) -> torch.Tensor:
+    """Standard normal noise for every image of one global batch: (batch, samples, noise_dim),
     `samples` importance samples per image."""
-    return torch.randn((batch, samples, latent_dim), generator=_generator(seed, _NOISE_STREAM, epoch, step))
+    return torch.randn((batch, samples, noise_dim), generator=_generator(seed, _NOISE_STREAM, epoch, step))
 
 
 def batch_uniform(seed: int, epoch: int, step: int, batch: int, pixels: int) -> torch.Tensor:
