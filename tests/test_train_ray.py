@@ -12,7 +12,7 @@ import torch
 
 from conftest import SMALL_MODEL, fit_in_folder
 from pipeline.params import Params
-from pipeline.train import gpu_workers, share_cpus
+from pipeline.train import compile_step, gpu_workers, share_cpus
 from vae.model import VAE
 
 pytestmark = pytest.mark.integration
@@ -26,7 +26,7 @@ def max_abs_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def test_one_and_two_workers_make_the_same_model(tmp_path, mnist_dir, ray_address):
+def test_one_and_two_workers_compiled_or_not_make_the_same_model(tmp_path, mnist_dir, ray_address):
     # With 3 importance samples per image: the noise of each image, k draws of it, is still
     # drawn for the global batch and sliced (k = 1 takes the same path, one draw per image).
     # Two stochastic layers, so every module of that model goes through DDP's averaging too.
@@ -35,12 +35,22 @@ def test_one_and_two_workers_make_the_same_model(tmp_path, mnist_dir, ray_addres
     one = train(tmp_path, mnist_dir, "one", num_workers=1, **run)  # 640 images / 32 = 20 steps
     two = train(tmp_path, mnist_dir, "two", num_workers=2, **run)
     two_again = train(tmp_path, mnist_dir, "two-again", num_workers=2, **run)
+    # train.compile fuses the forward's elementwise ops, which may also reorder float sums.
+    compiled = train(tmp_path, mnist_dir, "two-compiled", num_workers=2, compile=True, **run)
     assert max_abs_diff(one["model"], two["model"]) <= 1e-5  # only float summation order differs
     assert abs(one["history"][-1]["val_neg_elbo"] - two["history"][-1]["val_neg_elbo"]) <= 0.1
     assert all(torch.equal(two["model"][k], two_again["model"][k]) for k in two["model"])
+    assert max_abs_diff(two["model"], compiled["model"]) <= 1e-4
+    assert abs(two["history"][-1]["val_neg_elbo"] - compiled["history"][-1]["val_neg_elbo"]) <= 0.01
     torch.manual_seed(0)
     initial = VAE(Params.model_validate({"model": model}).model.vae_config()).state_dict()
     assert max_abs_diff(one["model"], initial) > 1e-3  # and training did move the weights
+
+
+def test_compile_names_a_missing_cxx_compiler(monkeypatch):
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("no-such-c++",))
+    with pytest.raises(RuntimeError, match=r"train.compile: true needs a C\+\+ compiler"):
+        compile_step(torch.nn.Linear(2, 2), torch.device("cpu"))
 
 
 def _kill_a_worker_after_first_checkpoint(storage, killed: list):
