@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.train import compile_model
 from vae import rng
 from vae.data import load_split, to_float
 from vae.model import VAE, VAEConfig
@@ -76,7 +77,7 @@ def reference_epoch(data_dir: Path) -> float:
 def ours_epochs(images: torch.Tensor, epochs: int, steps: int | None = None, compile: bool = False) -> list[float]:
     torch.manual_seed(0)
     model = VAE(VAEConfig(latent_dim=LATENT, hidden_dims=(HIDDEN,)))
-    step_model = torch.compile(model, dynamic=False) if compile else model
+    step_model = compile_model(model, torch.device("cpu")) if compile else model  # as train.compile does
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     seconds = []
     for epoch in range(epochs):

@@ -102,16 +102,17 @@ def validate(model, x, eps, rank: int, world: int, device) -> dict:
     return _global_means(_batch_sums(terms))
 
 
-def compile_step(model, device):
+def compile_model(model, device):
     """The model whose forward (the per-sample log-densities, see VAE.forward) runs as
     torch.compile's fused kernels. Checks for the C++ compiler that CPU kernels need first,
     so a missing one is named before training starts, not deep inside the first step."""
     if device.type == "cpu":
         from torch._inductor.cpp_builder import get_cpp_compiler
+        from torch._inductor.exc import InvalidCxxCompiler
 
         try:
             get_cpp_compiler()
-        except Exception as e:
+        except InvalidCxxCompiler as e:
             raise RuntimeError(f"train.compile: true needs a C++ compiler (g++ or clang++) on CPU "
                                f"workers; install one or set train.compile: false ({e})") from None
     # Quiet: "No CUDA runtime is found" on CPU-only nodes; Ray's profiler spans it skips.
@@ -210,7 +211,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     state = _restore(model, optimizer, schedule)
     ddp_model = ray.train.torch.prepare_model(model)
     if cfg["compile"]:  # DDP first, then compile: the order PyTorch documents for the pair
-        ddp_model = compile_step(ddp_model, device)
+        ddp_model = compile_model(ddp_model, device)
     train_images = train_images.to(device)
     val_x, val_eps = validation_set(val_images, cfg)
     state["nodes"] = _node_ids(world)

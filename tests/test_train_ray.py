@@ -12,7 +12,7 @@ import torch
 
 from conftest import SMALL_MODEL, fit_in_folder
 from pipeline.params import Params
-from pipeline.train import compile_step, gpu_workers, share_cpus
+from pipeline.train import compile_model, gpu_workers, share_cpus
 from vae.model import VAE
 
 pytestmark = pytest.mark.integration
@@ -50,7 +50,7 @@ def test_one_and_two_workers_compiled_or_not_make_the_same_model(tmp_path, mnist
 def test_compile_names_a_missing_cxx_compiler(monkeypatch):
     monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("no-such-c++",))
     with pytest.raises(RuntimeError, match=r"train.compile: true needs a C\+\+ compiler"):
-        compile_step(torch.nn.Linear(2, 2), torch.device("cpu"))
+        compile_model(torch.nn.Linear(2, 2), torch.device("cpu"))
 
 
 def _kill_a_worker_after_first_checkpoint(storage, killed: list):
