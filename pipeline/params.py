@@ -45,10 +45,12 @@ class ModelParams(Section):
     # between z_mid and z (Burda et al.'s two-layer model: 100 and [100, 100]).
     mid_latent_dim: int | None = Field(None, ge=1, le=1024)
     mid_hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [100, 100], min_length=1)
+    activation: Literal["relu", "silu", "tanh"] = "relu"  # the hidden layers' nonlinearity
 
     def vae_config(self) -> VAEConfig:
         return VAEConfig(latent_dim=self.latent_dim, hidden_dims=tuple(self.hidden_dims), arch=self.arch,
-                         mid_latent_dim=self.mid_latent_dim, mid_hidden_dims=tuple(self.mid_hidden_dims))
+                         mid_latent_dim=self.mid_latent_dim, mid_hidden_dims=tuple(self.mid_hidden_dims),
+                         activation=self.activation)
 
 
 class TrainParams(Section):

@@ -43,6 +43,17 @@ def test_unknown_architecture_is_named():
         VAEConfig(arch="resnet")
 
 
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_activation_is_the_one_named_and_saved(arch):
+    config = VAEConfig(latent_dim=4, hidden_dims=(16,), arch=arch, mid_latent_dim=6, activation="silu")
+    model = VAE(config)
+    kinds = {type(m) for m in model.modules() if not list(m.children())}
+    assert torch.nn.SiLU in kinds and torch.nn.ReLU not in kinds
+    assert VAE.from_checkpoint(model.to_checkpoint()).config.activation == "silu"
+    with pytest.raises(ValueError, match="model.activation: unknown activation 'gelu'"):
+        VAEConfig(activation="gelu")
+
+
 def test_analytic_kl_matches_monte_carlo():
     generator = torch.Generator().manual_seed(1)
     mu = torch.randn(4, 6, generator=generator)

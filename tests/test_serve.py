@@ -39,6 +39,14 @@ def test_two_layer_decoder_exports_through_the_middle_layer_and_nothing_else(tmp
     assert {name.split(".")[1] for name in weights} == {"decoder", "upper_decoder"}
 
 
+@pytest.mark.parametrize("activation", ["silu", "tanh"])
+def test_each_activation_exports_and_matches_torch(tmp_path, activation):
+    torch.manual_seed(0)
+    decoder = ImageDecoder(VAE(VAEConfig(latent_dim=LATENT, hidden_dims=(32,), activation=activation))).eval()
+    export_decoder(decoder, LATENT, tmp_path / "decoder.onnx", opset=18)
+    assert check_parity(decoder, LATENT, tmp_path / "decoder.onnx", ExportParams())["worst_abs_diff"] <= 1e-5
+
+
 @pytest.fixture(scope="module")
 def server(decoder_and_onnx, tmp_path_factory):
     port = free_port()

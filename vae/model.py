@@ -18,6 +18,9 @@ INPUT_DIM = 28 * 28
 
 
 ARCHS = ("mlp", "conv")
+# The hidden layers' nonlinearity. SiLU (x * sigmoid(x)) is smooth where ReLU has a kink;
+# on the paper preset it reached a given ELBO in fewer epochs at the same cost per epoch.
+ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 # conv: two stride-2 convolutions take 28x28 to CONV_CHANNELS[-1] maps of 7x7.
 CONV_CHANNELS = (32, 64)
 CONV_FLAT = CONV_CHANNELS[-1] * 7 * 7
@@ -32,10 +35,14 @@ class VAEConfig:
     # and the hidden layers h' between z_mid and z.
     mid_latent_dim: int | None = None
     mid_hidden_dims: tuple[int, ...] = (100, 100)
+    activation: str = "relu"
 
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"model.arch: unknown architecture {self.arch!r} (known: {', '.join(map(repr, ARCHS))})")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"model.activation: unknown activation {self.activation!r} "
+                             f"(known: {', '.join(map(repr, ACTIVATIONS))})")
         object.__setattr__(self, "hidden_dims", tuple(self.hidden_dims))
         object.__setattr__(self, "mid_hidden_dims", tuple(self.mid_hidden_dims))
 
@@ -50,36 +57,36 @@ class VAEConfig:
         return self.latent_dim + (self.mid_latent_dim or 0)
 
 
-def mlp(sizes: list[int]) -> nn.Sequential:
-    """Linear layers with ReLU between them (none after the last)."""
+def mlp(sizes: list[int], act: type[nn.Module]) -> nn.Sequential:
+    """Linear layers with the activation `act` between them (none after the last)."""
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
+            layers.append(act())
     return nn.Sequential(*layers)
 
 
-def conv_body() -> nn.Sequential:
+def conv_body(act: type[nn.Module]) -> nn.Sequential:
     """(N, 784) -> (N, CONV_FLAT): 28x28 -> 14x14 -> 7x7 feature maps, flattened."""
     c1, c2 = CONV_CHANNELS
-    return nn.Sequential(nn.Unflatten(1, IMAGE_SHAPE), nn.Conv2d(1, c1, 4, 2, 1), nn.ReLU(),
-                         nn.Conv2d(c1, c2, 4, 2, 1), nn.ReLU(), nn.Flatten())
+    return nn.Sequential(nn.Unflatten(1, IMAGE_SHAPE), nn.Conv2d(1, c1, 4, 2, 1), act(),
+                         nn.Conv2d(c1, c2, 4, 2, 1), act(), nn.Flatten())
 
 
-def deconv_head() -> nn.Sequential:
+def deconv_head(act: type[nn.Module]) -> nn.Sequential:
     """(N, CONV_FLAT) -> (N, 784) logits: the mirror of conv_body."""
     c1, c2 = CONV_CHANNELS
-    return nn.Sequential(nn.Unflatten(1, (c2, 7, 7)), nn.ConvTranspose2d(c2, c1, 4, 2, 1), nn.ReLU(),
+    return nn.Sequential(nn.Unflatten(1, (c2, 7, 7)), nn.ConvTranspose2d(c2, c1, 4, 2, 1), act(),
                          nn.ConvTranspose2d(c1, 1, 4, 2, 1), nn.Flatten())
 
 
 class Gaussian(nn.Module):
     """An MLP from its input to the mean and log-variance of a diagonal Gaussian."""
 
-    def __init__(self, sizes: list[int]):
+    def __init__(self, sizes: list[int], act: type[nn.Module]):
         super().__init__()
-        self.net = mlp([*sizes[:-1], 2 * sizes[-1]])
+        self.net = mlp([*sizes[:-1], 2 * sizes[-1]], act)
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.net(h).chunk(2, dim=-1)
@@ -91,10 +98,11 @@ class Encoder(nn.Module):
 
     def __init__(self, config: VAEConfig):
         super().__init__()
+        act = ACTIVATIONS[config.activation]
         if config.arch == "conv":
-            self.body = nn.Sequential(conv_body(), mlp([CONV_FLAT, *config.hidden_dims]), nn.ReLU())
+            self.body = nn.Sequential(conv_body(act), mlp([CONV_FLAT, *config.hidden_dims], act), act())
         else:
-            self.body = nn.Sequential(mlp([INPUT_DIM, *config.hidden_dims]), nn.ReLU())
+            self.body = nn.Sequential(mlp([INPUT_DIM, *config.hidden_dims], act), act())
         self.head = nn.Linear(config.hidden_dims[-1], 2 * config.bottom_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,11 +115,12 @@ class Decoder(nn.Module):
 
     def __init__(self, config: VAEConfig):
         super().__init__()
+        act = ACTIVATIONS[config.activation]
         if config.arch == "conv":
-            self.net = nn.Sequential(mlp([config.bottom_dim, *reversed(config.hidden_dims), CONV_FLAT]), nn.ReLU(),
-                                     deconv_head())
+            self.net = nn.Sequential(mlp([config.bottom_dim, *reversed(config.hidden_dims), CONV_FLAT], act), act(),
+                                     deconv_head(act))
         else:
-            self.net = mlp([config.bottom_dim, *reversed(config.hidden_dims), INPUT_DIM])
+            self.net = mlp([config.bottom_dim, *reversed(config.hidden_dims), INPUT_DIM], act)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         # Any leading dims (IWAE decodes (k, N, latent) at once); convolutions want (N, latent).
@@ -126,8 +135,9 @@ class VAE(nn.Module):
         self.decoder = Decoder(config)  # p(x|z), or p(x|z_mid)
         if config.mid_latent_dim:
             mid, top = [config.mid_latent_dim, *config.mid_hidden_dims], config.latent_dim
-            self.upper_encoder = Gaussian([*mid, top])  # q(z|z_mid)
-            self.upper_decoder = Gaussian([top, *reversed(mid)])  # p(z_mid|z)
+            act = ACTIVATIONS[config.activation]
+            self.upper_encoder = Gaussian([*mid, top], act)  # q(z|z_mid)
+            self.upper_decoder = Gaussian([top, *reversed(mid)], act)  # p(z_mid|z)
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor):
         """k reparameterised samples of the latents per image, from the noise eps (k, N, noise_dim)
