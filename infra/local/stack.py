@@ -139,15 +139,16 @@ def ray_cluster(cpus_per_node: int, auth: dict[str, str]) -> tuple[str, list[sub
         return start([str(BIN / "ray"), "start", "--block", f"--num-cpus={cpus_per_node}", "--disable-usage-stats",
                       "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", *args], temp_dir / "node.log", env)
 
-    def active_nodes() -> int:
-        out = subprocess.run([str(BIN / "ray"), "status", f"--address={address}"], capture_output=True, text=True,
-                             env=env).stdout
-        return out.split("Active:")[-1].split("Pending:")[0].count("node_") if "Active:" in out else 0
+    def registered(temp_dir: Path) -> bool:
+        # `ray start` prints this once its node is registered with the head's GCS (it waits
+        # for that). Asking `ray status` instead waits ~10 s more per node, for the
+        # autoscaler's periodic view of the cluster.
+        return "Ray runtime started." in (temp_dir / "node.log").read_text()
 
     nodes = [node(dirs[0], "--head", f"--port={address.split(':')[1]}", "--include-dashboard=false")]
-    wait_until(lambda: active_nodes() == 1, nodes[0], dirs[0] / "node.log", "the Ray head node")
+    wait_until(lambda: registered(dirs[0]), nodes[0], dirs[0] / "node.log", "the Ray head node")
     nodes.append(node(dirs[1], f"--address={address}"))
-    wait_until(lambda: active_nodes() == 2, nodes[1], dirs[1] / "node.log", "the second Ray node")
+    wait_until(lambda: registered(dirs[1]), nodes[1], dirs[1] / "node.log", "the second Ray node")
     return address, nodes, dirs
 
 
