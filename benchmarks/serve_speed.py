@@ -31,11 +31,10 @@ import httpx
 import numpy as np
 import torch
 
-from pipeline.evaluate import load_model
 from pipeline.files import Layout
 from pipeline.onnx_session import open_session
 from pipeline.tracking import tracking_uri
-from vae.model import ImageDecoder
+from vae.model import VAE, ImageDecoder
 
 BIN = Path(sys.executable).parent
 WRK_SCRIPT = Path(__file__).with_name("post.lua")
@@ -52,7 +51,7 @@ def per_call_ms(fn, repeats: int) -> float:
 
 
 def in_process(layout: Layout) -> None:
-    decoder = ImageDecoder(load_model(layout)).eval()
+    decoder = ImageDecoder(VAE.load(layout.model)).eval()
     session = open_session(layout.decoder_onnx)
     latent = session.get_inputs()[0].shape[1]
     print(f"\n1. decode in-process, median ms per call (torch threads {torch.get_num_threads()})")

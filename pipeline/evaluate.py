@@ -21,11 +21,6 @@ from vae.model import IMAGE_SHAPE, VAE
 from vae.objectives import elbo_terms, iwae_log_lik
 
 
-def load_model(layout: Layout) -> VAE:
-    model = VAE.from_checkpoint(torch.load(layout.model, weights_only=True))
-    return model.eval()
-
-
 # Burda et al. (2015): a latent unit is active when its posterior mean varies across images.
 ACTIVE_UNIT_VARIANCE = 0.01
 
@@ -123,7 +118,7 @@ def main() -> None:
     layout, params = Layout(), load_params()
     client, run_id = tracking.open_run(layout)
     with tracking.failing_marks(client, run_id):
-        model = load_model(layout)
+        model = VAE.load(layout.model)
         x, labels = test_set(layout, params)
         mu = posterior_means(model, x, params.eval.batch_size)  # for the metrics and both latent pictures
         metrics = score(model, x, params, mu)

@@ -14,12 +14,11 @@ import numpy as np
 import torch
 
 from pipeline import tracking
-from pipeline.evaluate import load_model
 from pipeline.files import Layout, atomic_dir, atomic_path, write_json
 from pipeline.onnx_session import open_session
 from pipeline.params import ExportParams, load_params
 from pipeline.summary import summary
-from vae.model import ImageDecoder
+from vae.model import VAE, ImageDecoder
 
 INPUT, OUTPUT = "z", "image"
 
@@ -81,7 +80,7 @@ def main() -> None:
     layout, params = Layout(), load_params()
     client, run_id = tracking.open_run(layout)
     with tracking.failing_marks(client, run_id):
-        model = load_model(layout)
+        model = VAE.load(layout.model)
         decoder, latent_dim = ImageDecoder(model), model.config.latent_dim
         with atomic_path(layout.decoder_onnx) as tmp:
             export_decoder(decoder, latent_dim, tmp, params.export.opset)

@@ -7,6 +7,7 @@ Tracking URI: $MLFLOW_TRACKING_URI, else an absolute sqlite:/// file in the repo
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
@@ -162,6 +163,12 @@ def system_metrics(run_id: str, layout: Layout, interval_s: float = 5.0) -> Iter
         monitor.finish()  # catches its own errors: a server gone away costs one bounded retry
 
 
+# What loading the logged decoder needs, named rather than inferred: MLflow's inference
+# reloads the model in a subprocess (6 s per export here), and lists both onnxruntime and
+# onnxruntime-gpu for their one import name, two packages that must not be installed together.
+DECODER_REQUIREMENTS = ("mlflow", "numpy", "onnx", "onnxruntime-gpu")
+
+
 def log_decoder(layout: Layout, run_id: str, onnx_path: Path, z, images) -> str:
     """Log the ONNX decoder with MLflow's onnx flavor (signature and input example from z ->
     images) into the run, registered as a new version of `vae-decoder`; returns the version."""
@@ -179,10 +186,12 @@ def log_decoder(layout: Layout, run_id: str, onnx_path: Path, z, images) -> str:
     level = flavor_log.level
     flavor_log.setLevel(logging.ERROR)
     mlflow.set_tracking_uri(tracking_uri(layout))
+    requirements = [f"{name}=={importlib.metadata.version(name)}" for name in DECODER_REQUIREMENTS]
     try:
         with mlflow.start_run(run_id=run_id):
             info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="decoder", input_example=z,
-                                         signature=infer_signature(z, images), registered_model_name=REGISTERED_MODEL)
+                                         signature=infer_signature(z, images), registered_model_name=REGISTERED_MODEL,
+                                         pip_requirements=requirements)
     finally:
         flavor_log.setLevel(level)
     return str(info.registered_model_version)

@@ -1,5 +1,6 @@
 """The whole pipeline, for real: `dvc repro` in a fresh git repository holding a copy of
 the project, with tiny params (a few hundred images, one epoch, two Ray workers)."""
+import importlib.metadata
 import json
 import math
 import os
@@ -7,6 +8,7 @@ import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -126,6 +128,10 @@ def test_decoder_registered_with_onnx_flavor_and_aliases(repro, monkeypatch):
     assert list(model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 20]
     images = model.predict(np.zeros((2, 20), dtype=np.float32))
     assert np.asarray(images["image"] if isinstance(images, dict) else images).shape == (2, 1, 28, 28)
+    # The environment it records installs onnxruntime-gpu alone, as this project does.
+    requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/vae-decoder@champion")).read_text().split()
+    assert f"onnxruntime-gpu=={importlib.metadata.version('onnxruntime-gpu')}" in requirements
+    assert not [r for r in requirements if r.startswith("onnxruntime==")]
 
 
 def test_second_repro_runs_nothing(repro):

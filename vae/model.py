@@ -179,6 +179,11 @@ class VAE(nn.Module):
         model.load_state_dict(checkpoint["state_dict"])
         return model
 
+    @classmethod
+    def load(cls, path) -> "VAE":
+        """The model `vae train` saved at path, in eval mode (weights only: nothing unpickled)."""
+        return cls.from_checkpoint(torch.load(path, weights_only=True)).eval()
+
 
 class ImageDecoder(nn.Module):
     """The decoder as served: z -> pixel probabilities shaped as images (N, 1, 28, 28)."""
