@@ -176,6 +176,18 @@ def fit_in_folder(root: Path, mnist_dir: Path, model: dict = SMALL_MODEL, **trai
     return fit(layout, params, tracking.start_run(layout, params.flat(), {}))
 
 
+# The run that both interruption tests (a killed worker, a killed `dvc repro`) must end with:
+# PyTorch's example model, epochs long enough for a kill to land mid-run.
+INTERRUPTED_RUN = {"model": {"latent_dim": 20, "hidden_dims": [400]}, "images": 4800, "epochs": 3,
+                   "batch_size": 32, "num_workers": 2}
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory, mnist_dir, ray_address) -> dict:
+    """The final training state of INTERRUPTED_RUN trained without interruption."""
+    return fit_in_folder(tmp_path_factory.mktemp("uninterrupted"), mnist_dir, **INTERRUPTED_RUN)
+
+
 def check_pipeline_run(client, run_, repo: Path) -> None:
     """What one pipeline execution's MLflow run must hold, checked against the outputs in
     repo: status, lineage tags, params, per-epoch and test metrics, artifacts, registry."""

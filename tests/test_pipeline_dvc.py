@@ -185,16 +185,15 @@ def test_an_export_param_reruns_export_only(repro):
 
 
 def test_a_stage_killed_mid_write_leaves_nothing_partial_and_repro_recovers(repro, tmp_path):
-    """A changed train param reruns train, evaluate and export, never fetch. evaluate writes
-    its pictures first and metrics/eval.json last: SIGKILL `dvc repro` (and the stage)
-    between the two. Nothing half-written remains, dvc.lock still holds evaluate's last
-    complete run, and the next `dvc repro` finishes the job."""
+    """A changed eval param reruns evaluate and export only. evaluate writes its pictures
+    first and metrics/eval.json last: SIGKILL `dvc repro` (and the stage) between the two.
+    Nothing half-written remains, dvc.lock still holds evaluate's last complete run, and
+    the next `dvc repro` finishes the job."""
     repo, env, _ = repro
     first, last = repo / "plots/reconstructions.png", repo / "metrics/eval.json"
     before = first.stat().st_mtime_ns
     evaluate_locked = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["evaluate"]
-    lr = yaml.safe_load((repo / "params.yaml").read_text())["train"]["lr"]
-    set_params(repo, {"train": {"lr": lr * 2}})
+    set_params(repo, {"eval": {"iwae_k": TINY["eval"]["iwae_k"] * 2}})  # a new eval.json: export reruns too
     with open(tmp_path / "killed.log", "w") as log:
         process = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
@@ -204,12 +203,12 @@ def test_a_stage_killed_mid_write_leaves_nothing_partial_and_repro_recovers(repr
         time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
-    assert stages_run((tmp_path / "killed.log").read_text()) == ["train", "evaluate"]
+    assert stages_run((tmp_path / "killed.log").read_text()) == ["evaluate"]
     assert not last.exists() or json.loads(last.read_text())["test_images"] == 200  # whole, or not there
     assert yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["evaluate"] == evaluate_locked
     assert "evaluate" in run(["dvc", "status"], repo, env=env).stdout
     assert stages_run(run(["dvc", "repro"], repo, env=env).stdout) == ["evaluate", "export"]
-    assert json.loads(last.read_text())["test_images"] == 200
+    assert json.loads(last.read_text())["iwae_k"] == TINY["eval"]["iwae_k"] * 2  # the new evaluation, whole
     assert not list(repo.rglob("*.tmp")), "the killed writer's temporary files were not swept"
     assert "Data and pipelines are up to date" in run(["dvc", "status"], repo, env=env).stdout
 

@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 import pytest
 import torch
 
-from conftest import SMALL_MODEL, fit_in_folder
+from conftest import INTERRUPTED_RUN, SMALL_MODEL, fit_in_folder
 from pipeline.params import Params
 from pipeline.train import compile_model, gpu_workers, share_cpus
 from vae.model import VAE
@@ -65,22 +65,19 @@ def _kill_a_worker_after_first_checkpoint(storage, killed: list):
             return
 
 
-def test_killed_worker_resumes_from_checkpoint_to_the_same_model(tmp_path, mnist_dir, ray_address):
-    # PyTorch's example model, not the small one: epochs long enough for the kill to land mid-run.
-    run = dict(images=6400, epochs=4, max_failures=1, model={"latent_dim": 20, "hidden_dims": [400]})
+def test_killed_worker_resumes_from_checkpoint_to_the_same_model(tmp_path, mnist_dir, uninterrupted):
     killed: list[int] = []
     killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint,
                               args=(tmp_path / "killed" / ".ray_results", killed))
     killer.start()
-    interrupted = train(tmp_path, mnist_dir, "killed", **run)
+    interrupted = train(tmp_path, mnist_dir, "killed", max_failures=1, **INTERRUPTED_RUN)
     killer.join()
     assert killed, "no Ray Train worker was found to kill"
-    uninterrupted = train(tmp_path, mnist_dir, "clean", **run)
-    assert interrupted["epoch"] == 4 and [r["epoch"] for r in interrupted["history"]] == [1, 2, 3, 4]
+    assert interrupted["epoch"] == 3 and [r["epoch"] for r in interrupted["history"]] == [1, 2, 3]
     client = MlflowClient(f"sqlite:///{tmp_path / 'killed' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("vae-mnist").experiment_id])
     assert len(runs) == 1  # the restarted workers logged into the same run
-    assert {m.step for m in client.get_metric_history(runs[0].info.run_id, "val_neg_elbo")} == {1, 2, 3, 4}
+    assert {m.step for m in client.get_metric_history(runs[0].info.run_id, "val_neg_elbo")} == {1, 2, 3}
     assert all(torch.equal(interrupted["model"][k], uninterrupted["model"][k]) for k in uninterrupted["model"])
 
 
