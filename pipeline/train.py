@@ -71,7 +71,7 @@ def train_epoch(model, optimizer, schedule, images, cfg: dict, epoch: int, rank:
             uniform = rng.batch_uniform(cfg["seed"], epoch, step, len(batch), x.shape[1])
             x = rng.binarize(x, _slice(uniform, rank, world).to(device))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["bf16"] and device.type == "cuda"):
-            terms = iwae_terms(model, x, eps)
+            terms = iwae_terms(model, x, eps, dreg=cfg["grad_estimator"] == "dreg")
         # DDP averages over workers: scaling by world/len(batch) makes that the global mean.
         loss = terms["loss"].sum() * world / len(batch)
         optimizer.zero_grad(set_to_none=True)

@@ -43,3 +43,12 @@ def test_malformed_yaml_and_missing_file(tmp_path):
         load_params(write(tmp_path, "train: [\n"))
     with pytest.raises(ParamsError, match="not found"):
         load_params(tmp_path / "absent.yaml")
+
+
+def test_values_that_do_not_go_together_are_named(tmp_path):
+    with pytest.raises(ParamsError, match=r"params.yaml: train.grad_estimator: dreg needs train.iwae_k > 1 \(got 1\)"):
+        load_params(write(tmp_path, "train:\n  grad_estimator: dreg\n"))
+    with pytest.raises(ParamsError, match=r"train.grad_estimator: dreg is implemented for one stochastic layer "
+                                          r"\(got model.mid_latent_dim: 10\)"):
+        load_params(write(tmp_path, "train:\n  grad_estimator: dreg\n  iwae_k: 5\nmodel:\n  mid_latent_dim: 10\n"))
+    assert load_params(write(tmp_path, "train:\n  grad_estimator: dreg\n  iwae_k: 5\n")).train.grad_estimator == "dreg"

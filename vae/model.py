@@ -139,22 +139,30 @@ class VAE(nn.Module):
             self.upper_encoder = Gaussian([*mid, top], act)  # q(z|z_mid)
             self.upper_decoder = Gaussian([top, *reversed(mid)], act)  # p(z_mid|z)
 
-    def forward(self, x: torch.Tensor, eps: torch.Tensor):
+    def forward(self, x: torch.Tensor, eps: torch.Tensor, dreg: bool = False):
         """k reparameterised samples of the latents per image, from the noise eps (k, N, noise_dim)
         given by the caller (so it can be drawn from the seed and the sample index, not from
         hidden RNG state). Returns, per sample, log p(x|z) and log p(z) - log q(z|x), each (k, N),
         and the ELBO's KL term per image: in closed form with one stochastic layer, else the
-        samples' estimate."""
-        return self.sample_terms(x, *self.encoder(x), eps)
+        samples' estimate. dreg: the encoder's gradients of the IWAE bound become the doubly
+        reparameterised ones (see `_doubly_reparameterised`); the values do not change."""
+        return self.sample_terms(x, *self.encoder(x), eps, dreg)
 
-    def sample_terms(self, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor):
+    def sample_terms(self, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor,
+                     dreg: bool = False):
         """forward's terms from the encoder's output (mu, logvar), already computed for x: the
         importance-weighted estimate draws its samples in chunks and encodes x only once."""
         noise, top_noise = eps.split([self.config.bottom_dim, eps.shape[-1] - self.config.bottom_dim], dim=-1)
         z = mu + torch.exp(0.5 * logvar) * noise
         log_px_z = bernoulli_log_lik(self.decoder(z), x.expand(len(z), *x.shape))
         if not self.config.mid_latent_dim:
-            return log_px_z, prior_log_prob(z) - gaussian_log_prob(z, mu, logvar), gaussian_kl(mu, logvar)
+            if dreg and z.requires_grad:
+                log_ratio = _doubly_reparameterised(z, mu, logvar, log_px_z)
+            else:
+                log_ratio = prior_log_prob(z) - gaussian_log_prob(z, mu, logvar)
+            return log_px_z, log_ratio, gaussian_kl(mu, logvar)
+        if dreg:
+            raise ValueError("doubly reparameterised gradients are implemented for one stochastic layer only")
         top_mu, top_logvar = self.upper_encoder(z)
         top = top_mu + torch.exp(0.5 * top_logvar) * top_noise
         log_ratio = (prior_log_prob(top) + gaussian_log_prob(z, *self.upper_decoder(top))
@@ -183,6 +191,20 @@ class VAE(nn.Module):
     def load(cls, path) -> "VAE":
         """The model `vae train` saved at path, in eval mode (weights only: nothing unpickled)."""
         return cls.from_checkpoint(torch.load(path, weights_only=True)).eval()
+
+
+def _doubly_reparameterised(z, mu, logvar, log_px_z) -> torch.Tensor:
+    """log p(z) - log q(z|x) for k samples z (k, N, latent), wired for the DReG estimator
+    (Tucker et al. 2019) of the IWAE bound's gradient: the encoder reaches the bound only
+    through z (q's density is taken at a detached mu and logvar), and the gradient that
+    reaches z from sample i is scaled by its normalised importance weight w_i, so that with
+    the bound's own weight the encoder gets sum_i w_i^2 d log w_i / dz_i * dz_i / dphi.
+    Unbiased, like the plain gradient, but its variance does not grow with k the way the
+    plain estimator's signal-to-noise ratio shrinks. The decoder's gradients are unchanged."""
+    log_ratio = prior_log_prob(z) - gaussian_log_prob(z, mu.detach(), logvar.detach())
+    weights = torch.softmax((log_px_z + log_ratio).detach(), dim=0)
+    z.register_hook(lambda grad: grad * weights.unsqueeze(-1))
+    return log_ratio
 
 
 class ImageDecoder(nn.Module):

@@ -23,13 +23,16 @@ def elbo_terms(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> dict[str, torc
     return {"neg_elbo": recon + kl, "recon": recon, "kl": kl}
 
 
-def iwae_terms(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> dict[str, torch.Tensor]:
+def iwae_terms(model: VAE, x: torch.Tensor, eps: torch.Tensor, dreg: bool = False) -> dict[str, torch.Tensor]:
     """Training terms with k = len(eps) importance samples per image (eps: (k, N, noise_dim)):
     `loss`, the negative IWAE bound (Burda et al. 2015), and the ELBO's terms averaged over
-    the k samples, for the logs. With k = 1 the loss is the negative ELBO itself."""
+    the k samples, for the logs. With k = 1 the loss is the negative ELBO itself.
+    dreg: the loss's encoder gradients are the doubly reparameterised ones (k > 1)."""
+    if dreg and len(eps) == 1:
+        raise ValueError("doubly reparameterised gradients need k > 1 importance samples")
     # One call of the model's forward: under DDP only that forward's parameters get their
     # gradients averaged across workers.
-    log_px_z, log_ratio, kl = model(x, eps)
+    log_px_z, log_ratio, kl = model(x, eps, dreg)
     recon = -log_px_z.mean(0)
     bound = recon + kl if len(eps) == 1 else math.log(len(eps)) - torch.logsumexp(log_px_z + log_ratio, dim=0)
     return {"loss": bound, "neg_elbo": recon + kl, "recon": recon, "kl": kl}
