@@ -1,7 +1,10 @@
 """pipeline/params.py: the only reader of params.yaml."""
+import re
+import shlex
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.params import Params, ParamsError, load_params
 
@@ -52,3 +55,20 @@ def test_values_that_do_not_go_together_are_named(tmp_path):
                                           r"\(got model.mid_latent_dim: 10\)"):
         load_params(write(tmp_path, "train:\n  grad_estimator: dreg\n  iwae_k: 5\nmodel:\n  mid_latent_dim: 10\n"))
     assert load_params(write(tmp_path, "train:\n  grad_estimator: dreg\n  iwae_k: 5\n")).train.grad_estimator == "dreg"
+
+
+def test_readme_param_sets_are_valid():
+    """Every `dvc exp run -S key=value ...` in the README is a valid params set: a renamed
+    key or a combination that fails validation would otherwise surface only hours into a run."""
+    readme = (ROOT / "README.md").read_text().replace("\\\n", " ")  # join continued lines
+    commands = re.findall(r"^dvc exp run (.*)$", readme, re.M)
+    assert len(commands) >= 3  # the PyTorch example's, the seed notebook's and the paper's
+    for command in commands:
+        flags, settings = shlex.split(command)[0::2], shlex.split(command)[1::2]
+        assert set(flags) == {"-S"}, command
+        raw: dict = {}
+        for setting in settings:
+            key, value = setting.split("=", 1)
+            section, name = key.split(".")
+            raw.setdefault(section, {})[name] = yaml.safe_load(value)
+        Params.model_validate(raw)
