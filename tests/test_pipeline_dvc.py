@@ -25,7 +25,8 @@ pytestmark = pytest.mark.integration
 TINY = {
     "data": {"source": "pypi", "val_size": 200, "max_train_images": 300},
     "model": {"latent_dim": 20, "hidden_dims": [400]},
-    "train": {"epochs": 2, "num_workers": 2, "batch_size": 64},  # two points: a loss curve
+    # Two points, a loss curve; DReG's gradient hook through DDP on two Ray workers.
+    "train": {"epochs": 2, "num_workers": 2, "batch_size": 64, "iwae_k": 2, "grad_estimator": "dreg"},
     "eval": {"max_test_images": 200, "iwae_k": 5, "grid_images": 16},
 }
 
@@ -150,6 +151,7 @@ def test_dvc_shows_metrics_params_and_plots(repro, tmp_path):
     assert diff["metrics/eval.json"]["neg_elbo"]["new"] == evaluation["neg_elbo"]
     changed = json.loads(run(["dvc", "params", "diff", "--json"], repo, env=env).stdout)["params.yaml"]
     assert changed["train.epochs"]["old"] == 30 and changed["train.epochs"]["new"] == 2  # TINY, not committed
+    assert changed["train.grad_estimator"] == {"old": "iwae", "new": "dreg"}
     run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], repo, env=env)
     assert "train_neg_elbo" in (tmp_path / "plots/index.html").read_text()  # the training curves
     pictures = {p.name.removeprefix("workspace_plots_") for p in (tmp_path / "plots/static").iterdir()}
