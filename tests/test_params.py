@@ -64,7 +64,8 @@ def test_readme_param_sets_are_valid():
     commands = re.findall(r"^dvc exp run (.*)$", readme, re.M)
     assert len(commands) >= 3  # the PyTorch example's, the seed notebook's and the paper's
     for command in commands:
-        flags, settings = shlex.split(command)[0::2], shlex.split(command)[1::2]
+        words = shlex.split(command)
+        flags, settings = words[0::2], words[1::2]
         assert set(flags) == {"-S"}, command
         raw: dict = {}
         for setting in settings:

@@ -199,8 +199,8 @@ def _doubly_reparameterised(z, mu, logvar, log_px_z) -> torch.Tensor:
     through z (q's density is taken at a detached mu and logvar), and the gradient that
     reaches z from sample i is scaled by its normalised importance weight w_i, so that with
     the bound's own weight the encoder gets sum_i w_i^2 d log w_i / dz_i * dz_i / dphi.
-    Unbiased, like the plain gradient, but its variance does not grow with k the way the
-    plain estimator's signal-to-noise ratio shrinks. The decoder's gradients are unchanged."""
+    Unbiased like the plain gradient, and its signal-to-noise ratio does not fall as k grows,
+    as the plain estimator's does. The decoder's gradients are unchanged."""
     log_ratio = prior_log_prob(z) - gaussian_log_prob(z, mu.detach(), logvar.detach())
     weights = torch.softmax((log_px_z + log_ratio).detach(), dim=0)
     z.register_hook(lambda grad: grad * weights.unsqueeze(-1))
