@@ -66,7 +66,8 @@ def train_epoch(model, optimizer, schedule, images, cfg: dict, epoch: int, rank:
     for step, batch in enumerate(order.split(cfg["batch_size"])):
         eps = rng.batch_noise(cfg["seed"], epoch, step, len(batch), cfg["noise_dim"], cfg["iwae_k"])
         eps = _slice(eps, rank, world).to(device).transpose(0, 1)  # (k, images, noise_dim)
-        x = to_float(images[_slice(batch, rank, world).to(device)])
+        # index_select: the same rows as images[...], without advanced indexing's overhead.
+        x = to_float(images.index_select(0, _slice(batch, rank, world).to(device)))
         if cfg["binarize"] == "dynamic":  # drawn for the global batch, then sliced, like eps
             uniform = rng.batch_uniform(cfg["seed"], epoch, step, len(batch), x.shape[1])
             x = rng.binarize(x, _slice(uniform, rank, world).to(device))
