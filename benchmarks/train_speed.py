@@ -33,7 +33,7 @@ from torch import nn
 
 from pipeline.train import compile_model
 from vae import rng
-from vae.data import load_split, to_float
+from vae.data import MNIST_FILES, load_split, to_float
 from vae.model import VAE, VAEConfig
 from vae.objectives import elbo_terms
 
@@ -58,8 +58,7 @@ def mnist_root(data_dir: Path, root: Path) -> Path:
     """root laid out as torchvision's MNIST wants it (<root>/MNIST/raw/<files>), by symlinks."""
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                 "t10k-labels-idx1-ubyte"):
+    for name in MNIST_FILES:
         (raw / name).symlink_to(data_dir.resolve() / name)
     return root
 
@@ -88,11 +87,16 @@ def reference_trainer(root: Path):
 
 
 # (b) our step, no Ray.
-def ours_trainer(images: torch.Tensor, compile: bool = False, steps: int | None = None):
+def model_and_optimizer():
+    """(b) and (d)'s model, seeded alike, and its fused Adam, as pipeline/train.py makes them."""
     torch.manual_seed(0)
     model = VAE(VAEConfig(latent_dim=LATENT, hidden_dims=(HIDDEN,)))
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+
+
+def ours_trainer(images: torch.Tensor, compile: bool = False, steps: int | None = None):
+    model, optimizer = model_and_optimizer()
     step_model = compile_model(model, torch.device("cpu")) if compile else model  # as train.compile does
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     epochs = itertools.count()
 
     def epoch() -> float:
@@ -111,10 +115,8 @@ def ours_trainer(images: torch.Tensor, compile: bool = False, steps: int | None 
 # (d) the floor: the step's matrix products as autograd runs them (forward, both backward
 # products, the bias gradients) and the fused Adam update; everything else left out.
 def floor_trainer():
-    torch.manual_seed(0)
-    model = VAE(VAEConfig(latent_dim=LATENT, hidden_dims=(HIDDEN,)))
+    model, optimizer = model_and_optimizer()
     enc_hidden, enc_head, dec_hidden, dec_out = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     x, eps = torch.rand(BATCH, 784), torch.randn(BATCH, LATENT)
 
     def epoch() -> float:
