@@ -1,19 +1,22 @@
 # Two commands on a machine with only Python 3.11 and git:
-#   make repro   create .venv, install, run the DVC pipeline
-#   make test    create .venv, install, run the whole test suite
+#   make repro   install uv.lock into .venv, run the DVC pipeline
+#   make test    install uv.lock into .venv, run the whole test suite
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(abspath $(VENV))/bin
-# Rebuilt only when the project's dependencies change.
+# uv, bootstrapped from PyPI at this version into .tools/ (pip is all Python brings).
+UV_VERSION := 0.13.9
+UV     := .tools/bin/uv
+# Re-synced only when uv.lock changes.
 STAMP  := $(VENV)/.installed
 
-.PHONY: repro test install system-packages up down clean
+.PHONY: repro test install lock lock-check system-packages up down clean
 
 repro: $(STAMP)
 	PATH="$(BIN):$$PATH" dvc repro
 	@$(BIN)/vae summary
 
-test: $(STAMP) system-packages
+test: lock-check $(STAMP) system-packages
 	PATH="$(BIN):$$PATH" $(BIN)/python -m pytest
 
 # Debian packages the tests run for real: PostgreSQL (an MLflow backend store) and Chromium
@@ -33,13 +36,25 @@ system-packages:
 
 install: $(STAMP)
 
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+$(UV):
+	$(PYTHON) -m venv .tools
+	.tools/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+# Exactly the lock (--frozen: never re-resolved here), the project editable, the dev extra
+# (the tests) included; packages the lock does not name are removed.
+$(STAMP): uv.lock | $(UV)
+	$(UV) sync --frozen --extra dev --python $(PYTHON)
 	@touch $@
+
+# Re-resolve uv.lock from pyproject.toml (the default index, or uv's UV_DEFAULT_INDEX).
+lock: $(UV)
+	$(UV) lock --python $(PYTHON)
+
+# pyproject.toml and uv.lock must agree (CI runs this through `make test`). Offline: when they
+# agree, the lock alone answers.
+lock-check: $(UV)
+	@$(UV) lock --check --offline --python $(PYTHON) 2>/dev/null || { \
+		echo "uv.lock does not match pyproject.toml: run \`make lock\` and commit uv.lock" >&2; exit 1; }
 
 # The infra/ topology on this machine, 127.0.0.1 only: PostgreSQL, MLflow on it, a 2-node
 # Ray cluster. Then `source .stack/env` points the pipeline at it.
@@ -51,4 +66,4 @@ down: $(STAMP)
 	$(BIN)/python infra/local/stack.py down $(STACK)
 
 clean:
-	rm -rf $(VENV) .ray_results mlartifacts mlflow.db
+	rm -rf $(VENV) .tools .ray_results mlartifacts mlflow.db

