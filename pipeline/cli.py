@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import logging
 import sys
 
@@ -18,11 +19,21 @@ STAGES = {
 }
 
 
+def version() -> str:
+    from pipeline import environment
+
+    return f"{environment.PROJECT} {importlib.metadata.version(environment.PROJECT)} (uv.lock sha256 " \
+           f"{environment.lock_sha256()})"
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vae", description=__doc__)
+    # Raw: the version line stays one line.
+    p = argparse.ArgumentParser(prog="vae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=version())
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_text in STAGES.items():
         sub.add_parser(name, help=help_text)
+    sub.add_parser("env", help="the project version, uv.lock's hash, and whether the environment matches it")
     serve = sub.add_parser("serve", help="serve the ONNX decoder over HTTP with onnxruntime")
     serve.add_argument("model", help="the ONNX decoder: a path (models/decoder.onnx) or a registry URI "
                                      "(models:/vae-decoder@champion)")
@@ -50,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline import serve
 
             serve.run(args.model, host=args.host, port=args.port, max_batch=args.max_batch)
+        elif args.command == "env":
+            from pipeline import environment
+
+            print(environment.describe())
         else:
             importlib.import_module(f"pipeline.{args.command}").main()
     except (ParamsError, DataError, FileNotFoundError, LookupError, ConnectionError) as e:

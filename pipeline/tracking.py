@@ -7,7 +7,6 @@ Tracking URI: $MLFLOW_TRACKING_URI, else an absolute sqlite:/// file in the repo
 """
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from typing import Iterator
 
 import yaml
 
+from pipeline import environment
 from pipeline.files import Layout, write_json
 
 log = logging.getLogger(__name__)
@@ -64,10 +64,12 @@ def _git(root: Path, *args: str) -> str | None:
 
 
 def lineage_tags(layout: Layout) -> dict[str, str]:
-    """The git commit (and whether the tree was dirty) and the data version from dvc.lock."""
+    """The git commit (and whether the tree was dirty), the environment (uv.lock's sha256)
+    and the data version from dvc.lock."""
     commit = _git(layout.root, "rev-parse", "HEAD")
     status = _git(layout.root, "status", "--porcelain", "--untracked-files=no")
-    tags = {"git.commit": commit or "unknown", "git.dirty": str(bool(status)).lower()}
+    tags = {"git.commit": commit or "unknown", "git.dirty": str(bool(status)).lower(),
+            "env.uv_lock_sha256": environment.lock_sha256()}
     tags |= {tag: os.environ[env] for env, tag in DVC_EXPERIMENT_ENV.items() if os.environ.get(env)}
     lock = layout.root / "dvc.lock"
     if lock.is_file():
@@ -163,9 +165,10 @@ def system_metrics(run_id: str, layout: Layout, interval_s: float = 5.0) -> Iter
         monitor.finish()  # catches its own errors: a server gone away costs one bounded retry
 
 
-# What loading the logged decoder needs, named rather than inferred: MLflow's inference
-# reloads the model in a subprocess (6 s per export here), and lists both onnxruntime and
-# onnxruntime-gpu for their one import name, two packages that must not be installed together.
+# What loading the logged decoder needs, named rather than inferred, at uv.lock's versions:
+# MLflow's inference reloads the model in a subprocess (6 s per export here), and lists both
+# onnxruntime and onnxruntime-gpu for their one import name, two packages that must not be
+# installed together.
 DECODER_REQUIREMENTS = ("mlflow", "numpy", "onnx", "onnxruntime-gpu")
 
 
@@ -186,7 +189,7 @@ def log_decoder(layout: Layout, run_id: str, onnx_path: Path, z, images) -> str:
     level = flavor_log.level
     flavor_log.setLevel(logging.ERROR)
     mlflow.set_tracking_uri(tracking_uri(layout))
-    requirements = [f"{name}=={importlib.metadata.version(name)}" for name in DECODER_REQUIREMENTS]
+    requirements = environment.pinned(DECODER_REQUIREMENTS)
     try:
         with mlflow.start_run(run_id=run_id):
             info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="decoder", input_example=z,

@@ -191,6 +191,7 @@ def uninterrupted(tmp_path_factory, mnist_dir, ray_address) -> dict:
 def check_pipeline_run(client, run_, repo: Path) -> None:
     """What one pipeline execution's MLflow run must hold, checked against the outputs in
     repo: status, lineage tags, params, per-epoch and test metrics, artifacts, registry."""
+    import hashlib
     import json
 
     import yaml
@@ -201,6 +202,7 @@ def check_pipeline_run(client, run_, repo: Path) -> None:
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     tags, params = run_.data.tags, yaml.safe_load((repo / "params.yaml").read_text())
     assert tags["git.commit"] == head and tags["data.md5"] == lock["stages"]["fetch"]["outs"][0]["md5"]
+    assert tags["env.uv_lock_sha256"] == hashlib.sha256((ROOT / "uv.lock").read_bytes()).hexdigest()
     assert tags["device"] == "cpu" and tags["ray.num_workers"] == str(params["train"]["num_workers"])
     assert run_.data.params["train.lr"] == str(params["train"]["lr"])
     assert run_.data.params["model.latent_dim"] == str(params["model"]["latent_dim"])

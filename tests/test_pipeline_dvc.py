@@ -1,6 +1,5 @@
 """The whole pipeline, for real: `dvc repro` in a fresh git repository holding a copy of
 the project, with tiny params (a few hundred images, one epoch, two Ray workers)."""
-import importlib.metadata
 import json
 import math
 import os
@@ -18,6 +17,7 @@ import yaml
 from PIL import Image
 
 from conftest import ROOT, check_pipeline_run, copy_project, free_port, git_env, run, set_params, system_program
+from pipeline import environment
 from vae.model import VAE
 
 pytestmark = pytest.mark.integration
@@ -128,10 +128,11 @@ def test_decoder_registered_with_onnx_flavor_and_aliases(repro, monkeypatch):
     assert list(model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 20]
     images = model.predict(np.zeros((2, 20), dtype=np.float32))
     assert np.asarray(images["image"] if isinstance(images, dict) else images).shape == (2, 1, 28, 28)
-    # The environment it records installs onnxruntime-gpu alone, as this project does.
+    # The environment it records: what the decoder loads with, pinned at uv.lock's versions;
+    # onnxruntime-gpu alone, as this project installs it.
     requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/vae-decoder@champion")).read_text().split()
-    assert f"onnxruntime-gpu=={importlib.metadata.version('onnxruntime-gpu')}" in requirements
-    assert not [r for r in requirements if r.startswith("onnxruntime==")]
+    locked = environment.locked_packages()
+    assert requirements == [f"{name}=={locked[name]}" for name in ("mlflow", "numpy", "onnx", "onnxruntime-gpu")]
 
 
 def test_second_repro_runs_nothing(repro):

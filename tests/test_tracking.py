@@ -1,5 +1,6 @@
 """pipeline/tracking.py against real MLflow stores and servers: lineage tags, the champion
 rule, and a tracking server that is unreachable at the start or goes away mid-run."""
+import hashlib
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from conftest import BIN, free_port, mlflow_server_process, stack
+from conftest import BIN, ROOT, free_port, mlflow_server_process, stack
 
 from pipeline import tracking
 from pipeline.files import Layout
@@ -50,7 +51,9 @@ def test_lineage_tags_name_commit_dirtiness_and_dvc_experiment(tmp_path, monkeyp
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "abc123")
     tags = tracking.lineage_tags(Layout(tmp_path))
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
-    assert tags == {"git.commit": head, "git.dirty": "false", "dvc.experiment": "lucky-lion", "dvc.baseline": "abc123"}
+    lock = hashlib.sha256((ROOT / "uv.lock").read_bytes()).hexdigest()  # the environment's, not the folder's
+    assert tags == {"git.commit": head, "git.dirty": "false", "env.uv_lock_sha256": lock,
+                    "dvc.experiment": "lucky-lion", "dvc.baseline": "abc123"}
 
 
 def test_unreachable_tracking_server_fails_before_training(tmp_path):
