@@ -31,7 +31,7 @@ def test_set(layout: Layout, params: Params) -> tuple[torch.Tensor, torch.Tensor
     images, labels = load_split(layout.data_dir, "test")
     x = to_float(images[: params.eval.max_test_images])
     if params.data.binarize == "dynamic":
-        x = rng.binarize(x, torch.rand(x.shape, generator=rng.eval_generator(params.eval.seed + 2)))
+        x = rng.binarize(x, torch.rand(x.shape, generator=rng.eval_generator(params.eval.seed, "binarize")))
     return x, labels[: len(x)]
 
 
@@ -73,7 +73,7 @@ def save_grids(model: VAE, x: torch.Tensor, layout: Layout, params: Params) -> N
         rows += [inputs[start:start + per_row], outputs[start:start + per_row]]
     save_png(layout.recon_plot, torch.cat(rows).reshape(-1, *IMAGE_SHAPE), per_row)
     z = torch.randn((params.eval.grid_images, model.config.latent_dim),
-                    generator=rng.eval_generator(params.eval.seed + 1))
+                    generator=rng.eval_generator(params.eval.seed, "samples"))
     save_png(layout.samples_plot, torch.sigmoid(model.decode(z)).reshape(-1, *IMAGE_SHAPE), per_row)
 
 

@@ -11,7 +11,7 @@ from typing import Annotated, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from vae.model import VAEConfig
+from vae.model import ACTIVATIONS, ARCHS, VAEConfig
 
 MNIST_TRAIN_IMAGES = 60_000
 
@@ -37,15 +37,21 @@ class DataParams(Section):
     binarize: Literal["none", "dynamic"] = "none"
 
 
+# The model's names and defaults are vae/model.py's: named there, once.
+_MODEL = VAEConfig()
+
+
 class ModelParams(Section):
-    arch: Literal["mlp", "conv"] = "mlp"
-    latent_dim: int = Field(32, ge=1, le=1024)
-    hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [512, 256], min_length=1)
+    arch: Literal[tuple(ARCHS)] = _MODEL.arch
+    latent_dim: int = Field(_MODEL.latent_dim, ge=1, le=1024)
+    hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: list(_MODEL.hidden_dims),
+                                                           min_length=1)
     # A second stochastic layer z_mid between x and z (null: none), and the hidden layers
     # between z_mid and z (Burda et al.'s two-layer model: 100 and [100, 100]).
-    mid_latent_dim: int | None = Field(None, ge=1, le=1024)
-    mid_hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [100, 100], min_length=1)
-    activation: Literal["relu", "silu", "tanh"] = "relu"  # the hidden layers' nonlinearity
+    mid_latent_dim: int | None = Field(_MODEL.mid_latent_dim, ge=1, le=1024)
+    mid_hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: list(_MODEL.mid_hidden_dims),
+                                                               min_length=1)
+    activation: Literal[tuple(ACTIVATIONS)] = _MODEL.activation  # the hidden layers' nonlinearity
 
     def vae_config(self) -> VAEConfig:
         return VAEConfig(latent_dim=self.latent_dim, hidden_dims=tuple(self.hidden_dims), arch=self.arch,

@@ -21,6 +21,12 @@ def test_repository_params_are_valid_and_explicit():
     params = load_params(ROOT / "params.yaml")
     assert params == Params()  # params.yaml spells out the schema's defaults, no surprises
     assert params == Params.model_validate(params.model_dump())
+    # Every key is spelled out: a key left out would still compare equal above.
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    schema = Params().model_dump()
+    assert raw.keys() == schema.keys()
+    for section, values in raw.items():
+        assert values.keys() == schema[section].keys(), f"params.yaml's {section} section"
 
 
 def test_unknown_key_is_named(tmp_path):

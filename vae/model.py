@@ -17,7 +17,6 @@ IMAGE_SHAPE = (1, 28, 28)
 INPUT_DIM = 28 * 28
 
 
-ARCHS = ("mlp", "conv")
 # The hidden layers' nonlinearity. SiLU (x * sigmoid(x)) is smooth where ReLU has a kink;
 # on the paper preset it reached a given ELBO in fewer epochs at the same cost per epoch.
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -28,8 +27,9 @@ CONV_FLAT = CONV_CHANNELS[-1] * 7 * 7
 
 @dataclass(frozen=True)
 class VAEConfig:
-    latent_dim: int = 20
-    hidden_dims: tuple[int, ...] = (400,)  # mlp: every hidden layer; conv: the dense layer after the convolutions
+    """The architecture. Its defaults are params.yaml's (pipeline/params.py takes them from here)."""
+    latent_dim: int = 32
+    hidden_dims: tuple[int, ...] = (512, 256)  # mlp: every hidden layer; conv: the dense layers after the convolutions
     arch: str = "mlp"
     # Two stochastic layers, x <-> h <-> z_mid <-> h' <-> z: z_mid's size (None: one layer, x <-> h <-> z)
     # and the hidden layers h' between z_mid and z.
@@ -81,6 +81,31 @@ def deconv_head(act: type[nn.Module]) -> nn.Sequential:
                          nn.ConvTranspose2d(c1, 1, 4, 2, 1), nn.Flatten())
 
 
+def mlp_encoder_body(config: VAEConfig, act: type[nn.Module]) -> nn.Module:
+    """x (N, 784) -> the last hidden layer."""
+    return nn.Sequential(mlp([INPUT_DIM, *config.hidden_dims], act), act())
+
+
+def conv_encoder_body(config: VAEConfig, act: type[nn.Module]) -> nn.Module:
+    return nn.Sequential(conv_body(act), mlp([CONV_FLAT, *config.hidden_dims], act), act())
+
+
+def mlp_decoder_net(config: VAEConfig, act: type[nn.Module]) -> nn.Module:
+    """The latent next to x (N, bottom_dim) -> Bernoulli logits (N, 784)."""
+    return mlp([config.bottom_dim, *reversed(config.hidden_dims), INPUT_DIM], act)
+
+
+def conv_decoder_net(config: VAEConfig, act: type[nn.Module]) -> nn.Module:
+    return nn.Sequential(mlp([config.bottom_dim, *reversed(config.hidden_dims), CONV_FLAT], act), act(),
+                         deconv_head(act))
+
+
+# The architectures, by the name model.arch gives: the encoder's body up to its last hidden
+# layer, and the decoder's network. A new one is a pair of builders added here.
+ARCHS = {"mlp": (mlp_encoder_body, mlp_decoder_net),  # dense layers only
+         "conv": (conv_encoder_body, conv_decoder_net)}  # two stride-2 convolutions each way
+
+
 class Gaussian(nn.Module):
     """An MLP from its input to the mean and log-variance of a diagonal Gaussian."""
 
@@ -98,11 +123,8 @@ class Encoder(nn.Module):
 
     def __init__(self, config: VAEConfig):
         super().__init__()
-        act = ACTIVATIONS[config.activation]
-        if config.arch == "conv":
-            self.body = nn.Sequential(conv_body(act), mlp([CONV_FLAT, *config.hidden_dims], act), act())
-        else:
-            self.body = nn.Sequential(mlp([INPUT_DIM, *config.hidden_dims], act), act())
+        body, _ = ARCHS[config.arch]
+        self.body = body(config, ACTIVATIONS[config.activation])
         self.head = nn.Linear(config.hidden_dims[-1], 2 * config.bottom_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,12 +137,8 @@ class Decoder(nn.Module):
 
     def __init__(self, config: VAEConfig):
         super().__init__()
-        act = ACTIVATIONS[config.activation]
-        if config.arch == "conv":
-            self.net = nn.Sequential(mlp([config.bottom_dim, *reversed(config.hidden_dims), CONV_FLAT], act), act(),
-                                     deconv_head(act))
-        else:
-            self.net = mlp([config.bottom_dim, *reversed(config.hidden_dims), INPUT_DIM], act)
+        _, net = ARCHS[config.arch]
+        self.net = net(config, ACTIVATIONS[config.activation])
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         # Any leading dims (IWAE decodes (k, N, latent) at once); convolutions want (N, latent).

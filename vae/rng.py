@@ -40,6 +40,15 @@ def binarize(x: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     return (uniform < x).to(x.dtype)
 
 
-def eval_generator(seed: int) -> torch.Generator:
-    """A generator for evaluation draws (validation noise, test binarisation, samples)."""
-    return _generator(seed, _EVAL_STREAM)
+# Evaluation's streams, by name: distinct for one seed, and unrelated across seeds (no
+# `seed + 1`, under which seed 1's scoring noise would be seed 0's samples).
+EVAL_PURPOSES = {"score": (), "samples": (1,), "binarize": (2,)}
+
+
+def eval_generator(seed: int, purpose: str = "score") -> torch.Generator:
+    """A generator for evaluation draws: "score", the noise of the validation or test ELBO
+    and IWAE estimates; "samples", the prior samples drawn for pictures; "binarize", the test
+    set's one binarisation."""
+    if purpose not in EVAL_PURPOSES:
+        raise ValueError(f"unknown evaluation stream {purpose!r} (known: {', '.join(EVAL_PURPOSES)})")
+    return _generator(seed, _EVAL_STREAM, *EVAL_PURPOSES[purpose])
