@@ -10,14 +10,20 @@ UV     := .tools/bin/uv
 # Re-synced only when uv.lock changes.
 STAMP  := $(VENV)/.installed
 
-.PHONY: repro test install lock lock-check system-packages up down clean
+.PHONY: repro test test-fast install lock lock-check system-packages up down clean
 
+# The last stage that runs prints where the results are (`vae summary` prints it again).
 repro: $(STAMP)
 	PATH="$(BIN):$$PATH" dvc repro
-	@$(BIN)/vae summary
 
 test: lock-check $(STAMP) system-packages
+	$(BIN)/ruff check .
 	PATH="$(BIN):$$PATH" $(BIN)/python -m pytest
+
+# The edit loop: lint and the unit tests, none of the servers, clusters or pipeline runs.
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	PATH="$(BIN):$$PATH" $(BIN)/python -m pytest -m "not integration" -q
 
 # Debian packages the tests run for real: PostgreSQL (an MLflow backend store) and Chromium
 # (the MLflow UI test). Installed when missing and we are root, as in CI; otherwise their

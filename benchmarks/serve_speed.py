@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from pipeline.files import Layout
-from pipeline.onnx_session import open_session
+from pipeline.serve.session import open_session
 from pipeline.tracking import tracking_uri
 from vae.model import VAE, ImageDecoder
 
@@ -59,8 +59,8 @@ def in_process(layout: Layout) -> None:
     for batch, repeats in ((1, 2000), (1024, 50)):
         z = np.random.default_rng(0).standard_normal((batch, latent)).astype(np.float32)
         with torch.no_grad():
-            eager = per_call_ms(lambda: decoder(torch.from_numpy(z)), repeats)
-        ort = per_call_ms(lambda: session.run(None, {"z": z}), repeats)
+            eager = per_call_ms(lambda z=z: decoder(torch.from_numpy(z)), repeats)
+        ort = per_call_ms(lambda z=z: session.run(None, {"z": z}), repeats)
         print(f"{batch:>7}{eager:>14.3f}{ort:>14.3f}{eager / ort:>9.2f}x")
 
 
@@ -95,7 +95,8 @@ def wrk(url: str, body: dict, seconds: float, clients: int, think_ms: float = 0,
     keep-alive connections: flat out, or paced by an exponential think time per connection.
     Also samples the resident memory of process `pid` once a second."""
     if shutil.which("wrk") is None:
-        sys.exit("serve_speed: needs the `wrk` load generator (Debian/Ubuntu: apt-get install wrk; macOS: brew install wrk)")
+        sys.exit("serve_speed: needs the `wrk` load generator "
+                 "(Debian/Ubuntu: apt-get install wrk; macOS: brew install wrk)")
     with tempfile.NamedTemporaryFile("w", suffix=".json") as body_file:
         json.dump(body, body_file)
         body_file.flush()

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.train import compile_model
+from pipeline.train_worker import compile_model
 from vae import rng
 from vae.data import MNIST_FILES, load_split, to_float
 from vae.model import VAE, VAEConfig
@@ -149,7 +149,7 @@ def ray_epochs(data_dir: Path, workers: int, epochs: int, compile: bool = False)
                                                   "compile": compile}})
         state = fit(layout, params, tracking.start_run(layout, params.flat(), {}))
     # Scale the epoch (59,000 images here) to 60,000; validation on 1,000 is included.
-    return [row["epoch_seconds"] * EPOCH_IMAGES / (EPOCH_IMAGES - 1000) for row in state["history"]]
+    return [row["epoch_seconds"] * EPOCH_IMAGES / (EPOCH_IMAGES - 1000) for row in state.history]
 
 
 # Where (b)'s time goes, by the kind of work each ATen op does (self time, no double counting).
@@ -202,7 +202,8 @@ def main() -> None:
         return
 
     floor = "(d) floor: Linear layers + fused Adam only"
-    ray_runs = {f"(c) ours, Ray Train, {workers} worker{'s' * (workers > 1)}{', compiled' * compile}": (workers, compile)
+    ray_runs = {f"(c) ours, Ray Train, {workers} worker{'s' * (workers > 1)}{', compiled' * compile}":
+                (workers, compile)
                 for compile in (False, True) for workers in (1, 2)}
     with tempfile.TemporaryDirectory() as root:
         trainers = {"(a) reference loop (DataLoader + ToTensor)": reference_trainer(mnist_root(args.data, Path(root))),

@@ -5,6 +5,7 @@ import argparse
 import importlib
 import importlib.metadata
 import logging
+import os
 import sys
 
 from pipeline.params import ParamsError
@@ -48,19 +49,23 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # MLflow configures its own loggers at INFO when imported ("Creating initial MLflow database
+    # tables", system metrics started and stopped): warnings only, unless the user asks for more.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     # Our own modules at INFO; libraries (onnxscript's optimiser, MLflow, ...) only warn.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipeline").setLevel(logging.INFO)
     try:
         if args.command == "serve" and args.ray:
-            from pipeline import serve, serve_ray
+            from pipeline.registry import resolve
+            from pipeline.serve import ray_serve
 
-            serve_ray.run(serve.resolve(args.model), args.host, args.port, args.max_batch, args.replicas,
+            ray_serve.run(resolve(args.model), args.host, args.port, args.max_batch, args.replicas,
                           args.replica_cpus)
         elif args.command == "serve":
-            from pipeline import serve
+            from pipeline.serve import app
 
-            serve.run(args.model, host=args.host, port=args.port, max_batch=args.max_batch)
+            app.run(args.model, host=args.host, port=args.port, max_batch=args.max_batch)
         elif args.command == "env":
             from pipeline import environment
 

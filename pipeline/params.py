@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vae.model import ACTIVATIONS, ARCHS, VAEConfig
+from vae.training import TrainConfig
 
 MNIST_TRAIN_IMAGES = 60_000
 
@@ -121,6 +122,13 @@ class Params(Section):
                 raise ValueError("train.grad_estimator: dreg is implemented for one stochastic layer "
                                  f"(got model.mid_latent_dim: {self.model.mid_latent_dim})")
         return self
+
+    def train_config(self) -> TrainConfig:
+        """What vae/training.py needs of the train and data sections."""
+        t = self.train
+        return TrainConfig(seed=t.seed, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, lr_schedule=t.lr_schedule,
+                           iwae_k=t.iwae_k, dreg=t.grad_estimator == "dreg", binarize=self.data.binarize == "dynamic",
+                           bf16=t.bf16)
 
     def flat(self) -> dict[str, object]:
         """{'section.key': value}, as logged to MLflow."""

@@ -1,8 +1,11 @@
-"""Joining Ray: the cluster at $RAY_ADDRESS (or a given address), else a quiet local Ray."""
+"""Joining Ray: the cluster at $RAY_ADDRESS (or a given address), else a quiet local Ray; and
+how training workers are placed on it."""
 from __future__ import annotations
 
 import logging
 import os
+
+from pipeline import compat
 
 # Ray Train V2 re-routes print() in workers through logging and echoes it, printing every
 # epoch line twice; plain print is what we want. The preemption watcher only matters on
@@ -37,16 +40,32 @@ def torch_trainer():
     """Ray Train's TorchTrainer; on a Ray without a dashboard, less its placement-group cleaner.
     The cleaner asks the state API, which the dashboard serves, whether the controller lives;
     without one it cannot tell, and only prints tracebacks at every run's start and end."""
-    from ray._private.worker import get_dashboard_url  # ray 2.60 has no public form of this
     from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    if get_dashboard_url():
-        return TorchTrainer
+    return TorchTrainer if compat.ray_dashboard_url() else compat.torch_trainer_without_placement_group_cleaner()
 
-    class Trainer(TorchTrainer):
-        def _create_default_callbacks(self):
-            return [callback for callback in super()._create_default_callbacks()
-                    if not isinstance(callback, PlacementGroupCleanerCallback)]
 
-    return Trainer
+def gpu_workers(use_gpu, cluster_gpus: float) -> bool:
+    if use_gpu == "auto":
+        return cluster_gpus >= 1
+    if use_gpu and cluster_gpus < 1:
+        raise RuntimeError("train.use_gpu is true but the Ray cluster has no GPU")
+    return bool(use_gpu)
+
+
+def share_cpus(node_cpus: list[float], num_workers: int) -> int:
+    """The most CPUs per worker with which all the workers still fit on the nodes."""
+    for cpus in range(int(max(node_cpus, default=1)), 1, -1):
+        if sum(int(n) // cpus for n in node_cpus) >= num_workers:
+            return cpus
+    return 1
+
+
+def cpus_per_worker(setting: int | str, num_workers: int) -> int:
+    """CPUs a worker reserves. Ray sets OMP_NUM_THREADS, hence torch's threads, from it: with
+    Ray's default of 1, a lone worker would use one core of many."""
+    if setting != "auto":
+        return int(setting)
+    import ray
+
+    return share_cpus([node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]], num_workers)

@@ -1,4 +1,4 @@
-"""Everything MLflow: one run per pipeline execution, shared by the stages.
+"""MLflow's runs: one per pipeline execution, shared by the stages (the registry: registry.py).
 
 `train` creates the run (before Ray starts) and records its id in models/mlflow_run.json;
 its rank-0 worker logs per-epoch metrics into it; `evaluate` and `export` reopen it.
@@ -25,7 +25,6 @@ from pipeline.files import Layout, write_json
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "vae-mnist"
-REGISTERED_MODEL = "vae-decoder"
 # Set by `dvc exp run` in the stage's environment.
 DVC_EXPERIMENT_ENV = {"DVC_EXP_NAME": "dvc.experiment", "DVC_EXP_BASELINE_REV": "dvc.baseline"}
 # MLflow's client retries an unreachable server for minutes by default (7 retries, doubling
@@ -163,59 +162,6 @@ def system_metrics(run_id: str, layout: Layout, interval_s: float = 5.0) -> Iter
         yield
     finally:
         monitor.finish()  # catches its own errors: a server gone away costs one bounded retry
-
-
-# What loading the logged decoder needs, named rather than inferred, at uv.lock's versions:
-# MLflow's inference reloads the model in a subprocess (6 s per export here), and lists both
-# onnxruntime and onnxruntime-gpu for their one import name, two packages that must not be
-# installed together.
-DECODER_REQUIREMENTS = ("mlflow", "numpy", "onnx", "onnxruntime-gpu")
-
-
-def log_decoder(layout: Layout, run_id: str, onnx_path: Path, z, images) -> str:
-    """Log the ONNX decoder with MLflow's onnx flavor (signature and input example from z ->
-    images) into the run, registered as a new version of `vae-decoder`; returns the version."""
-    import mlflow
-    import onnx
-    import onnxruntime
-    from mlflow.models import infer_signature
-
-    # The flavor records MLflow's default providers (CUDA, then CPU), so the model uses a GPU
-    # wherever it is loaded with one; MLflow's check of the input example then loads it here,
-    # where onnxruntime would log CUDA's absence as an error, and MLflow warn of it, before
-    # falling back to CPU. Export reports the providers in use itself.
-    onnxruntime.set_default_logger_severity(4)
-    flavor_log = logging.getLogger("mlflow.onnx")
-    level = flavor_log.level
-    flavor_log.setLevel(logging.ERROR)
-    mlflow.set_tracking_uri(tracking_uri(layout))
-    requirements = environment.pinned(DECODER_REQUIREMENTS)
-    try:
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="decoder", input_example=z,
-                                         signature=infer_signature(z, images), registered_model_name=REGISTERED_MODEL,
-                                         pip_requirements=requirements)
-    finally:
-        flavor_log.setLevel(level)
-    return str(info.registered_model_version)
-
-
-def promote(client, version: str, neg_elbo: float) -> bool:
-    """Alias the new version `candidate`; move `champion` to it only when its test -ELBO beats
-    the current champion's. Returns whether it became the champion."""
-    from mlflow.exceptions import MlflowException
-
-    client.set_model_version_tag(REGISTERED_MODEL, version, "test_neg_elbo", str(neg_elbo))
-    client.set_registered_model_alias(REGISTERED_MODEL, "candidate", version)
-    try:
-        champion = client.get_model_version_by_alias(REGISTERED_MODEL, "champion")
-        best = float(champion.tags.get("test_neg_elbo", "inf"))
-    except MlflowException:  # no champion yet
-        best = float("inf")
-    if neg_elbo >= best:
-        return False
-    client.set_registered_model_alias(REGISTERED_MODEL, "champion", version)
-    return True
 
 
 def log_metrics(client, run_id: str, metrics: dict[str, float], step: int = 0) -> None:

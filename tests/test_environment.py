@@ -4,8 +4,9 @@ import subprocess
 
 import pytest
 
-from conftest import BIN, ROOT
 from pipeline import environment
+
+from helpers import BIN, ROOT
 
 UV = ROOT / ".tools" / "bin" / "uv"  # bootstrapped by `make`
 
@@ -73,6 +74,7 @@ def test_the_lock_is_walked_by_markers_and_extras(tmp_path):
         environment.pinned(("numpy", "colorama"), lock)
 
 
+@pytest.mark.integration  # starts `vae`
 def test_vae_version_and_env_name_the_lock():
     digest = hashlib.sha256((ROOT / "uv.lock").read_bytes()).hexdigest()
     version = subprocess.run([str(BIN / "vae"), "--version"], capture_output=True, text=True, check=True).stdout

@@ -4,8 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.evaluate import (ACTIVE_UNIT_VARIANCE, posterior_means, save_grids, save_latent_map, save_traversal,
-                               score)
+from pipeline.evaluate import ACTIVE_UNIT_VARIANCE, posterior_means, save_grids, save_latent_map, save_traversal, score
 from pipeline.files import Layout
 from pipeline.params import Params
 from vae import rng
@@ -25,7 +24,7 @@ def trained(mnist_dir):
     x = to_float(train_images[:3000])
     model = VAE(VAEConfig(latent_dim=LATENT, hidden_dims=(128,)))
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for step in range(300):
+    for _ in range(300):
         batch = x[torch.randint(len(x), (100,))]
         loss = elbo_terms(model, batch, torch.randn(len(batch), LATENT))["neg_elbo"].mean()
         optimizer.zero_grad()

@@ -6,9 +6,10 @@ import pickle
 
 import pytest
 
-from conftest import free_port
 from pipeline import fetch
 from vae.data import MNIST_FILES, DataError, sha256_file
+
+from helpers import free_port
 
 
 def test_pypi_wheel_gives_the_official_checksums(mnist_dir):

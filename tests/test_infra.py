@@ -9,8 +9,9 @@ import ray
 import yaml
 from ray.autoscaler._private.util import validate_config
 
-from conftest import ROOT
 from pipeline.cli import STAGES
+
+from helpers import ROOT
 
 INFRA = ROOT / "infra"
 IMAGE = "ghcr.io/your-org/vae-mnist:latest"  # what infra/docker/Dockerfile's build line tags

@@ -10,9 +10,8 @@ import pytest
 import sqlalchemy
 from mlflow import MlflowClient
 
-from conftest import SMALL_MODEL, check_pipeline_run, copy_project, git_env, logged_model, run, set_params
+from helpers import SMALL_MODEL, check_pipeline_run, copy_project, git_env, logged_model, run, set_params
 
-pytestmark = pytest.mark.integration
 LEARNING_RATES = ("0.002", "0.003")
 
 

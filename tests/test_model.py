@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from torch.distributions import Bernoulli, Normal
 
 from vae.densities import gaussian_kl, gaussian_log_prob
@@ -130,7 +129,8 @@ def test_two_layer_weights_are_the_chain_of_conditionals(two_layer):
         q_top = Normal(top_mu, torch.exp(0.5 * top_logvar))
         top = q_top.loc + q_top.scale * eps[..., 6:]
         p_mu, p_logvar = model.upper_decoder(top)
-        expected = (Normal(0.0, 1.0).log_prob(top).sum(-1) + Normal(p_mu, torch.exp(0.5 * p_logvar)).log_prob(mid).sum(-1)
+        expected = (Normal(0.0, 1.0).log_prob(top).sum(-1)
+                    + Normal(p_mu, torch.exp(0.5 * p_logvar)).log_prob(mid).sum(-1)
                     - q_mid.log_prob(mid).sum(-1) - q_top.log_prob(top).sum(-1))
         torch.testing.assert_close(log_ratio, expected)
         torch.testing.assert_close(log_px_z, Bernoulli(logits=model.decoder(mid)).log_prob(x).sum(-1))
@@ -150,7 +150,8 @@ def test_two_layer_bounds_and_gradients(two_layer):
     iwae_terms(model, x, torch.randn(4, 8, 10, generator=generator))["loss"].sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     z = torch.randn(3, 4)
-    torch.testing.assert_close(ImageDecoder(model)(z).flatten(1), torch.sigmoid(model.decoder(model.upper_decoder(z)[0])))
+    through_mid = torch.sigmoid(model.decoder(model.upper_decoder(z)[0]))
+    torch.testing.assert_close(ImageDecoder(model)(z).flatten(1), through_mid)
     assert model.posterior_mean(x).shape == (8, 4)
 
 

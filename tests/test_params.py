@@ -39,7 +39,8 @@ def test_unknown_key_is_named(tmp_path):
 def test_bad_value_is_named_with_what_was_given(tmp_path):
     with pytest.raises(ParamsError, match=r"train.epochs: Input should be greater than or equal to 1 \(got 0\)"):
         load_params(write(tmp_path, "train:\n  epochs: 0\n"))
-    with pytest.raises(ParamsError, match=r"model.hidden_dims.1: Input should be greater than or equal to 1 \(got -1\)"):
+    negative = r"model.hidden_dims.1: Input should be greater than or equal to 1 \(got -1\)"
+    with pytest.raises(ParamsError, match=negative):
         load_params(write(tmp_path, "model:\n  hidden_dims: [400, -1]\n"))
     with pytest.raises(ParamsError, match=r"model.activation: Input should be 'relu', 'silu' or 'tanh'"):
         load_params(write(tmp_path, "model:\n  activation: gelu\n"))

@@ -16,11 +16,20 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import ROOT, check_pipeline_run, copy_project, free_port, git_env, run, set_params, system_program
 from pipeline import environment
 from vae.model import VAE
 
-pytestmark = pytest.mark.integration
+from helpers import (
+    ROOT,
+    check_pipeline_run,
+    copy_project,
+    copy_repro,
+    free_port,
+    git_env,
+    run,
+    set_params,
+    system_program,
+)
 
 TINY = {
     "data": {"source": "pypi", "val_size": 200, "max_train_images": 300},
@@ -64,6 +73,8 @@ def test_every_stage_ran_and_every_declared_output_exists(repro):
     assert "Browse the run:" in log and "Serve the decoder:" in log  # the user is told where to look
     assert "Traceback" not in log, log  # Ray stays quiet (no dashboard, no placement-group cleaner noise)
     assert "failed to initialize" not in log, log  # nor MLflow about the CUDA provider a CPU machine lacks
+    assert "INFO mlflow" not in log and "WARNING mlflow" not in log, log  # nor MLflow's chatter
+    assert log.count("Browse the run:") == 1  # the summary, once
 
 
 def test_outputs_hold_what_they_should(repro):
@@ -180,8 +191,8 @@ def stages_run(log: str) -> list[str]:
     return re.findall(r"Running stage '(\w+)'", log)
 
 
-def test_an_export_param_reruns_export_only(repro):
-    repo, env, _ = repro
+def test_an_export_param_reruns_export_only(repro, tmp_path):
+    repo, env = copy_repro(repro[0], tmp_path / "project"), repro[1]
     set_params(repo, {"export": {"parity_batches": [1, 64]}})
     assert stages_run(run(["dvc", "repro"], repo, env=env).stdout) == ["export"]
 
@@ -191,7 +202,7 @@ def test_a_stage_killed_mid_write_leaves_nothing_partial_and_repro_recovers(repr
     first and metrics/eval.json last: SIGKILL `dvc repro` (and the stage) between the two.
     Nothing half-written remains, dvc.lock still holds evaluate's last complete run, and
     the next `dvc repro` finishes the job."""
-    repo, env, _ = repro
+    repo, env = copy_repro(repro[0], tmp_path / "project"), repro[1]
     first, last = repo / "plots/reconstructions.png", repo / "metrics/eval.json"
     before = first.stat().st_mtime_ns
     evaluate_locked = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["evaluate"]
@@ -215,8 +226,8 @@ def test_a_stage_killed_mid_write_leaves_nothing_partial_and_repro_recovers(repr
     assert "Data and pipelines are up to date" in run(["dvc", "status"], repo, env=env).stdout
 
 
-def test_unknown_params_key_fails_naming_it(repro):
-    repo, env, _ = repro
+def test_unknown_params_key_fails_naming_it(repro, tmp_path):
+    repo, env = copy_repro(repro[0], tmp_path / "project"), repro[1]
     set_params(repo, {"train": {"epochz": 3}})
     failed = run(["dvc", "repro"], repo, env=env, check=False)
     assert failed.returncode != 0

@@ -6,12 +6,9 @@ import signal
 import subprocess
 import time
 
-import pytest
 import torch
 
-from conftest import INTERRUPTED_RUN, copy_project, git_env, run, set_params
-
-pytestmark = pytest.mark.integration
+from helpers import INTERRUPTED_RUN, copy_project, git_env, run, set_params
 
 
 def test_killed_repro_resumes_to_the_uninterrupted_model(tmp_path, mnist_dir, ray_address, uninterrupted):
@@ -40,7 +37,7 @@ def test_killed_repro_resumes_to_the_uninterrupted_model(tmp_path, mnist_dir, ra
     assert "epoch   1/3" not in resumed.stdout, "the rerun trained epoch 1 again instead of resuming"
     assert "epoch   3/3" in resumed.stdout
     model = torch.load(repo / "models" / "vae.pt", weights_only=True)["state_dict"]
-    reference = uninterrupted["best"]["model"]  # what `vae train` writes: the best epoch's weights
+    reference = uninterrupted.best["model"]  # what `vae train` writes: the best epoch's weights
     assert all(torch.equal(model[k], reference[k]) for k in reference)
 
     set_params(repo, {"train": {"epochs": 1}})  # a changed params set, whose run is short

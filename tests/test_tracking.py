@@ -10,37 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from mlflow import MlflowClient
-
-from conftest import BIN, ROOT, free_port, mlflow_server_process, stack
 
 from pipeline import tracking
 from pipeline.files import Layout
 
-
-@pytest.fixture
-def client(tmp_path):
-    return MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-
-
-def test_champion_moves_only_to_a_better_model(client, tmp_path):
-    client.create_registered_model(tracking.REGISTERED_MODEL)
-
-    def version(neg_elbo):
-        source = tmp_path / f"model-{neg_elbo}"
-        source.mkdir()
-        v = client.create_model_version(tracking.REGISTERED_MODEL, str(source)).version
-        return v, tracking.promote(client, v, neg_elbo)
-
-    def alias(name):
-        return client.get_model_version_by_alias(tracking.REGISTERED_MODEL, name).version
-
-    first, promoted = version(105.0)
-    assert promoted and alias("champion") == alias("candidate") == first
-    worse, promoted = version(110.0)
-    assert not promoted and alias("candidate") == worse and alias("champion") == first
-    better, promoted = version(100.0)
-    assert promoted and alias("champion") == alias("candidate") == better
+from helpers import BIN, ROOT, free_port, mlflow_server_process, stack
 
 
 def test_lineage_tags_name_commit_dirtiness_and_dvc_experiment(tmp_path, monkeypatch):
@@ -56,6 +30,7 @@ def test_lineage_tags_name_commit_dirtiness_and_dvc_experiment(tmp_path, monkeyp
                     "dvc.experiment": "lucky-lion", "dvc.baseline": "abc123"}
 
 
+@pytest.mark.integration  # starts `vae train`
 def test_unreachable_tracking_server_fails_before_training(tmp_path):
     (tmp_path / "params.yaml").write_text("train:\n  epochs: 1\n")
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
@@ -66,7 +41,6 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path):
     assert not (tmp_path / ".ray_results").exists() and not (tmp_path / "models").exists()
 
 
-@pytest.mark.integration
 def test_server_lost_mid_run_costs_a_warning_not_the_training(tmp_path, mnist_dir, ray_address):
     """The server answers when `vae train` creates the run, then goes away for good before
     the first epoch is logged: training finishes, warns once per process, writes its outputs."""

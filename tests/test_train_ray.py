@@ -6,16 +6,15 @@ import threading
 import time
 
 import psutil
-from mlflow import MlflowClient
 import pytest
 import torch
+from mlflow import MlflowClient
 
-from conftest import INTERRUPTED_RUN, SMALL_MODEL, fit_in_folder
 from pipeline.params import Params
-from pipeline.train import compile_model, gpu_workers, share_cpus
+from pipeline.train_worker import compile_model
 from vae.model import VAE
 
-pytestmark = pytest.mark.integration
+from helpers import INTERRUPTED_RUN, SMALL_MODEL, fit_in_folder
 
 
 def train(tmp_path, mnist_dir, name, **train_params):
@@ -37,14 +36,14 @@ def test_one_and_two_workers_compiled_or_not_make_the_same_model(tmp_path, mnist
     two_again = train(tmp_path, mnist_dir, "two-again", num_workers=2, **run)
     # train.compile fuses the forward's elementwise ops, which may also reorder float sums.
     compiled = train(tmp_path, mnist_dir, "two-compiled", num_workers=2, compile=True, **run)
-    assert max_abs_diff(one["model"], two["model"]) <= 1e-5  # only float summation order differs
-    assert abs(one["history"][-1]["val_neg_elbo"] - two["history"][-1]["val_neg_elbo"]) <= 0.1
-    assert all(torch.equal(two["model"][k], two_again["model"][k]) for k in two["model"])
-    assert max_abs_diff(two["model"], compiled["model"]) <= 1e-4
-    assert abs(two["history"][-1]["val_neg_elbo"] - compiled["history"][-1]["val_neg_elbo"]) <= 0.01
+    assert max_abs_diff(one.model, two.model) <= 1e-5  # only float summation order differs
+    assert abs(one.history[-1]["val_neg_elbo"] - two.history[-1]["val_neg_elbo"]) <= 0.1
+    assert all(torch.equal(two.model[k], two_again.model[k]) for k in two.model)
+    assert max_abs_diff(two.model, compiled.model) <= 1e-4
+    assert abs(two.history[-1]["val_neg_elbo"] - compiled.history[-1]["val_neg_elbo"]) <= 0.01
     torch.manual_seed(0)
     initial = VAE(Params.model_validate({"model": model}).model.vae_config()).state_dict()
-    assert max_abs_diff(one["model"], initial) > 1e-3  # and training did move the weights
+    assert max_abs_diff(one.model, initial) > 1e-3  # and training did move the weights
 
 
 def test_compile_names_a_missing_cxx_compiler(monkeypatch):
@@ -73,50 +72,16 @@ def test_killed_worker_resumes_from_checkpoint_to_the_same_model(tmp_path, mnist
     interrupted = train(tmp_path, mnist_dir, "killed", max_failures=1, **INTERRUPTED_RUN)
     killer.join()
     assert killed, "no Ray Train worker was found to kill"
-    assert interrupted["epoch"] == 3 and [r["epoch"] for r in interrupted["history"]] == [1, 2, 3]
+    assert interrupted.epoch == 3 and [r["epoch"] for r in interrupted.history] == [1, 2, 3]
     client = MlflowClient(f"sqlite:///{tmp_path / 'killed' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("vae-mnist").experiment_id])
     assert len(runs) == 1  # the restarted workers logged into the same run
     assert {m.step for m in client.get_metric_history(runs[0].info.run_id, "val_neg_elbo")} == {1, 2, 3}
-    assert all(torch.equal(interrupted["model"][k], uninterrupted["model"][k]) for k in uninterrupted["model"])
-
-
-def test_gpu_choice():
-    assert gpu_workers("auto", 0) is False and gpu_workers("auto", 2) is True
-    assert gpu_workers(False, 2) is False
-    with pytest.raises(RuntimeError, match="train.use_gpu is true but the Ray cluster has no GPU"):
-        gpu_workers(True, 0)
-
-
-def test_workers_share_the_cpus_within_a_node():
-    """A lone worker on a 2-core machine gets both cores (Ray's default would give it one
-    thread); every worker still fits on some node, and none asks for less than one CPU."""
-    assert share_cpus([2], 1) == 2 and share_cpus([16], 4) == 4 and share_cpus([16, 16], 2) == 16
-    assert share_cpus([1, 1], 1) == 1 and share_cpus([8, 2], 2) == 4 and share_cpus([8, 2], 3) == 2
-    assert share_cpus([2], 3) == 1
+    assert all(torch.equal(interrupted.model[k], uninterrupted.model[k]) for k in uninterrupted.model)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 def test_gpu_workers_with_bf16(tmp_path, mnist_dir, ray_address):
     state = train(tmp_path, mnist_dir, "gpu", num_workers=1, use_gpu=True, bf16=True)
-    assert state["device"] == "cuda" and state["history"][-1]["val_neg_elbo"] < 550
-
-
-@pytest.mark.parametrize("epochs, images", [(30, 50_000), (2, 300), (1, 64)])
-def test_learning_rate_schedule_peaks_at_train_lr_and_survives_tiny_runs(epochs, images):
-    from pipeline.train import learning_rate_schedule
-
-    cfg = {"lr_schedule": "onecycle", "lr": 2e-3, "epochs": epochs, "batch_size": 128}
-    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=cfg["lr"])
-    schedule = learning_rate_schedule(optimizer, cfg, images)
-    rates = []
-    for _ in range(epochs * -(-images // 128)):
-        rates.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        schedule.step()
-    assert max(rates) == pytest.approx(2e-3)
-    if len(rates) >= 4:  # warm-up from below the peak, annealed far below it at the end
-        assert rates[0] < 2e-3 / 10 and rates[-1] < 2e-3 / 100
-    else:
-        assert rates == [2e-3] * len(rates)
+    assert state.device == "cuda" and state.history[-1]["val_neg_elbo"] < 550

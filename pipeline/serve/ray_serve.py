@@ -1,4 +1,4 @@
-"""`vae serve --ray`: the same app as `vae serve` (pipeline/serve.py), deployed on Ray Serve
+"""`vae serve --ray`: the same app as `vae serve` (pipeline/serve/app.py), deployed on Ray Serve
 as N replicas, each with its own onnxruntime session, behind Ray Serve's HTTP proxy.
 
 It joins $RAY_ADDRESS when set (replicas then spread over the cluster's nodes), else starts
@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 from pipeline.ray_connect import connect_ray
+from pipeline.registry import MODEL_NAME
 
-DEPLOYMENT = "vae-decoder"
+DEPLOYMENT = MODEL_NAME
 
 
 def deployment(onnx_bytes: bytes, max_batch: int, replicas: int, replica_cpus: float):
@@ -27,7 +28,7 @@ def deployment(onnx_bytes: bytes, max_batch: int, replicas: int, replica_cpus: f
             self.model, self.batch = model, batch
 
         def __serve_build_asgi_app__(self):
-            from pipeline.serve import create_app
+            from pipeline.serve.app import create_app
 
             return create_app(self.model, self.batch)
 

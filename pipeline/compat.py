@@ -1,0 +1,63 @@
+"""Every private API of a dependency that the pipeline uses, in one place.
+
+Written against the pinned versions: ray 2.60.0, torch 2.14.1, numpy 2.x (see uv.lock).
+Each has no public form there; an upgrade that moves one fails here, by name, and
+tests/test_compat.py imports them all so that it fails in the tests first.
+"""
+from __future__ import annotations
+
+import logging
+
+
+def ray_dashboard_url() -> str | None:
+    """The running Ray's dashboard address (None without a dashboard)."""
+    from ray._private.worker import get_dashboard_url
+
+    return get_dashboard_url()
+
+
+def torch_trainer_without_placement_group_cleaner():
+    """TorchTrainer less its placement-group cleaner, by overriding a private method of
+    Ray Train V2 (the cleaner asks the dashboard's state API and, without one, prints only
+    tracebacks at every run's start and end)."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [callback for callback in super()._create_default_callbacks()
+                    if not isinstance(callback, PlacementGroupCleanerCallback)]
+
+    return Trainer
+
+
+def quiet_ray_train_reports() -> None:
+    """Ray Train logs every report() at INFO through a logger named by its file path, which
+    escapes its own log-level setting; mute it so the console shows our epoch lines."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def require_cxx_compiler() -> None:
+    """Raise InvalidCxxCompiler's message as a RuntimeError when inductor finds no C++ compiler."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler as e:
+        raise RuntimeError(str(e)) from None
+
+
+def quiet_dynamo() -> None:
+    import torch
+
+    torch._logging.set_logs(dynamo=logging.ERROR)
+
+
+def numpy_array_reconstructor():
+    """What a pickled numpy array calls to rebuild itself (numpy.core.multiarray._reconstruct)."""
+    from numpy._core.multiarray import _reconstruct
+
+    return _reconstruct

@@ -1,0 +1,196 @@
+"""One Ray Train worker of stage `train`: vae/training.py's Trainer on this worker's slice
+of every global batch, DDP averaging the gradients. Rank 0 logs each epoch into the MLflow
+run the driver created and attaches the checkpoint it reports; a restarted worker group, or
+a rerun of the same params and code, resumes from the last one.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from pipeline import compat, tracking
+from pipeline.params import Params
+from vae.model import VAE
+from vae.training import Shard, Trainer, validate, validation_set
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """What the driver hands every worker besides the params."""
+    run_id: str  # the MLflow run rank 0 logs each epoch into
+    tracking_uri: str
+    data: tuple  # Ray object refs of the (train, validation) uint8 images
+
+
+@dataclass
+class TrainState:
+    """Training's progress: what each epoch's checkpoint holds besides the optimiser and the
+    schedule, resumed by a restarted worker group or a rerun of the same params."""
+    epoch: int = 0  # epochs done
+    history: list[dict] = field(default_factory=list)  # one row of metrics per epoch
+    best: dict | None = None  # the best validation epoch: {"epoch", "val_neg_elbo", "model"}
+    run_id: str | None = None  # the MLflow run the history was logged into
+    nodes: list[str] = field(default_factory=list)  # the Ray nodes the workers ran on
+    model: dict | None = None  # the last epoch's weights
+    device: str = "cpu"  # set by the driver
+
+    def record(self, row: dict, weights: dict, run_id: str) -> None:
+        if self.best is None or row["val_neg_elbo"] < self.best["val_neg_elbo"]:
+            self.best = {"epoch": row["epoch"], "val_neg_elbo": row["val_neg_elbo"],
+                         "model": {k: v.detach().clone() for k, v in weights.items()}}
+        self.epoch, self.run_id, self.model = row["epoch"], run_id, weights
+        self.history = [*self.history, row]
+
+    def to_checkpoint(self, trainer: Trainer) -> dict:
+        return {**{f.name: getattr(self, f.name) for f in fields(self)},
+                "optimizer": trainer.optimizer.state_dict(), "schedule": trainer.schedule.state_dict()}
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict) -> "TrainState":
+        return cls(**{f.name: checkpoint[f.name] for f in fields(cls) if f.name in checkpoint})
+
+
+def compile_model(model, device):
+    """The model whose forward (the per-sample log-densities, see VAE.forward) runs as
+    torch.compile's fused kernels. Checks for the C++ compiler that CPU kernels need first,
+    so a missing one is named before training starts, not deep inside the first step."""
+    if device.type == "cpu":
+        try:
+            compat.require_cxx_compiler()
+        except RuntimeError as e:
+            raise RuntimeError(f"train.compile: true needs a C++ compiler (g++ or clang++) on CPU "
+                               f"workers; install one or set train.compile: false ({e})") from None
+    # Quiet: "No CUDA runtime is found" on CPU-only nodes; Ray's profiler spans it skips.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    compat.quiet_dynamo()
+    # The shapes are fixed but for each epoch's last batch: one more compile, not a dynamic graph.
+    return torch.compile(model, dynamic=False)
+
+
+def _all_reduce(sums: torch.Tensor) -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+
+
+def _node_ids(world: int) -> list[str]:
+    """The distinct Ray nodes this worker group runs on."""
+    import ray
+
+    mine = ray.get_runtime_context().get_node_id()
+    nodes = [mine] * world
+    if dist.is_available() and dist.is_initialized():
+        dist.all_gather_object(nodes, mine)
+    return sorted(set(nodes))
+
+
+@dataclass
+class Worker:
+    """One Ray Train worker, set up: its model, trainer, data and progress."""
+    params: Params
+    context: WorkerContext
+    model: VAE
+    trainer: Trainer
+    train_images: torch.Tensor  # on the worker's device
+    validation: tuple[torch.Tensor, torch.Tensor]  # (inputs, noise)
+    state: TrainState
+    log: Callable[[dict, int], None] | None  # rank 0's MLflow logger
+
+    @classmethod
+    def setup(cls, params: Params, context: WorkerContext) -> "Worker":
+        import ray
+        import ray.train
+        import ray.train.torch
+
+        compat.quiet_ray_train_reports()
+        ray_context = ray.train.get_context()
+        shard = Shard(ray_context.get_world_rank(), ray_context.get_world_size())
+        device = ray.train.torch.get_device()
+        torch.manual_seed(params.train.seed)  # same initial weights on every rank
+        model = VAE(params.model.vae_config())
+        with warnings.catch_warnings():  # zero-copy, read-only views of the object store: never written
+            warnings.simplefilter("ignore", UserWarning)
+            train_images, val_images = (torch.from_numpy(ray.get(ref)) for ref in context.data)
+        trainer = Trainer.create(model, params.train_config(), len(train_images), device=device, shard=shard,
+                                 reduce=_all_reduce)
+        state = _restore(trainer)
+        trainer.model = ray.train.torch.prepare_model(model)
+        if params.train.compile:  # DDP first, then compile: the order PyTorch documents for the pair
+            trainer.model = compile_model(trainer.model, device)
+        state.nodes = _node_ids(shard.world)
+        validation = validation_set(val_images, params.train.seed, model.config.noise_dim,
+                                    params.data.binarize == "dynamic")
+        log = _mlflow_logger(context) if shard.rank == 0 else None
+        return cls(params, context, model, trainer, train_images.to(device), validation, state, log)
+
+    def replay_history(self) -> None:
+        """Resumed from a run logged elsewhere (a rerun's new MLflow run): give this run the history."""
+        if self.log and self.state.run_id != self.context.run_id:
+            for row in self.state.history:
+                self.log({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
+
+    def run_epoch(self, epoch: int) -> None:
+        start = time.perf_counter()
+        train = self.trainer.epoch(self.train_images, epoch)
+        val = validate(self.model, *self.validation, self.trainer.device, self.trainer.shard, _all_reduce)
+        seconds = time.perf_counter() - start
+        row = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in train.items()},
+               **{f"val_{k}": v for k, v in val.items()},
+               "epoch_seconds": seconds, "samples_per_second": len(self.train_images) / seconds}
+        self.state.record(row, self.model.state_dict(), self.context.run_id)
+        if self.log:
+            self.log({k: v for k, v in row.items() if k != "epoch"}, epoch + 1)
+            print(f"epoch {epoch + 1:>3}/{self.params.train.epochs}  train {train['neg_elbo']:8.3f}  "
+                  f"val {val['neg_elbo']:8.3f}  {seconds:6.1f} s  {row['samples_per_second']:8.0f} img/s",
+                  flush=True)
+        _report(self.state, self.trainer, row)
+
+
+def _restore(trainer: Trainer) -> TrainState:
+    """Training state from Ray's latest checkpoint (a restarted worker group, or a rerun)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return TrainState()
+    with checkpoint.as_directory() as path:
+        saved = torch.load(Path(path) / "state.pt", weights_only=True)
+    trainer.model.load_state_dict(saved["model"])
+    trainer.optimizer.load_state_dict(saved["optimizer"])
+    trainer.schedule.load_state_dict(saved["schedule"])
+    return TrainState.from_checkpoint(saved)
+
+
+def _report(state: TrainState, trainer: Trainer, metrics: dict) -> None:
+    """Report the epoch to Ray; rank 0 attaches the checkpoint (every rank must call report)."""
+    import ray.train
+
+    if trainer.shard.rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(state.to_checkpoint(trainer), Path(tmp) / "state.pt")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _mlflow_logger(context: WorkerContext):
+    """Rank 0's link to the run the driver created: log(metrics, epoch)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(context.tracking_uri)
+    return lambda metrics, epoch: tracking.best_effort(
+        f"epoch {epoch}'s metrics", tracking.log_metrics, client, context.run_id, metrics, step=epoch)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    worker = Worker.setup(config["params"], config["context"])
+    worker.replay_history()
+    for epoch in range(worker.state.epoch, worker.params.train.epochs):
+        worker.run_epoch(epoch)
