@@ -35,6 +35,8 @@ def parser() -> argparse.ArgumentParser:
     for name, help_text in STAGES.items():
         sub.add_parser(name, help=help_text)
     sub.add_parser("env", help="the project version, uv.lock's hash, and whether the environment matches it")
+    sweep = sub.add_parser("sweep", help="run the queued experiments (`dvc exp run --queue`), N at a time")
+    sweep.add_argument("-j", "--jobs", type=int, default=1, help="experiments at once (default: 1)")
     serve = sub.add_parser("serve", help="serve the ONNX decoder over HTTP with onnxruntime")
     serve.add_argument("model", help="the ONNX decoder: a path (models/decoder.onnx) or a registry URI "
                                      "(models:/vae-decoder@champion)")
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow configures its own loggers at INFO when imported ("Creating initial MLflow database
     # tables", system metrics started and stopped): warnings only, unless the user asks for more.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the summary names the run once
     # Our own modules at INFO; libraries (onnxscript's optimiser, MLflow, ...) only warn.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipeline").setLevel(logging.INFO)
@@ -66,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.serve import app
 
             app.run(args.model, host=args.host, port=args.port, max_batch=args.max_batch)
+        elif args.command == "sweep":
+            from pipeline import sweep
+
+            return sweep.run(args.jobs)
         elif args.command == "env":
             from pipeline import environment
 

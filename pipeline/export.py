@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 
 from pipeline import registry, tracking
 from pipeline.files import Layout, atomic_dir, atomic_path, write_json
@@ -92,9 +93,11 @@ def main() -> None:
         z = np.zeros((1, latent_dim), dtype=np.float32)
         with torch.no_grad():
             images = decoder(torch.from_numpy(z)).numpy()
-        version = registry.log_decoder(layout, run_id, layout.decoder_onnx, z, images)
         neg_elbo = json.loads(layout.eval_metrics.read_text())["neg_elbo"]
-        champion = registry.promote(client, version, neg_elbo)
+        # Experiments exporting at once: each compares with the champion and moves it in turn.
+        with FileLock(layout.registry_lock):
+            version = registry.log_decoder(layout, run_id, layout.decoder_onnx, z, images)
+            champion = registry.promote(client, version, neg_elbo)
         for path in (layout.export_metrics, layout.root / "params.yaml", layout.root / "dvc.lock"):
             if path.is_file():  # dvc.lock is absent when the stage runs outside DVC
                 client.log_artifact(run_id, str(path), "pipeline")

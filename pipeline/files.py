@@ -18,11 +18,21 @@ from typing import Iterator
 CACHE_DIR = Path(os.environ.get("VAE_CACHE_DIR", Path.home() / ".cache" / "vae-mnist"))
 
 
+def stores_root() -> Path:
+    """Where the project's stores live: the repository the user works in. `dvc exp run
+    --queue` and `--temp` run each experiment in a temporary copy under .dvc/tmp/exps/, deleted
+    afterwards; DVC names the repository it came from in $DVC_ROOT (the repository itself
+    for a run in the workspace)."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
 class Layout:
-    """The files of one project checkout, as absolute paths (the same names as dvc.yaml)."""
+    """The files of one project checkout, as absolute paths (the same names as dvc.yaml), and
+    the stores every run of the project shares: the default MLflow store and Ray's checkpoints."""
 
     def __init__(self, root: Path | str | None = None):
         self.root = Path(root or Path.cwd()).resolve()
+        stores = self.root if root else stores_root()
         self.data_dir = self.root / "data" / "mnist"
         self.model = self.root / "models" / "vae.pt"
         self.mlflow_run = self.root / "models" / "mlflow_run.json"
@@ -36,9 +46,10 @@ class Layout:
         self.samples_plot = self.root / "plots" / "samples.png"
         self.traversal_plot = self.root / "plots" / "traversal.png"
         self.latent_plot = self.root / "plots" / "latent_map.png"
-        self.ray_results = self.root / ".ray_results"
-        self.mlflow_db = self.root / "mlflow.db"
-        self.mlflow_artifacts = self.root / "mlartifacts"
+        self.ray_results = stores / ".ray_results"
+        self.mlflow_db = stores / "mlflow.db"
+        self.mlflow_artifacts = stores / "mlartifacts"
+        self.registry_lock = stores / ".vae-registry.lock"
 
 
 def _umask() -> int:

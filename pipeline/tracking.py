@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 import yaml
+from filelock import FileLock
 
 from pipeline import environment
 from pipeline.files import Layout, write_json
@@ -70,6 +71,8 @@ def lineage_tags(layout: Layout) -> dict[str, str]:
     tags = {"git.commit": commit or "unknown", "git.dirty": str(bool(status)).lower(),
             "env.uv_lock_sha256": environment.lock_sha256()}
     tags |= {tag: os.environ[env] for env, tag in DVC_EXPERIMENT_ENV.items() if os.environ.get(env)}
+    if "dvc.experiment" in tags:  # a sweep: $VAE_SWEEP, else the experiments of one baseline commit
+        tags["sweep"] = os.environ.get("VAE_SWEEP") or f"baseline-{tags.get('dvc.baseline', 'unknown')[:7]}"
     lock = layout.root / "dvc.lock"
     if lock.is_file():
         outs = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get("fetch", {}).get("outs", [])
@@ -96,7 +99,10 @@ def start_run(layout: Layout, params: dict[str, object], tags: dict[str, str]) -
 
     uri = tracking_uri(layout)
     client = MlflowClient(uri)
-    run = client.create_run(_experiment_id(client, layout), tags={**lineage_tags(layout), **tags})
+    # Experiments started at once (`dvc queue start -j N`) would race to create the SQLite
+    # store's tables and the MLflow experiment: one at a time.
+    with FileLock(layout.registry_lock):
+        run = client.create_run(_experiment_id(client, layout), tags={**lineage_tags(layout), **tags})
     run_id = run.info.run_id
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
     write_json(layout.mlflow_run, {"run_id": run_id, "tracking_uri": uri, "experiment": EXPERIMENT})

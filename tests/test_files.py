@@ -1,7 +1,7 @@
 """pipeline/files.py: outputs are replaced whole or not at all."""
 import pytest
 
-from pipeline.files import atomic_dir, atomic_path
+from pipeline.files import Layout, atomic_dir, atomic_path
 
 
 def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -55,3 +55,17 @@ with {opener}({str(target)!r}) as tmp:
     with (atomic_dir if kind == "dir" else atomic_path)(target) as tmp:
         (tmp / "fresh").write_text("x") if kind == "dir" else tmp.write_text("new")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_stores_resolve_to_the_repository_dvc_names(tmp_path, monkeypatch):
+    """In a `dvc exp run --queue/--temp` copy (cwd under .dvc/tmp/exps/), the MLflow store and
+    Ray's checkpoints are the repository's, which DVC names in $DVC_ROOT; the outputs are the copy's."""
+    repo, copy = tmp_path / "repo", tmp_path / "repo/.dvc/tmp/exps/tmp1234"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("DVC_ROOT", str(repo))
+    layout = Layout()
+    assert layout.model == copy / "models/vae.pt" and layout.mlflow_db == repo / "mlflow.db"
+    assert layout.ray_results == repo / ".ray_results" and layout.mlflow_artifacts == repo / "mlartifacts"
+    monkeypatch.delenv("DVC_ROOT")
+    assert Layout().mlflow_db == copy / "mlflow.db"  # outside DVC: the current directory

@@ -1,10 +1,9 @@
-"""`dvc exp run` against the infra/ topology brought up by `make up` on 127.0.0.1: an MLflow
-server whose store is PostgreSQL, and a 2-node Ray cluster. Each experiment is one
-complete run tagged with its name, stored in PostgreSQL and trained on both Ray nodes; an
-experiment that DVC restores from its run-cache adds nothing to MLflow: no run, no model
-version."""
+"""Sweeps against the infra/ topology brought up by `make up` on 127.0.0.1: an MLflow server
+whose store is PostgreSQL, and a 2-node Ray cluster. A queued grid runs two experiments at
+once; each is one complete run tagged with its name and the sweep, stored in PostgreSQL;
+a bad cell fails alone, naming the key; champion ends on the sweep's best model; an
+experiment that DVC restores from its run-cache adds nothing to MLflow."""
 import json
-import re
 
 import pytest
 import sqlalchemy
@@ -12,46 +11,80 @@ from mlflow import MlflowClient
 
 from helpers import SMALL_MODEL, check_pipeline_run, copy_project, git_env, logged_model, run, set_params
 
-LEARNING_RATES = ("0.002", "0.003")
+GRID = ("0.002", "0.003")  # train.lr of the cells that run
+BAD = "-1"  # a cell that must fail, naming train.lr
+SWEEP = "lr-sweep"
+
+
+def queue_status(repo, env) -> dict[str, str]:
+    """{experiment name: Queued | Running | Success | Failed} from `dvc queue status`."""
+    lines = run(["dvc", "queue", "status"], repo, env=env).stdout.splitlines()
+    return {words[1]: words[-1] for words in (line.split() for line in lines[1:])
+            if len(words) >= 4 and words[-1] in ("Queued", "Running", "Success", "Failed")}
 
 
 @pytest.fixture(scope="module")
-def experiments(tmp_path_factory, mnist_dir, local_stack):
-    """Two experiments run with `dvc exp run -S train.lr=...` from one committed baseline;
-    the project, its environment, and each learning rate's experiment name and run id."""
+def sweep(tmp_path_factory, mnist_dir, local_stack):
+    """The grid queued from one committed baseline and run two at a time (`vae sweep -j 2`);
+    the project, its environment, and each experiment's final queue status."""
     repo = copy_project(tmp_path_factory.mktemp("experiments") / "project")
     set_params(repo, {"data": {"source": str(mnist_dir), "val_size": 200, "max_train_images": 300},
-                      "model": SMALL_MODEL, "train": {"epochs": 1, "num_workers": 2, "batch_size": 64},
+                      # One worker each: the two experiments train at once, one per node.
+                      "model": SMALL_MODEL, "train": {"epochs": 1, "num_workers": 1, "batch_size": 64},
                       "eval": {"max_test_images": 100, "iwae_k": 2, "grid_images": 8}})
-    env = git_env(**local_stack)
+    env = git_env(**local_stack, VAE_SWEEP=SWEEP)
     run(["git", "commit", "-qam", "small params"], repo, env=env)
-    names, run_ids = {}, {}
-    for lr in LEARNING_RATES:
-        out = run(["dvc", "exp", "run", "-S", f"train.lr={lr}"], repo, env=env).stdout
-        names[lr] = re.search(r"Ran experiment\(s\): (\S+)", out).group(1)
-        run_ids[lr] = json.loads((repo / "models/mlflow_run.json").read_text())["run_id"]
-        assert json.loads((repo / "metrics/train.json").read_text())["ray_nodes"] == 2  # both of the stack's nodes
-    return repo, env, names, run_ids
+    run(["dvc", "exp", "run", "--queue", "-S", f"train.lr={','.join(GRID)}"], repo, env=env)
+    run(["dvc", "exp", "run", "--queue", "-S", f"train.lr={BAD}"], repo, env=env)
+    result = run(["vae", "sweep", "-j", "2"], repo, env=env, check=False, timeout=900)
+    assert result.returncode == 1 and "vae sweep: 2 workers started" in result.stdout, result.stdout + result.stderr
+    status = queue_status(repo, env)
+    return repo, env, status
 
 
-def test_each_experiment_is_one_run_tagged_with_its_name(experiments):
-    repo, env, names, run_ids = experiments
+def sweep_runs(env) -> list:
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([client.get_experiment_by_name("vae-mnist").experiment_id])
-    assert sorted(r.info.run_id for r in runs) == sorted(run_ids.values())
+    return client.search_runs([client.get_experiment_by_name("vae-mnist").experiment_id])
+
+
+def test_the_good_cells_succeed_and_the_bad_one_fails_alone_naming_the_key(sweep):
+    repo, env, status = sweep
+    assert sorted(status.values()) == ["Failed", "Success", "Success"], status
+    (failed,) = [name for name, state in status.items() if state == "Failed"]
+    logs = run(["dvc", "queue", "logs", failed], repo, env=env, check=False)
+    assert "train.lr: Input should be greater than 0" in logs.stdout + logs.stderr
+    shown = run(["dvc", "exp", "show", "--json"], repo, env=env).stdout
+    assert all(name in shown for name in status), shown[:2000]
+
+
+def test_each_experiment_is_one_run_tagged_with_its_name_and_the_sweep(sweep):
+    repo, env, status = sweep
+    runs = sweep_runs(env)
+    succeeded = sorted(name for name, state in status.items() if state == "Success")
+    assert sorted(r.data.tags["dvc.experiment"] for r in runs) == succeeded  # the failed cell made no run
     baseline = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
-    for lr in LEARNING_RATES:
-        tags = client.get_run(run_ids[lr]).data.tags
-        assert tags["dvc.experiment"] == names[lr] and tags["dvc.baseline"] == baseline
-        assert client.get_run(run_ids[lr]).data.params["train.lr"] == lr
-    shown = run(["dvc", "exp", "show", "--json"], repo, env=env).stdout  # both, with their metrics
-    assert all(name in shown for name in names.values()) and "metrics/eval.json" in shown
-    # The workspace holds the last experiment's outputs: its run must hold all of them.
-    check_pipeline_run(client, client.get_run(run_ids[LEARNING_RATES[-1]]), repo)
+    assert {r.data.tags["sweep"] for r in runs} == {SWEEP} and {r.data.tags["dvc.baseline"] for r in runs} == {baseline}
+    assert sorted(r.data.params["train.lr"] for r in runs) == sorted(GRID)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    first, second = sorted(runs, key=lambda r: r.info.start_time)
+    assert second.info.start_time < first.info.end_time  # two at a time: the runs overlapped
 
 
-def test_runs_and_models_are_stored_in_postgresql(experiments):
-    _, env, _, run_ids = experiments
+def test_every_run_registered_a_version_and_champion_is_the_best(sweep):
+    _, env, _ = sweep
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = {r.info.run_id: r for r in sweep_runs(env)}
+    versions = client.search_model_versions("name = 'vae-decoder'")
+    assert sorted(v.run_id for v in versions) == sorted(runs)
+    for version in versions:  # no registry entry points at a model that was not logged
+        assert logged_model(client, version).source_run_id == version.run_id
+    best = min(runs.values(), key=lambda r: r.data.metrics["test_neg_elbo"])
+    assert client.get_model_version_by_alias("vae-decoder", "champion").run_id == best.info.run_id
+
+
+def test_runs_and_models_are_stored_in_postgresql(sweep):
+    _, env, _ = sweep
+    run_ids = [r.info.run_id for r in sweep_runs(env)]
     engine = sqlalchemy.create_engine(env["VAE_STACK_POSTGRES"])
     try:
         with engine.connect() as db:
@@ -59,26 +92,25 @@ def test_runs_and_models_are_stored_in_postgresql(experiments):
             versions = db.execute(sqlalchemy.text("SELECT run_id FROM model_versions WHERE name = 'vae-decoder'")).all()
     finally:
         engine.dispose()
-    assert sorted(rows) == sorted((run_id, "FINISHED") for run_id in run_ids.values())
-    assert sorted(v.run_id for v in versions) == sorted(run_ids.values())
+    assert sorted(rows) == sorted((run_id, "FINISHED") for run_id in run_ids)
+    assert sorted(v.run_id for v in versions) == sorted(run_ids)
 
 
-def test_an_experiment_restored_from_the_run_cache_adds_nothing_to_mlflow(experiments):
-    """Back to the first learning rate: every stage is restored from DVC's run-cache, and the
-    restored models/mlflow_run.json names the run that logged and registered that model."""
-    repo, env, _, run_ids = experiments
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    experiment_id = client.get_experiment_by_name("vae-mnist").experiment_id
-    out = run(["dvc", "exp", "run", "-S", f"train.lr={LEARNING_RATES[0]}"], repo, env=env).stdout
+def test_a_cell_run_again_in_the_workspace_is_restored_and_adds_nothing_to_mlflow(sweep):
+    """A cell of the grid again, in the workspace: DVC restores every stage from the run-cache
+    the queued experiment filled, adding nothing to MLflow, and the restored
+    models/mlflow_run.json names the queued run that logged and registered that model."""
+    repo, env, _ = sweep
+    before = {r.info.run_id: r for r in sweep_runs(env)}
+    out = run(["dvc", "exp", "run", "-S", f"train.lr={GRID[0]}"], repo, env=env).stdout
     for stage in ("train", "evaluate", "export"):
         assert f"Stage '{stage}' is cached - skipping run" in out
     assert "Running stage" not in out
-    assert len(client.search_runs([experiment_id])) == len(run_ids)
-    versions = client.search_model_versions("name = 'vae-decoder'")
-    assert len(versions) == len(run_ids)
-    for version in versions:  # no registry entry points at a model that was not logged
-        assert logged_model(client, version).source_run_id == version.run_id
+    assert len(sweep_runs(env)) == len(before)  # no new run, no new version
+    assert len(MlflowClient(env["MLFLOW_TRACKING_URI"]).search_model_versions("name = 'vae-decoder'")) == len(before)
     restored = json.loads((repo / "models/mlflow_run.json").read_text())["run_id"]
-    assert restored == run_ids[LEARNING_RATES[0]]
+    assert restored in before and before[restored].data.params["train.lr"] == GRID[0]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     evaluation = json.loads((repo / "metrics/eval.json").read_text())
     assert client.get_run(restored).data.metrics["test_neg_elbo"] == pytest.approx(evaluation["neg_elbo"])
+    check_pipeline_run(client, client.get_run(restored), repo)

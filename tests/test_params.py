@@ -71,7 +71,7 @@ def test_readme_param_sets_are_valid():
     commands = re.findall(r"^dvc exp run (.*)$", readme, re.M)
     assert len(commands) >= 3  # the PyTorch example's, the seed notebook's and the paper's
     for command in commands:
-        words = shlex.split(command)
+        words = [w for w in shlex.split(command, comments=True) if w not in ("--queue", "--temp")]
         flags, settings = words[0::2], words[1::2]
         assert set(flags) == {"-S"}, command
         raw: dict = {}
@@ -79,4 +79,8 @@ def test_readme_param_sets_are_valid():
             key, value = setting.split("=", 1)
             section, name = key.split(".")
             raw.setdefault(section, {})[name] = yaml.safe_load(value)
+            if isinstance(raw[section][name], str) and "," in value:  # a sweep's grid: each value
+                for cell in value.split(","):
+                    Params.model_validate({section: {name: yaml.safe_load(cell)}})
+                del raw[section][name]
         Params.model_validate(raw)

@@ -27,7 +27,9 @@ def test_lineage_tags_name_commit_dirtiness_and_dvc_experiment(tmp_path, monkeyp
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
     lock = hashlib.sha256((ROOT / "uv.lock").read_bytes()).hexdigest()  # the environment's, not the folder's
     assert tags == {"git.commit": head, "git.dirty": "false", "env.uv_lock_sha256": lock,
-                    "dvc.experiment": "lucky-lion", "dvc.baseline": "abc123"}
+                    "dvc.experiment": "lucky-lion", "dvc.baseline": "abc123", "sweep": "baseline-abc123"}
+    monkeypatch.setenv("VAE_SWEEP", "lr-grid")  # a sweep named by the user
+    assert tracking.lineage_tags(Layout(tmp_path))["sweep"] == "lr-grid"
 
 
 @pytest.mark.integration  # starts `vae train`
