@@ -70,7 +70,10 @@ class TrainParams(Section):
     # reparameterised one (Tucker et al. 2019): lower-variance encoder gradients, same cost, iwae_k > 1.
     grad_estimator: Literal["iwae", "dreg"] = "iwae"
     seed: int = Field(0, ge=0)
-    num_workers: int = Field(2, ge=1)
+    # Training workers (auto: one per GPU when the cluster has GPUs, else one per node, each
+    # holding all its CPUs; on one machine, one worker: a Gloo all-reduce every step costs
+    # more than a second worker's core gives).
+    num_workers: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
     # CPUs each worker reserves, and so the threads torch uses in it (auto: the most with
     # which every worker still fits on the cluster's nodes).
     cpus_per_worker: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"

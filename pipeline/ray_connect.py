@@ -16,7 +16,7 @@ WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_ENABLE_PREEMPTION_
               "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
-def connect_ray(num_workers: int, address: str | None = None) -> None:
+def connect_ray(num_workers: int | str = 1, address: str | None = None) -> None:
     """Join `address` or $RAY_ADDRESS when set, else start a quiet local Ray sized to this machine."""
     import ray
 
@@ -33,7 +33,8 @@ def connect_ray(num_workers: int, address: str | None = None) -> None:
         ray.init(address=address, **quiet)
     else:
         # "local": a new Ray of our own, not whatever `ray start` last left on this machine.
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_workers), include_dashboard=False, **quiet)
+        cpus = max(os.cpu_count() or 1, num_workers if isinstance(num_workers, int) else 1)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
 
 
 def torch_trainer():
@@ -53,6 +54,20 @@ def gpu_workers(use_gpu, cluster_gpus: float) -> bool:
     return bool(use_gpu)
 
 
+def workers_for(setting: int | str, node_cpus: list[float], cluster_gpus: float) -> int:
+    """train.num_workers: as set, or auto: one per GPU when the cluster has GPUs, else one per
+    node with CPUs (cpus_per_worker: auto then gives each worker all of its node's CPUs)."""
+    if setting != "auto":
+        return int(setting)
+    return int(cluster_gpus) if cluster_gpus >= 1 else max(1, sum(1 for cpus in node_cpus if cpus >= 1))
+
+
+def node_cpus() -> list[float]:
+    import ray
+
+    return [node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]]
+
+
 def share_cpus(node_cpus: list[float], num_workers: int) -> int:
     """The most CPUs per worker with which all the workers still fit on the nodes."""
     for cpus in range(int(max(node_cpus, default=1)), 1, -1):
@@ -66,6 +81,4 @@ def cpus_per_worker(setting: int | str, num_workers: int) -> int:
     Ray's default of 1, a lone worker would use one core of many."""
     if setting != "auto":
         return int(setting)
-    import ray
-
-    return share_cpus([node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]], num_workers)
+    return share_cpus(node_cpus(), num_workers)

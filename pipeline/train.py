@@ -19,7 +19,7 @@ import torch
 from pipeline import tracking, train_worker
 from pipeline.files import Layout, atomic_path, write_bytes, write_json
 from pipeline.params import Params, load_params
-from pipeline.ray_connect import connect_ray, cpus_per_worker, gpu_workers, torch_trainer
+from pipeline.ray_connect import connect_ray, cpus_per_worker, gpu_workers, node_cpus, torch_trainer, workers_for
 from pipeline.train_worker import TrainState, WorkerContext, train_loop_per_worker
 from vae.data import load_split
 from vae.model import VAE
@@ -59,16 +59,18 @@ def fit(layout: Layout, params: Params, run_id: str) -> TrainState:
 
     connect_ray(params.train.num_workers, params.train.ray_address)
     trainer_class = torch_trainer()
-    use_gpu = gpu_workers(params.train.use_gpu, ray.cluster_resources().get("GPU", 0))
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    use_gpu = gpu_workers(params.train.use_gpu, cluster_gpus)
+    workers = workers_for(params.train.num_workers, node_cpus(), cluster_gpus if use_gpu else 0)
     context = WorkerContext(run_id=run_id, tracking_uri=tracking.tracking_uri(layout),
                             data=tuple(ray.put(a) for a in load_training_data(layout, params)))
     storage = params.train.storage_path or str(layout.ray_results)
-    cpus = cpus_per_worker(params.train.cpus_per_worker, params.train.num_workers)
-    print(f"train: {params.train.num_workers} Ray workers on {'GPU (NCCL)' if use_gpu else 'CPU (Gloo)'}, "
+    cpus = cpus_per_worker(params.train.cpus_per_worker, workers)
+    print(f"train: {workers} Ray worker{'s' * (workers > 1)} on {'GPU (NCCL)' if use_gpu else 'CPU (Gloo)'}, "
           f"{cpus} CPU{'s' * (cpus > 1)} each, checkpoints in {storage}", flush=True)
     trainer = trainer_class(
         train_loop_per_worker, train_loop_config={"params": params, "context": context},
-        scaling_config=ScalingConfig(num_workers=params.train.num_workers, use_gpu=use_gpu,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(name=run_name(params), storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -77,7 +79,7 @@ def fit(layout: Layout, params: Params, run_id: str) -> TrainState:
     result = trainer.fit()
     with result.checkpoint.as_directory() as path:
         state = TrainState.from_checkpoint(torch.load(Path(path) / "state.pt", weights_only=True))
-    state.device = "cuda" if use_gpu else "cpu"
+    state.device, state.workers = "cuda" if use_gpu else "cpu", workers
     return state
 
 
@@ -88,7 +90,7 @@ def write_outputs(layout: Layout, params: Params, state: TrainState) -> dict:
         torch.save({"state_dict": best["model"], "config": asdict(config)}, tmp)
     last = state.history[-1]
     metrics = {"best_epoch": best["epoch"], "epochs": state.epoch, "best_val_neg_elbo": best["val_neg_elbo"],
-               "ray_nodes": len(state.nodes), "device": state.device,
+               "ray_nodes": len(state.nodes), "ray_workers": state.workers, "device": state.device,
                **{k: v for k, v in last.items() if k != "epoch"}}
     write_json(layout.train_metrics, metrics)
     buffer = io.StringIO()
@@ -114,6 +116,7 @@ def main() -> None:
     # The outputs are written: from here on, a tracking server gone away costs a warning only.
     best_effort = tracking.best_effort
     best_effort("the device tag", client.set_tag, run_id, "device", state.device)
+    best_effort("the worker count", client.set_tag, run_id, "ray.num_workers", str(state.workers))
     best_effort("the best epoch", tracking.log_metrics, client, run_id, {"best_epoch": metrics["best_epoch"]})
     best_effort("the model checkpoint", client.log_artifact, run_id, str(layout.model), "model")
     for path in (layout.train_metrics, layout.train_plot):

@@ -41,6 +41,7 @@ class TrainState:
     nodes: list[str] = field(default_factory=list)  # the Ray nodes the workers ran on
     model: dict | None = None  # the last epoch's weights
     device: str = "cpu"  # set by the driver
+    workers: int = 1  # set by the driver
 
     def record(self, row: dict, weights: dict, run_id: str) -> None:
         if self.best is None or row["val_neg_elbo"] < self.best["val_neg_elbo"]:
