@@ -44,12 +44,14 @@ def iwae_log_lik(model: VAE, x: torch.Tensor, k: int, generator: torch.Generator
     """Importance-weighted estimate of log p(x) per image, with k samples from q(z|x).
 
     The k samples are drawn `chunk` at a time and combined with a running logsumexp, so
-    memory stays at (N, chunk) whatever k is.
+    memory stays at (N, chunk) whatever k is. The noise is drawn where the generator lives
+    (a CUDA generator draws on the GPU) and moved to x's device.
     """
     mu, logvar = model.encoder(x)
-    total = torch.full((len(x),), -math.inf)
+    total = torch.full((len(x),), -math.inf, device=x.device)
     for start in range(0, k, chunk):
-        eps = torch.randn((min(chunk, k - start), len(x), model.config.noise_dim), generator=generator)
+        eps = torch.randn((min(chunk, k - start), len(x), model.config.noise_dim), generator=generator,
+                          device=generator.device).to(x.device)
         log_px_z, log_ratio, _ = model.sample_terms(x, mu, logvar, eps)
         total = torch.logaddexp(total, torch.logsumexp(log_px_z + log_ratio, dim=0))
     return total - math.log(k)
