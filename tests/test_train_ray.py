@@ -1,20 +1,24 @@
 """pipeline/train.py under a real Ray cluster: the same model whatever the worker count,
-and training that survives a worker killed mid-run."""
+and training that survives a worker killed mid-run, and a whole node lost."""
+import json
 import os
+import shutil
 import signal
+import subprocess
 import threading
 import time
 
 import psutil
 import pytest
 import torch
+import yaml
 from mlflow import MlflowClient
 
 from pipeline.params import Params
 from pipeline.train_worker import compile_model
 from vae.model import VAE
 
-from helpers import INTERRUPTED_RUN, SMALL_MODEL, fit_in_folder
+from helpers import BIN, INTERRUPTED_RUN, SMALL_MODEL, fit_in_folder, stack
 
 
 def train(tmp_path, mnist_dir, name, **train_params):
@@ -85,3 +89,70 @@ def test_killed_worker_resumes_from_checkpoint_to_the_same_model(tmp_path, mnist
 def test_gpu_workers_with_bf16(tmp_path, mnist_dir, ray_address):
     state = train(tmp_path, mnist_dir, "gpu", num_workers=1, use_gpu=True, bf16=True)
     assert state.device == "cuda" and state.history[-1]["val_neg_elbo"] < 550
+
+
+# Ray's GCS marks a node dead after health_check_failure_threshold missed checks, one every
+# health_check_period_ms (defaults 5 and 3000 ms, with a 10 s timeout each): on a loaded
+# 2-core machine those defaults leave training blocked for half a minute. The test's
+# cluster checks every second and gives up after 3 misses.
+FAST_FAILURE_DETECTION = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+                          "RAY_health_check_failure_threshold": "3"}
+
+
+def _node_hosting(nodes, name: str) -> set[int]:
+    """Indexes of the nodes (process groups) that run a Ray actor process called `name`."""
+    groups = {node.pid: i for i, node in enumerate(nodes)}
+    found = set()
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if name in " ".join(process.info["cmdline"] or []):
+            try:
+                found.add(groups.get(os.getpgid(process.info["pid"])))
+            except ProcessLookupError:
+                continue
+    return found - {None}
+
+
+@pytest.mark.integration  # starts its own 3-node cluster
+def test_a_lost_node_is_survived_to_the_same_model(tmp_path, mnist_dir, uninterrupted):
+    """A head and two worker nodes, each its own `ray start` session; 2 training workers and
+    checkpoints in a directory every node reaches. Once epoch 1's checkpoint exists, the
+    whole process group of a worker node that hosts a training worker is SIGKILLed, as a
+    machine going away: the run resumes on the surviving nodes and ends, in one MLflow run,
+    with the weights of an uninterrupted run."""
+    address, nodes, dirs = stack.ray_cluster(1, stack.ray_auth(), count=3, env=FAST_FAILURE_DETECTION)
+    try:
+        project, storage = tmp_path / "project", tmp_path / "shared"
+        (project / "data").mkdir(parents=True)
+        (project / "data/mnist").symlink_to(mnist_dir)
+        run_ = INTERRUPTED_RUN
+        (project / "params.yaml").write_text(yaml.safe_dump({
+            "data": {"val_size": 200, "max_train_images": run_["images"]}, "model": run_["model"],
+            "train": {**{k: run_[k] for k in ("epochs", "batch_size", "num_workers")}, "max_failures": 1,
+                      "storage_path": str(storage)}}))
+        env = {**os.environ, "RAY_ADDRESS": address, **FAST_FAILURE_DETECTION}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        with open(tmp_path / "train.log", "w") as log:
+            train = subprocess.Popen([str(BIN / "vae"), "train"], cwd=project, env=env, stdout=log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not list(storage.glob("*/checkpoint_*/state.pt")):
+            assert train.poll() is None and time.monotonic() < deadline, (tmp_path / "train.log").read_text()
+            time.sleep(0.05)
+        victims = (_node_hosting(nodes, "RayTrainWorker") - _node_hosting(nodes, "TrainController")) - {0}
+        assert victims, "no worker node hosts a training worker without the run's controller"
+        victim = min(victims)
+        os.killpg(nodes[victim].pid, signal.SIGKILL)  # the machine is gone: raylet, workers, all
+        assert train.wait(timeout=600) == 0, (tmp_path / "train.log").read_text()
+    finally:
+        for node in reversed(nodes):
+            stack.stop(node)
+        for temp_dir in dirs:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+    log = (tmp_path / "train.log").read_text()
+    model = torch.load(project / "models/vae.pt", weights_only=True)["state_dict"]
+    reference = uninterrupted.best["model"]
+    assert all(torch.equal(model[k], reference[k]) for k in reference), log
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    (run_record,) = client.search_runs([client.get_experiment_by_name("vae-mnist").experiment_id])
+    assert {m.step for m in client.get_metric_history(run_record.info.run_id, "val_neg_elbo")} == {1, 2, 3}
+    assert json.loads((project / "metrics/train.json").read_text())["epochs"] == 3

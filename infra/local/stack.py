@@ -126,18 +126,20 @@ def ray_auth() -> dict[str, str]:
             "RAY_AUTH_TOKEN": os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)}
 
 
-def ray_cluster(cpus_per_node: int, auth: dict[str, str]) -> tuple[str, list[subprocess.Popen], list[Path]]:
-    """`ray start --head` plus a second `ray start --address`: its address, node processes
-    and temp dirs. Each node has its own temp dir, as on separate machines (sharing one,
-    both nodes' log monitors would stream every worker line twice); short paths, since
-    Ray's Unix sockets live there."""
+def ray_cluster(cpus_per_node: int, auth: dict[str, str], count: int = 2,
+                env: dict[str, str] | None = None) -> tuple[str, list[subprocess.Popen], list[Path]]:
+    """`ray start --head` plus `count - 1` more `ray start --address`: its address, node
+    processes (each the leader of its own process group, as a machine of its own) and temp
+    dirs. Each node has its own temp dir, as on separate machines (sharing one, the nodes'
+    log monitors would stream every worker line twice); short paths, since Ray's Unix
+    sockets live there. `env` adds to every node's environment (Ray's RAY_<setting>s)."""
     address = f"127.0.0.1:{free_port()}"
-    dirs = [Path(tempfile.mkdtemp(prefix="ray-")) for _ in range(2)]
-    env = {**os.environ, **auth, "RAY_USAGE_STATS_ENABLED": "0"}
+    dirs = [Path(tempfile.mkdtemp(prefix="ray-")) for _ in range(count)]
+    node_env = {**os.environ, **auth, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
 
     def node(temp_dir: Path, *args: str) -> subprocess.Popen:
         return start([str(BIN / "ray"), "start", "--block", f"--num-cpus={cpus_per_node}", "--disable-usage-stats",
-                      "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", *args], temp_dir / "node.log", env)
+                      "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", *args], temp_dir / "node.log", node_env)
 
     def registered(temp_dir: Path) -> bool:
         # `ray start` prints this once its node is registered with the head's GCS (it waits
@@ -147,8 +149,9 @@ def ray_cluster(cpus_per_node: int, auth: dict[str, str]) -> tuple[str, list[sub
 
     nodes = [node(dirs[0], "--head", f"--port={address.split(':')[1]}", "--include-dashboard=false")]
     wait_until(lambda: registered(dirs[0]), nodes[0], dirs[0] / "node.log", "the Ray head node")
-    nodes.append(node(dirs[1], f"--address={address}"))
-    wait_until(lambda: registered(dirs[1]), nodes[1], dirs[1] / "node.log", "the second Ray node")
+    for temp_dir in dirs[1:]:
+        nodes.append(node(temp_dir, f"--address={address}"))
+        wait_until(lambda d=temp_dir: registered(d), nodes[-1], temp_dir / "node.log", "a Ray worker node")
     return address, nodes, dirs
 
 
