@@ -3,14 +3,19 @@ in nats per image, the active latent units, plus pictures (reconstructions, prio
 a latent traversal, a map of the latent space); all logged into the pipeline's MLflow run.
 
 Every random draw (test-set binarisation, reparameterisation noise, IWAE samples, prior
-samples) comes from `eval.seed`, so the same model always gets the same figures.
+samples) comes from `eval.seed`, each test image's noise from its global index, so the same
+model always gets the same figures, whatever the batch size or the number of workers
+(`eval.num_workers` shards the test images over Ray workers, on GPUs where the cluster has
+them; one worker and no cluster score in this process, on its GPU if it has one).
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
 
 from pipeline import tracking
 from pipeline.files import Layout, atomic_path, write_json
@@ -18,7 +23,7 @@ from pipeline.params import Params, load_params
 from vae import rng
 from vae.data import load_split, to_float
 from vae.model import IMAGE_SHAPE, VAE
-from vae.objectives import elbo_terms, iwae_log_lik
+from vae.objectives import draw_noise, elbo_terms, iwae_log_lik
 
 # Burda et al. (2015): a latent unit is active when its posterior mean varies across images.
 ACTIVE_UNIT_VARIANCE = 0.01
@@ -39,16 +44,65 @@ def posterior_means(model: VAE, x: torch.Tensor, batch_size: int) -> torch.Tenso
     return torch.cat([model.posterior_mean(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
+TERMS = ("neg_elbo", "recon", "kl", "nll_iwae")
+
+
 @torch.no_grad()
-def score(model: VAE, x: torch.Tensor, params: Params, mu: torch.Tensor | None = None) -> dict[str, float]:
-    """The test metrics; mu, the posterior means of x, when the caller already has them."""
-    generator = rng.eval_generator(params.eval.seed)
-    eps = torch.randn((len(x), model.config.noise_dim), generator=generator)
-    sums = {"neg_elbo": 0.0, "recon": 0.0, "kl": 0.0, "nll_iwae": 0.0}
-    for idx in torch.arange(len(x)).split(params.eval.batch_size):
-        for name, values in elbo_terms(model, x[idx], eps[idx]).items():
+def score_shard(model: VAE, x: torch.Tensor, start: int, params: Params, device: torch.device,
+                progress: bool = False) -> dict[str, float]:
+    """Each test metric summed over the images x, which are images start..start+len(x)-1 of
+    the test set; each image's noise comes from eval.seed and that global index."""
+    model = model.to(device).eval()
+    sums = dict.fromkeys(TERMS, 0.0)
+    batches = range(0, len(x), params.eval.batch_size)
+    for first in tqdm(batches, desc="evaluate", unit="batch", disable=not progress, mininterval=5):
+        batch, index = x[first:first + params.eval.batch_size].to(device), start + first
+        elbo = rng.image_generators(params.eval.seed, "elbo", index, len(batch))
+        eps = draw_noise(elbo, 1, len(batch), model.config.noise_dim, device)[0]
+        for name, values in elbo_terms(model, batch, eps).items():
             sums[name] += values.sum().item()
-        sums["nll_iwae"] -= iwae_log_lik(model, x[idx], params.eval.iwae_k, generator).sum().item()
+        iwae = rng.image_generators(params.eval.seed, "iwae", index, len(batch))
+        sums["nll_iwae"] -= iwae_log_lik(model, batch, params.eval.iwae_k, iwae).sum().item()
+    return sums
+
+
+def _shard_sums(x: torch.Tensor, params: Params, model: VAE) -> dict[str, float]:
+    """All the shards' sums: in this process (on its GPU, if any) with one worker and no
+    cluster, else as Ray tasks, one per shard, each on a GPU when the cluster has them."""
+    shards = [(int(idx[0]), x[idx]) for idx in torch.arange(len(x)).tensor_split(params.eval.num_workers)
+              if len(idx)]
+    on_ray = params.eval.num_workers > 1 or params.train.ray_address or os.environ.get("RAY_ADDRESS")
+    if not on_ray:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return score_shard(model, x, 0, params, device, progress=True)
+    import ray
+
+    from pipeline.ray_connect import connect_ray
+
+    connect_ray(params.eval.num_workers, params.train.ray_address)
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    task = ray.remote(num_cpus=1, num_gpus=gpus)(_score_on_worker)
+    pending = [task.remote(model.to_checkpoint(), shard, start, params) for start, shard in shards]
+    total = dict.fromkeys(TERMS, 0.0)
+    with tqdm(total=len(pending), desc=f"evaluate ({len(pending)} Ray workers)", unit="shard") as bar:
+        while pending:
+            (done,), pending = ray.wait(pending)
+            for name, value in ray.get(done).items():
+                total[name] += value
+            bar.update()
+    return total
+
+
+def _score_on_worker(checkpoint: dict, x: torch.Tensor, start: int, params: Params) -> dict[str, float]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return score_shard(VAE.from_checkpoint(checkpoint), x, start, params, device)
+
+
+def score(model: VAE, x: torch.Tensor, params: Params, mu: torch.Tensor | None = None) -> dict[str, float]:
+    """The test metrics; mu, the posterior means of x, when the caller already has them.
+    The figures do not depend on the batch size, the worker count or where they ran."""
+    sums = _shard_sums(x, params, model)
+    model.cpu()  # where the pictures are drawn
     metrics = {name: total / len(x) for name, total in sums.items()}
     metrics["bits_per_dim"] = metrics["nll_iwae"] / (math.prod(IMAGE_SHAPE) * math.log(2))
     spread = (posterior_means(model, x, params.eval.batch_size) if mu is None else mu).var(0)

@@ -96,6 +96,9 @@ class TrainParams(Section):
 class EvalParams(Section):
     seed: int = Field(0, ge=0)
     batch_size: int = Field(1000, ge=1)
+    # Ray workers scoring shards of the test images (each on a GPU when the cluster has them);
+    # 1 and no Ray cluster configured: in this process.
+    num_workers: int = Field(1, ge=1)
     iwae_k: int = Field(100, ge=1)
     max_test_images: int | None = Field(None, ge=1)
     grid_images: int = Field(64, ge=1, le=1024)

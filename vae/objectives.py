@@ -38,20 +38,28 @@ def iwae_terms(model: VAE, x: torch.Tensor, eps: torch.Tensor, dreg: bool = Fals
     return {"loss": bound, "neg_elbo": recon + kl, "recon": recon, "kl": kl}
 
 
+def draw_noise(generator: torch.Generator | list[torch.Generator], samples: int, images: int, dim: int,
+               device: torch.device) -> torch.Tensor:
+    """Standard normal noise (samples, images, dim) on `device`: from one generator, or from one
+    generator per image (each image's column from its own), drawn where the generators live."""
+    if isinstance(generator, torch.Generator):
+        return torch.randn((samples, images, dim), generator=generator, device=generator.device).to(device)
+    return torch.stack([torch.randn((samples, dim), generator=g, device=g.device) for g in generator], 1).to(device)
+
+
 @torch.no_grad()
-def iwae_log_lik(model: VAE, x: torch.Tensor, k: int, generator: torch.Generator,
+def iwae_log_lik(model: VAE, x: torch.Tensor, k: int, generator: torch.Generator | list[torch.Generator],
                  chunk: int = 64) -> torch.Tensor:
     """Importance-weighted estimate of log p(x) per image, with k samples from q(z|x).
 
     The k samples are drawn `chunk` at a time and combined with a running logsumexp, so
-    memory stays at (N, chunk) whatever k is. The noise is drawn where the generator lives
-    (a CUDA generator draws on the GPU) and moved to x's device.
+    memory stays at (N, chunk) whatever k is. The noise comes from one generator, or from
+    one per image (see draw_noise).
     """
     mu, logvar = model.encoder(x)
     total = torch.full((len(x),), -math.inf, device=x.device)
     for start in range(0, k, chunk):
-        eps = torch.randn((min(chunk, k - start), len(x), model.config.noise_dim), generator=generator,
-                          device=generator.device).to(x.device)
+        eps = draw_noise(generator, min(chunk, k - start), len(x), model.config.noise_dim, x.device)
         log_px_z, log_ratio, _ = model.sample_terms(x, mu, logvar, eps)
         total = torch.logaddexp(total, torch.logsumexp(log_px_z + log_ratio, dim=0))
     return total - math.log(k)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-_EPOCH_STREAM, _NOISE_STREAM, _EVAL_STREAM, _BINARIZE_STREAM = 1, 2, 3, 4
+_EPOCH_STREAM, _NOISE_STREAM, _EVAL_STREAM, _BINARIZE_STREAM, _IMAGE_STREAM = 1, 2, 3, 4, 5
 
 
 def _generator(*key: int) -> torch.Generator:
@@ -52,3 +52,13 @@ def eval_generator(seed: int, purpose: str = "score") -> torch.Generator:
     if purpose not in EVAL_PURPOSES:
         raise ValueError(f"unknown evaluation stream {purpose!r} (known: {', '.join(EVAL_PURPOSES)})")
     return _generator(seed, _EVAL_STREAM, *EVAL_PURPOSES[purpose])
+
+
+# The test metrics' noise, per image: the ELBO's one sample and the IWAE estimate's k.
+IMAGE_PURPOSES = {"elbo": 0, "iwae": 1}
+
+
+def image_generators(seed: int, purpose: str, start: int, count: int) -> list[torch.Generator]:
+    """One generator per test image start..start+count-1, keyed by the image's global index:
+    its noise is the same whatever the batch, the shard or the worker that scores it."""
+    return [_generator(seed, _IMAGE_STREAM, IMAGE_PURPOSES[purpose], index) for index in range(start, start + count)]
