@@ -3,6 +3,7 @@ image, version and command they name exists in this repository or its environmen
 import re
 from pathlib import Path
 
+import httpx
 import jsonschema
 import pytest
 import ray
@@ -11,7 +12,7 @@ from ray.autoscaler._private.util import validate_config
 
 from pipeline.cli import STAGES
 
-from helpers import ROOT
+from helpers import ROOT, stack
 
 INFRA = ROOT / "infra"
 IMAGE = "ghcr.io/your-org/vae-mnist:latest"  # what infra/docker/Dockerfile's build line tags
@@ -98,3 +99,19 @@ def test_the_image_installs_the_lock_with_the_makefiles_uv():
     syncs = re.findall(r"uv sync (.*)", dockerfile)
     assert syncs and all("--frozen" in s for s in syncs)  # the lock as it is, never re-resolved
     assert "pip install" not in dockerfile.replace(f"pip install --no-cache-dir uv=={uv_version}", "")
+
+
+def test_mlflow_answers_the_manifests_host_header_and_refuses_a_foreign_one(mlflow_server):
+    """MLflow 3 answers 403 to a Host header it does not know, while /health still says 200:
+    the deployment's clients call it http://mlflow:5000 (infra/kuberay/rayjob.yaml), so the
+    server, started as `make up` and infra/ start it, must name that host."""
+    job = documents(INFRA / "kuberay/rayjob.yaml")[0]
+    uri = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]["MLFLOW_TRACKING_URI"]
+    host = httpx.URL(uri).netloc.decode()
+    assert host == "mlflow:5000"
+    compose = documents(INFRA / "mlflow/compose.yaml")[0]["services"]["mlflow"]["command"]
+    assert compose[compose.index("--allowed-hosts") + 1] == stack.ALLOWED_HOSTS
+    search = f"{mlflow_server}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert httpx.get(search, headers={"Host": host}).status_code == 200
+    assert httpx.get(search, headers={"Host": "evil.example:5000"}).status_code == 403
+    assert httpx.get(search).status_code == 200  # 127.0.0.1:<port>

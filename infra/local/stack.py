@@ -108,12 +108,18 @@ def postgres() -> tuple[str, subprocess.Popen, Path]:
     return f"postgresql://mlflow@127.0.0.1:{port}/mlflow", server, root
 
 
+# The Host headers MLflow answers (MLflow 3 refuses any other with 403, its DNS-rebinding
+# guard): this machine's names, and `mlflow`, the service name infra/'s manifests give it
+# (infra/mlflow/compose.yaml passes the same list). Naming hosts replaces MLflow's defaults.
+ALLOWED_HOSTS = "mlflow,mlflow:*,localhost,localhost:*,127.0.0.1,127.0.0.1:*"
+
+
 def mlflow_server(root: Path, backend_uri: str) -> tuple[str, subprocess.Popen]:
     """`mlflow server` on 127.0.0.1 with backend_uri as its store and artifacts in root."""
     port = free_port()
     server = start([str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri, "--artifacts-destination",
-                    str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                   root / "mlflow.log")
+                    str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                    "--allowed-hosts", ALLOWED_HOSTS], root / "mlflow.log")
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: http_ok(f"{url}/health"), server, root / "mlflow.log", "mlflow server")
     return url, server
