@@ -99,26 +99,41 @@ FAST_FAILURE_DETECTION = {"RAY_health_check_period_ms": "1000", "RAY_health_chec
                           "RAY_health_check_failure_threshold": "3"}
 
 
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except ProcessLookupError:
+        return None
+
+
 def _node_hosting(nodes, name: str) -> set[int]:
-    """Indexes of the nodes (process groups) that run a Ray actor process called `name`."""
-    groups = {node.pid: i for i, node in enumerate(nodes)}
-    found = set()
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        if name in " ".join(process.info["cmdline"] or []):
-            try:
-                found.add(groups.get(os.getpgid(process.info["pid"])))
-            except ProcessLookupError:
-                continue
-    return found - {None}
+    """Indexes of the nodes that run a Ray process called `name`. Each node is a session of its
+    own (`ray start` in stack.start); Ray puts each worker in a process group of its own
+    within it, so the session, not the group, is the machine."""
+    sessions = {node.pid: i for i, node in enumerate(nodes)}
+    return {sessions[sid] for p in psutil.process_iter(["pid", "cmdline"])
+            if name in " ".join(p.info["cmdline"] or []) and (sid := _session(p.info["pid"])) in sessions}
+
+
+def _kill_machine(node) -> int:
+    """SIGKILL every process of a node's session at once: raylet, agents, workers, as a machine
+    going away. Returns how many."""
+    victims = [p for p in psutil.process_iter(["pid"]) if _session(p.info["pid"]) == node.pid]
+    for process in victims:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return len(victims)
 
 
 @pytest.mark.integration  # starts its own 3-node cluster
 def test_a_lost_node_is_survived_to_the_same_model(tmp_path, mnist_dir, uninterrupted):
     """A head and two worker nodes, each its own `ray start` session; 2 training workers and
-    checkpoints in a directory every node reaches. Once epoch 1's checkpoint exists, the
-    whole process group of a worker node that hosts a training worker is SIGKILLed, as a
-    machine going away: the run resumes on the surviving nodes and ends, in one MLflow run,
-    with the weights of an uninterrupted run."""
+    checkpoints in a directory every node reaches. Once epoch 1's checkpoint exists, every
+    process of a worker node that hosts a training worker is SIGKILLed, as a machine going
+    away: the run resumes on the surviving nodes and ends, in one MLflow run, with the weights
+    of an uninterrupted run."""
     address, nodes, dirs = stack.ray_cluster(1, stack.ray_auth(), count=3, env=FAST_FAILURE_DETECTION)
     try:
         project, storage = tmp_path / "project", tmp_path / "shared"
@@ -140,8 +155,7 @@ def test_a_lost_node_is_survived_to_the_same_model(tmp_path, mnist_dir, uninterr
             time.sleep(0.05)
         victims = (_node_hosting(nodes, "RayTrainWorker") - _node_hosting(nodes, "TrainController")) - {0}
         assert victims, "no worker node hosts a training worker without the run's controller"
-        victim = min(victims)
-        os.killpg(nodes[victim].pid, signal.SIGKILL)  # the machine is gone: raylet, workers, all
+        assert _kill_machine(nodes[min(victims)]) >= 3  # raylet, its agents and a training worker at least
         assert train.wait(timeout=600) == 0, (tmp_path / "train.log").read_text()
     finally:
         for node in reversed(nodes):
