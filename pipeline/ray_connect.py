@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import sys
 
 from pipeline import compat
 
@@ -18,18 +20,26 @@ WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_ENABLE_PREEMPTION_
 
 def connect_ray(num_workers: int | str = 1, address: str | None = None) -> None:
     """Join `address` or $RAY_ADDRESS when set, else start a quiet local Ray sized to this machine."""
-    import ray
-
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     for name, value in WORKER_ENV.items():
         os.environ.setdefault(name, value)
+    local = not (address or os.environ.get("RAY_ADDRESS"))
+    if local and "ray" not in sys.modules:  # Ray reads its auth mode once, when imported
+        # Ray 2.60's GCS, raylet and worker servers listen on every interface, whatever node
+        # address they are given (ray.init turns 127.0.0.1 into the machine's own address),
+        # so a Ray that serves this machine alone still asks every client for a token: one
+        # of this run's, which its workers inherit and nothing else knows.
+        if os.environ.setdefault("RAY_AUTH_MODE", "token") == "token":
+            os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    import ray
+
     if ray.is_initialized():
         return
     # Without the dashboard Ray's state API is absent, and Ray Train's placement-group
     # cleaner warns about it every few seconds: keep Ray's own loggers at ERROR in workers.
     quiet = {"logging_level": logging.WARNING, "log_to_driver": True,
              "logging_config": ray.LoggingConfig(log_level="ERROR")}
-    if address or os.environ.get("RAY_ADDRESS"):
+    if not local:
         ray.init(address=address, **quiet)
     else:
         # "local": a new Ray of our own, not whatever `ray start` last left on this machine.

@@ -50,6 +50,7 @@ def test_kuberay_manifests_run_our_image_at_our_ray_version():
     assert (job["kind"], cluster["kind"]) == ("RayJob", "RayCluster")
     for spec in (job["spec"]["rayClusterSpec"], cluster["spec"]):
         assert spec["rayVersion"] == base_version
+        assert spec["authOptions"] == {"mode": "token"}  # no client without the cluster's token
         groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
         for group in groups:
             assert {c["image"] for c in group["template"]["spec"]["containers"]} == {IMAGE}

@@ -1,4 +1,9 @@
 """pipeline/ray_connect.py: how training workers are placed on a Ray cluster (pure functions)."""
+import os
+import secrets
+import subprocess
+import sys
+
 import pytest
 
 from pipeline.ray_connect import gpu_workers, share_cpus, workers_for
@@ -26,3 +31,42 @@ def test_auto_workers_are_one_per_gpu_else_one_per_node():
     assert workers_for("auto", [16, 16, 0], 0) == 2  # a node without CPUs holds no worker
     assert workers_for("auto", [16, 16], 4) == 4  # GPUs: one worker each
     assert workers_for(3, [2], 0) == 3
+
+
+def test_a_client_without_the_clusters_token_or_with_a_wrong_one_is_refused(ray_address):
+    """The test cluster runs with token authentication, as `make up`'s and KubeRay's do."""
+    probe = f"import ray; ray.init(address={ray_address!r}, logging_level='ERROR'); print('connected')"
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    clients = {"right": {**plain, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.environ["RAY_AUTH_TOKEN"]},
+               "wrong": {**plain, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)},
+               "none": plain}
+    running = {name: subprocess.Popen([sys.executable, "-c", probe], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True) for name, env in clients.items()}
+    outputs = {name: process.communicate(timeout=180)[0] for name, process in running.items()}
+    assert running["right"].returncode == 0 and "connected" in outputs["right"], outputs["right"]
+    for name in ("wrong", "none"):
+        assert running[name].returncode != 0 and "connected" not in outputs[name].splitlines(), outputs[name]
+        assert "token-auth" in outputs[name], outputs[name]  # refused for its token, not for another reason
+
+
+LOCAL_RAY = """
+import os, subprocess, sys
+from pipeline.ray_connect import connect_ray
+import ray
+connect_ray()  # no address: a local Ray of this process's own
+address = ray.get_runtime_context().gcs_address
+stranger = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+probe = f"import ray; ray.init(address={address!r}, logging_level='ERROR'); print('connected')"
+client = subprocess.run([sys.executable, "-c", probe], env=stranger, capture_output=True, text=True, timeout=120)
+print(os.environ["RAY_AUTH_MODE"], client.returncode, "token-auth" in client.stdout + client.stderr)
+"""
+
+
+def test_the_local_ray_a_stage_starts_asks_for_a_token_of_its_own():
+    """Ray 2.60 listens on every interface (README: which ports, and why): the local Ray that
+    `vae train` starts refuses a client from elsewhere, which cannot know its run's token."""
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    result = subprocess.run([sys.executable, "-c", LOCAL_RAY], env=plain, capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.split()[-3:] == ["token", "1", "True"], result.stdout + result.stderr

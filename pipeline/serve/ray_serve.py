@@ -36,9 +36,9 @@ def deployment(onnx_bytes: bytes, max_batch: int, replicas: int, replica_cpus: f
 
 
 def run(model_path: Path, host: str, port: int, max_batch: int, replicas: int, replica_cpus: float = 1.0) -> None:
+    connect_ray(num_workers=replicas)  # first: it decides the local Ray's auth before ray is imported
     from ray import serve
 
-    connect_ray(num_workers=replicas)
     serve.start(http_options={"host": host, "port": port})
     serve.run(deployment(model_path.read_bytes(), max_batch, replicas, replica_cpus), name=DEPLOYMENT,
               route_prefix="/")
