@@ -85,7 +85,7 @@ def local_stack(tmp_path_factory) -> dict:
         run([*make, "up", f"STACK={state}"], ROOT)
         exported = dict(line.removeprefix("export ").split("=", 1) for line in (state / "env").read_text().split("\n")
                         if line)
-        yield exported
+        yield {**exported, "VAE_STACK_STATE": str(state)}
     finally:
         run([*make, "down", f"STACK={state}"], ROOT)
 

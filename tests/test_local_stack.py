@@ -4,7 +4,10 @@ once; each is one complete run tagged with its name and the sweep, stored in Pos
 a bad cell fails alone, naming the key; champion ends on the sweep's best model; an
 experiment that DVC restores from its run-cache adds nothing to MLflow."""
 import json
+import os
+from pathlib import Path
 
+import httpx
 import pytest
 import sqlalchemy
 from mlflow import MlflowClient
@@ -37,9 +40,23 @@ def sweep(tmp_path_factory, mnist_dir, local_stack):
     run(["dvc", "exp", "run", "--queue", "-S", f"train.lr={','.join(GRID)}"], repo, env=env)
     run(["dvc", "exp", "run", "--queue", "-S", f"train.lr={BAD}"], repo, env=env)
     result = run(["vae", "sweep", "-j", "2"], repo, env=env, check=False, timeout=900)
-    assert result.returncode == 1 and "vae sweep: 2 workers started" in result.stdout, result.stdout + result.stderr
+    assert result.returncode == 1, result.stdout + result.stderr  # one experiment failed
+    assert "vae sweep: 2 workers started" in result.stdout and "vae sweep: failed: " in result.stdout
     status = queue_status(repo, env)
-    return repo, env, status
+    logs = result.stdout + result.stderr + "".join(
+        run(["dvc", "queue", "logs", name], repo, env=env, check=False).stdout for name in status)
+    # This process's MlflowClient reads the stack's credentials from the environment too.
+    credentials = {k: env[k] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    saved = {k: os.environ.get(k) for k in credentials}
+    os.environ.update(credentials)
+    try:
+        yield repo, env, status, logs
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def sweep_runs(env) -> list:
@@ -48,7 +65,7 @@ def sweep_runs(env) -> list:
 
 
 def test_the_good_cells_succeed_and_the_bad_one_fails_alone_naming_the_key(sweep):
-    repo, env, status = sweep
+    repo, env, status, _ = sweep
     assert sorted(status.values()) == ["Failed", "Success", "Success"], status
     (failed,) = [name for name, state in status.items() if state == "Failed"]
     logs = run(["dvc", "queue", "logs", failed], repo, env=env, check=False)
@@ -58,7 +75,7 @@ def test_the_good_cells_succeed_and_the_bad_one_fails_alone_naming_the_key(sweep
 
 
 def test_each_experiment_is_one_run_tagged_with_its_name_and_the_sweep(sweep):
-    repo, env, status = sweep
+    repo, env, status, _ = sweep
     runs = sweep_runs(env)
     succeeded = sorted(name for name, state in status.items() if state == "Success")
     assert sorted(r.data.tags["dvc.experiment"] for r in runs) == succeeded  # the failed cell made no run
@@ -71,7 +88,7 @@ def test_each_experiment_is_one_run_tagged_with_its_name_and_the_sweep(sweep):
 
 
 def test_every_run_registered_a_version_and_champion_is_the_best(sweep):
-    _, env, _ = sweep
+    _, env, _, _ = sweep
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     runs = {r.info.run_id: r for r in sweep_runs(env)}
     versions = client.search_model_versions("name = 'vae-decoder'")
@@ -83,7 +100,7 @@ def test_every_run_registered_a_version_and_champion_is_the_best(sweep):
 
 
 def test_runs_and_models_are_stored_in_postgresql(sweep):
-    _, env, _ = sweep
+    _, env, _, _ = sweep
     run_ids = [r.info.run_id for r in sweep_runs(env)]
     engine = sqlalchemy.create_engine(env["VAE_STACK_POSTGRES"])
     try:
@@ -100,7 +117,7 @@ def test_a_cell_run_again_in_the_workspace_is_restored_and_adds_nothing_to_mlflo
     """A cell of the grid again, in the workspace: DVC restores every stage from the run-cache
     the queued experiment filled, adding nothing to MLflow, and the restored
     models/mlflow_run.json names the queued run that logged and registered that model."""
-    repo, env, _ = sweep
+    repo, env, _, _ = sweep
     before = {r.info.run_id: r for r in sweep_runs(env)}
     out = run(["dvc", "exp", "run", "-S", f"train.lr={GRID[0]}"], repo, env=env).stdout
     for stage in ("train", "evaluate", "export"):
@@ -114,3 +131,20 @@ def test_a_cell_run_again_in_the_workspace_is_restored_and_adds_nothing_to_mlflo
     evaluation = json.loads((repo / "metrics/eval.json").read_text())
     assert client.get_run(restored).data.metrics["test_neg_elbo"] == pytest.approx(evaluation["neg_elbo"])
     check_pipeline_run(client, client.get_run(restored), repo)
+
+
+def test_the_stacks_mlflow_asks_for_its_password_and_nothing_logs_it(sweep):
+    """`make up`'s MLflow runs its basic-auth app: no credentials or a wrong password get 401.
+    The sweep logged with the password from .stack/env (owner-only), the rank-0 Ray workers
+    with the one their nodes were started with; it appears in no run and no log."""
+    _, env, _, logs = sweep
+    password = env["MLFLOW_TRACKING_PASSWORD"]
+    api = f"{env['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert httpx.get(api).status_code == 401
+    assert httpx.get(api, auth=(env["MLFLOW_TRACKING_USERNAME"], password + "x")).status_code == 401
+    assert httpx.get(api, auth=(env["MLFLOW_TRACKING_USERNAME"], password)).status_code == 200
+    assert os.stat(Path(env["VAE_STACK_STATE"]) / "env").st_mode & 0o777 == 0o600
+    for run_ in sweep_runs(env):
+        assert run_.data.metrics["val_neg_elbo"]  # rank 0 on a stack node logged it, authenticated
+        assert password not in json.dumps([run_.data.params, run_.data.tags])
+    assert password not in logs

@@ -112,14 +112,35 @@ def postgres() -> tuple[str, subprocess.Popen, Path]:
 # guard): this machine's names, and `mlflow`, the service name infra/'s manifests give it
 # (infra/mlflow/compose.yaml passes the same list). Naming hosts replaces MLflow's defaults.
 ALLOWED_HOSTS = "mlflow,mlflow:*,localhost,localhost:*,127.0.0.1,127.0.0.1:*"
+ADMIN = "admin"  # the basic-auth app's administrator, as which `make up`'s clients log
 
 
-def mlflow_server(root: Path, backend_uri: str) -> tuple[str, subprocess.Popen]:
-    """`mlflow server` on 127.0.0.1 with backend_uri as its store and artifacts in root."""
+def secret_file(path: Path, text: str) -> Path:
+    """Write a file that holds secrets, readable by its owner alone from the start."""
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(text)
+    return path
+
+
+def mlflow_server(root: Path, backend_uri: str, admin_password: str | None = None) -> tuple[str, subprocess.Popen]:
+    """`mlflow server` on 127.0.0.1 with backend_uri as its store and artifacts in root; with
+    admin_password, behind MLflow's basic-auth app (user `admin`; its users in root)."""
     port = free_port()
-    server = start([str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri, "--artifacts-destination",
-                    str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                    "--allowed-hosts", ALLOWED_HOSTS], root / "mlflow.log")
+    command = [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri, "--artifacts-destination",
+               str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+               "--allowed-hosts", ALLOWED_HOSTS]
+    # MLflow 3's job runner (7 Huey consumer processes, 280 MB each) serves GenAI scorers this
+    # project does not use; on 2 cores it only takes CPU from training.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    if admin_password:
+        config = secret_file(root / "basic_auth.ini", "[mlflow]\ndefault_permission = READ\n"
+                             f"database_uri = sqlite:///{root / 'basic_auth.db'}\nadmin_username = {ADMIN}\n"
+                             f"admin_password = {admin_password}\n"
+                             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        env |= {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32)}
+        command += ["--app-name", "basic-auth"]
+    server = start(command, root / "mlflow.log", env)
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: http_ok(f"{url}/health"), server, root / "mlflow.log", "mlflow server")
     return url, server
@@ -170,18 +191,21 @@ def up(state: Path) -> None:
         uri, db, db_dir = postgres()
         pids.append(db.pid)
         dirs.append(str(db_dir))
-        url, tracking = mlflow_server(state, uri)
+        credentials = {"MLFLOW_TRACKING_USERNAME": ADMIN, "MLFLOW_TRACKING_PASSWORD": secrets.token_urlsafe(24)}
+        url, tracking = mlflow_server(state, uri, credentials["MLFLOW_TRACKING_PASSWORD"])
         pids.append(tracking.pid)
         auth = ray_auth()
-        address, nodes, ray_dirs = ray_cluster(max(1, (os.cpu_count() or 2) // 2), auth)
+        # The nodes' environment carries the MLflow credentials to the training workers (rank
+        # 0 logs each epoch): not a runtime_env, which Ray keeps in its job table.
+        address, nodes, ray_dirs = ray_cluster(max(1, (os.cpu_count() or 2) // 2), auth, env=credentials)
         pids += [n.pid for n in nodes]
         dirs += [str(d) for d in ray_dirs]
     finally:  # what started is recorded even if a later piece failed, so `make down` stops it
         (state / "state.json").write_text(json.dumps({"pids": pids, "dirs": dirs}))
-    exported = {"MLFLOW_TRACKING_URI": url, "RAY_ADDRESS": address, "VAE_STACK_POSTGRES": uri, **auth}
-    env_file = state / "env"
-    env_file.touch(mode=0o600)  # it holds the cluster's token
-    env_file.write_text("".join(f"export {name}={value}\n" for name, value in exported.items()))
+    exported = {"MLFLOW_TRACKING_URI": url, "RAY_ADDRESS": address, "VAE_STACK_POSTGRES": uri, **auth,
+                **credentials}
+    # It holds the cluster's token and MLflow's password: its owner's alone.
+    secret_file(state / "env", "".join(f"export {name}={value}\n" for name, value in exported.items()))
     print(f"up: PostgreSQL {uri}, MLflow {url}, Ray {address} (2 nodes).\nUse it: source {state}/env")
 
 
