@@ -9,6 +9,7 @@ import os
 import sys
 
 from pipeline.params import ParamsError
+from pipeline.sweep import SweepError
 from vae.data import DataError
 
 STAGES = {
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             print(environment.describe())
         else:
             importlib.import_module(f"pipeline.{args.command}").main()
-    except (ParamsError, DataError, FileNotFoundError, LookupError, ConnectionError) as e:
+    except (ParamsError, DataError, FileNotFoundError, LookupError, ConnectionError, SweepError) as e:
         print(f"vae {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -15,8 +15,27 @@ import time
 QUEUE_DONE = ("Success", "Failed")
 
 
-def dvc(*args: str) -> str:
-    return subprocess.run(["dvc", *args], capture_output=True, text=True, check=True).stdout
+class SweepError(RuntimeError):
+    """DVC's queue could not be started, read, or did not drain in time."""
+
+
+def dvc(*args: str, tries: int = 5) -> str:
+    """`dvc ARGS`'s output. Retried: while workers start and stop, a query of the queue can
+    meet its files half-written and fail; the next one reads them whole."""
+    for attempt in range(tries):
+        result = subprocess.run(["dvc", *args], capture_output=True, text=True)
+        if result.returncode == 0:
+            return result.stdout
+        time.sleep(1 + attempt)
+    raise SweepError(f"`dvc {' '.join(args)}` failed {tries} times: {result.stderr.strip()[-2000:]}")
+
+
+def start_worker(count: int) -> None:
+    """`dvc queue start -j count`, which starts worker `count` when the others are up. Its
+    output is not captured: the process that watches the new worker keeps the streams it
+    inherited open for as long as the worker lives."""
+    subprocess.run(["dvc", "queue", "start", "-j", str(count)], stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
 
 
 def workers_up() -> int:
@@ -37,18 +56,19 @@ def run(jobs: int, timeout_s: float = 24 * 3600) -> int:
         print("vae sweep: nothing queued (`dvc exp run --queue -S ...` queues experiments)", flush=True)
         return 0
     for count in range(1, jobs + 1):
-        dvc("queue", "start", "-j", str(count))  # starts worker `count` only: the others are up
+        start_worker(count)
         while workers_up() < count and any(tasks().get(name) not in QUEUE_DONE for name in pending):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"vae sweep: worker {count} did not start")
+                raise SweepError(f"worker {count} did not start")
             time.sleep(0.5)
     print(f"vae sweep: {jobs} worker{'s' * (jobs > 1)} started", flush=True)
     status = tasks()
     while any(status.get(name) not in QUEUE_DONE for name in pending):
         if time.monotonic() > deadline:
-            raise TimeoutError("vae sweep: the queue did not drain in time")
+            raise SweepError("the queue did not drain in time")
         time.sleep(2)
         status = tasks()
+    dvc("queue", "stop")  # the workers would idle on, waiting for more
     print(dvc("queue", "status"), end="", flush=True)
     failed = sorted(name for name in pending if status.get(name) == "Failed")
     if failed:
