@@ -8,6 +8,9 @@ import pytest
 
 from pipeline.ray_connect import gpu_workers, share_cpus, workers_for
 
+# A client that Ray refuses retries for ~20 s by default; 3 tries tell as much.
+QUICK_GIVE_UP = {"RAY_gcs_server_port_wait_time_s": "3"}
+
 
 def test_gpu_choice():
     assert gpu_workers("auto", 0) is False and gpu_workers("auto", 2) is True
@@ -36,7 +39,7 @@ def test_auto_workers_are_one_per_gpu_else_one_per_node():
 def test_a_client_without_the_clusters_token_or_with_a_wrong_one_is_refused(ray_address):
     """The test cluster runs with token authentication, as `make up`'s and KubeRay's do."""
     probe = f"import ray; ray.init(address={ray_address!r}, logging_level='ERROR'); print('connected')"
-    plain = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    plain = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}, **QUICK_GIVE_UP}
     clients = {"right": {**plain, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.environ["RAY_AUTH_TOKEN"]},
                "wrong": {**plain, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)},
                "none": plain}
@@ -55,7 +58,7 @@ from pipeline.ray_connect import connect_ray
 import ray
 connect_ray()  # no address: a local Ray of this process's own
 address = ray.get_runtime_context().gcs_address
-stranger = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+stranger = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}, **%r}
 probe = f"import ray; ray.init(address={address!r}, logging_level='ERROR'); print('connected')"
 client = subprocess.run([sys.executable, "-c", probe], env=stranger, capture_output=True, text=True, timeout=120)
 print(os.environ["RAY_AUTH_MODE"], client.returncode, "token-auth" in client.stdout + client.stderr)
@@ -66,7 +69,7 @@ def test_the_local_ray_a_stage_starts_asks_for_a_token_of_its_own():
     """Ray 2.60 listens on every interface (README: which ports, and why): the local Ray that
     `vae train` starts refuses a client from elsewhere, which cannot know its run's token."""
     plain = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    result = subprocess.run([sys.executable, "-c", LOCAL_RAY], env=plain, capture_output=True, text=True,
-                            timeout=240)
+    result = subprocess.run([sys.executable, "-c", LOCAL_RAY % QUICK_GIVE_UP], env=plain, capture_output=True,
+                            text=True, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.split()[-3:] == ["token", "1", "True"], result.stdout + result.stderr
