@@ -67,20 +67,23 @@ def score_shard(model: VAE, x: torch.Tensor, start: int, params: Params, device:
 
 
 def _shard_sums(x: torch.Tensor, params: Params, model: VAE) -> dict[str, float]:
-    """All the shards' sums: in this process (on its GPU, if any) with one worker and no
-    cluster, else as Ray tasks, one per shard, each on a GPU when the cluster has them."""
+    """All the shards' sums: as Ray tasks, one per shard (each on a GPU when the cluster has
+    them) with eval.num_workers > 1, or with one worker when a configured cluster has GPUs
+    and this machine none; otherwise in this process, on its GPU if it has one."""
     shards = [(int(idx[0]), x[idx]) for idx in torch.arange(len(x)).tensor_split(params.eval.num_workers)
               if len(idx)]
-    on_ray = params.eval.num_workers > 1 or params.train.ray_address or os.environ.get("RAY_ADDRESS")
-    if not on_ray:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return score_shard(model, x, 0, params, device, progress=True)
+    local = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cluster = params.train.ray_address or os.environ.get("RAY_ADDRESS")
+    if params.eval.num_workers == 1 and (local.type == "cuda" or not cluster):
+        return score_shard(model, x, 0, params, local, progress=True)
     import ray
 
     from pipeline.ray_connect import connect_ray
 
     connect_ray(params.eval.num_workers, params.train.ray_address)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    if params.eval.num_workers == 1 and not gpus:  # a CPU cluster: no faster than here
+        return score_shard(model, x, 0, params, local, progress=True)
     task = ray.remote(num_cpus=1, num_gpus=gpus)(_score_on_worker)
     pending = [task.remote(model.to_checkpoint(), shard, start, params) for start, shard in shards]
     total = dict.fromkeys(TERMS, 0.0)

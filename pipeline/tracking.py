@@ -111,21 +111,29 @@ def start_run(layout: Layout, params: dict[str, object], tags: dict[str, str]) -
 
 def open_run(layout: Layout) -> tuple["MlflowClient", str]:  # noqa: F821
     """The client and run recorded by `train`. If that run is not in the current tracking
-    store (say DVC restored `train` from its cache against a fresh mlflow.db), a new run
-    is started that names the model's original run, rather than logging nowhere."""
+    store (say DVC restored `train` from its cache against a fresh mlflow.db, or only
+    evaluate and export ran in an experiment's copy), the stages log into a run that names
+    the model's original run: the newest such run of this experiment, else a new one, so
+    that evaluate and export of one execution share it, rather than logging nowhere."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    recorded = json.loads(layout.mlflow_run.read_text())
+    recorded = json.loads(layout.mlflow_run.read_text())["run_id"]
     client = MlflowClient(tracking_uri(layout))
     try:
-        client.get_run(recorded["run_id"])
-        return client, recorded["run_id"]
+        client.get_run(recorded)
+        return client, recorded
     except MlflowException:
-        log.warning("MLflow run %s not found at %s; logging into a new run", recorded["run_id"], client.tracking_uri)
-        run = client.create_run(_experiment_id(client, layout),
-                                tags={**lineage_tags(layout), "model.origin_run": recorded["run_id"]})
-        return client, run.info.run_id
+        pass
+    tags = {**lineage_tags(layout), "model.origin_run": recorded}
+    experiment = _experiment_id(client, layout)
+    same = " and ".join(f"tags.`{k}` = '{tags[k]}'" for k in ("model.origin_run", "dvc.experiment") if k in tags)
+    found = client.search_runs([experiment], filter_string=same, order_by=["attributes.start_time DESC"],
+                               max_results=1)
+    if found:
+        return client, found[0].info.run_id
+    log.warning("MLflow run %s not found at %s; logging into a new run", recorded, client.tracking_uri)
+    return client, client.create_run(experiment, tags=tags).info.run_id
 
 
 def best_effort(what: str, call, *args, **kwargs):

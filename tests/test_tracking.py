@@ -73,3 +73,20 @@ def test_server_lost_mid_run_costs_a_warning_not_the_training(tmp_path, mnist_di
     assert set(checkpoint) == {"state_dict", "config"}
     assert yaml.safe_load((tmp_path / "metrics/train.json").read_text())["epochs"] == 2
     assert len((tmp_path / "plots/train.csv").read_text().splitlines()) == 3
+
+
+def test_stages_after_a_restored_train_share_one_run_naming_the_original(tmp_path, monkeypatch):
+    """models/mlflow_run.json names a run the store does not hold (train restored from DVC's
+    cache, or run elsewhere): evaluate opens a run that names it, and export logs into the same."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_EXP_NAME", "tidy-tern")
+    layout = Layout(tmp_path)
+    layout.mlflow_run.parent.mkdir()
+    layout.mlflow_run.write_text('{"run_id": "0123456789abcdef"}')
+    client, evaluate_run = tracking.open_run(layout)
+    _, export_run = tracking.open_run(layout)
+    assert export_run == evaluate_run
+    tags = client.get_run(evaluate_run).data.tags
+    assert tags["model.origin_run"] == "0123456789abcdef" and tags["dvc.experiment"] == "tidy-tern"
+    monkeypatch.setenv("DVC_EXP_NAME", "other-exp")  # another experiment's stages: a run of their own
+    assert tracking.open_run(layout)[1] != evaluate_run
