@@ -21,9 +21,12 @@ test: lock-check $(STAMP) system-packages
 	PATH="$(BIN):$$PATH" $(BIN)/python -m pytest
 
 # The edit loop: lint and the unit tests, none of the servers, clusters or pipeline runs.
+# Modules of integration tests alone are not even imported, nor the plugins only they use.
+FAST_SKIP := --ignore=tests/test_pipeline_dvc.py --ignore=tests/test_local_stack.py --ignore=tests/test_resume_dvc.py \
+	-p no:schemathesis -p no:hydra_pytest -p no:anyio -p no:hypothesispytest
 test-fast: $(STAMP)
 	$(BIN)/ruff check .
-	PATH="$(BIN):$$PATH" $(BIN)/python -m pytest -m "not integration" -q
+	PATH="$(BIN):$$PATH" $(BIN)/python -m pytest -m "not integration" -q $(FAST_SKIP)
 
 # Debian packages the tests run for real: PostgreSQL (an MLflow backend store) and Chromium
 # (the MLflow UI test). Installed when missing and we are root, as in CI; otherwise their
