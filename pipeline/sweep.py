@@ -38,36 +38,38 @@ def start_worker(count: int) -> None:
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
 
 
-def workers_up() -> int:
-    found = re.search(r"Worker status: (\d+) active, (\d+) idle", dvc("queue", "status"))
-    return int(found[1]) + int(found[2]) if found else 0
-
-
-def tasks() -> dict[str, str]:
-    """{experiment name: status} of the queue's tasks."""
-    lines = dvc("queue", "status").splitlines()[1:]
-    return {words[1]: words[-1] for words in map(str.split, lines) if len(words) >= 4 and words[0] != "Worker"}
+def queue() -> tuple[dict[str, str], int]:
+    """One `dvc queue status` (each costs DVC's start-up): {experiment name: status} of the
+    queue's tasks, and how many workers are up."""
+    out = dvc("queue", "status")
+    workers = re.search(r"Worker status: (\d+) active, (\d+) idle", out)
+    tasks = {words[1]: words[-1] for words in map(str.split, out.splitlines()[1:])
+             if len(words) >= 4 and words[0] != "Worker"}
+    return tasks, int(workers[1]) + int(workers[2]) if workers else 0
 
 
 def run(jobs: int, timeout_s: float = 24 * 3600) -> int:
     deadline = time.monotonic() + timeout_s
-    pending = {name for name, state in tasks().items() if state not in QUEUE_DONE}  # this sweep's
+    pending = {name for name, state in queue()[0].items() if state not in QUEUE_DONE}  # this sweep's
     if not pending:
         print("vae sweep: nothing queued (`dvc exp run --queue -S ...` queues experiments)", flush=True)
         return 0
     for count in range(1, jobs + 1):
         start_worker(count)
-        while workers_up() < count and any(tasks().get(name) not in QUEUE_DONE for name in pending):
+        while True:
+            status, up = queue()
+            if up >= count or all(status.get(name) in QUEUE_DONE for name in pending):
+                break
             if time.monotonic() > deadline:
                 raise SweepError(f"worker {count} did not start")
             time.sleep(0.5)
     print(f"vae sweep: {jobs} worker{'s' * (jobs > 1)} started", flush=True)
-    status = tasks()
+    status = queue()[0]
     while any(status.get(name) not in QUEUE_DONE for name in pending):
         if time.monotonic() > deadline:
             raise SweepError("the queue did not drain in time")
         time.sleep(2)
-        status = tasks()
+        status = queue()[0]
     dvc("queue", "stop")  # the workers would idle on, waiting for more
     print(dvc("queue", "status"), end="", flush=True)
     failed = sorted(name for name in pending if status.get(name) == "Failed")
