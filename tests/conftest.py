@@ -1,16 +1,18 @@
-"""Shared fixtures: real MNIST (from the cached PyPI wheel), one Ray cluster and one MLflow
-server per session, and `make up`'s stack per module. Helpers live in helpers.py.
+"""Shared fixtures: real MNIST (from the cached PyPI wheel), one S3 server, one Ray cluster and
+one MLflow server per session, and `make up`'s stack per module. Helpers live in helpers.py.
 
 Tests are marked by what they start: one that uses a fixture starting a server, a cluster
 or a pipeline run is `integration` (`make test-fast` leaves those out); tests that start
 such processes themselves carry the mark explicitly."""
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
 from pathlib import Path
 
+import psutil
 import pytest
 
 from helpers import INTERRUPTED_RUN, ROOT, fit_in_folder, mlflow_server_process, run, stack, system_program
@@ -19,7 +21,7 @@ from helpers import INTERRUPTED_RUN, ROOT, fit_in_folder, mlflow_server_process,
 # anything imports ray (it reads the auth mode once), and inherited by every node and stage.
 os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
 # Fixtures that start real processes: a test using one (directly or through another) is integration.
-STARTS_PROCESSES = {"ray_address", "mlflow_server", "local_stack", "server", "repro", "uninterrupted"}
+STARTS_PROCESSES = {"s3", "ray_address", "mlflow_server", "local_stack", "server", "repro", "uninterrupted"}
 
 
 def pytest_collection_modifyitems(items):
@@ -39,17 +41,32 @@ def mnist_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_address():
+def s3(tmp_path_factory) -> dict[str, str]:
+    """A real S3 server on 127.0.0.1 (SeaweedFS, as `make up` starts it) with buckets dvc,
+    mlflow and ray, for the whole session: the environment its clients need (endpoint and keys)."""
+    try:
+        env, server = stack.s3_server(tmp_path_factory.mktemp("s3"))
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    try:
+        yield env
+    finally:
+        stack.stop(server)
+
+
+@pytest.fixture(scope="session")
+def ray_address(s3):
     """A real 2-node Ray cluster on 127.0.0.1 for the whole session (infra/local/stack.py:
     `ray start --head` plus a second `ray start --address`), one CPU each, so two training
-    workers land on different nodes. Stopped by signalling its own processes (`ray stop`
-    would stop every Ray on the machine). Stages join it through RAY_ADDRESS."""
+    workers land on different nodes. Its nodes hold the S3 keys, so checkpoints may go to
+    the bucket. Stopped by signalling its own processes (`ray stop` would stop every Ray on
+    the machine). Stages join it through RAY_ADDRESS."""
     import ray
 
     from pipeline.ray_connect import connect_ray
 
     try:
-        address, nodes, temp_dirs = stack.ray_cluster(cpus_per_node=1, auth=stack.ray_auth())
+        address, nodes, temp_dirs = stack.ray_cluster(cpus_per_node=1, auth=stack.ray_auth(), env=s3)
     except RuntimeError as e:
         pytest.fail(str(e))
     try:
@@ -64,11 +81,11 @@ def ray_address():
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory) -> str:
-    """A real `mlflow server` process on 127.0.0.1: SQLite backend and artifact store in a
-    temporary directory. Stages log to it through MLFLOW_TRACKING_URI."""
+def mlflow_server(tmp_path_factory, s3) -> str:
+    """A real `mlflow server` process on 127.0.0.1: a SQLite backend in a temporary directory,
+    artifacts in the S3 server's bucket `mlflow`. Stages log to it through MLFLOW_TRACKING_URI."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    with mlflow_server_process(root, f"sqlite:///{root}/mlflow.db") as (url, _):
+    with mlflow_server_process(root, f"sqlite:///{root}/mlflow.db", s3) as (url, _):
         yield url
 
 
@@ -81,13 +98,34 @@ def local_stack(tmp_path_factory) -> dict:
     system_program(str(bindir / "initdb") if bindir else "initdb", "postgresql")
     state = tmp_path_factory.mktemp("stack")
     make = ["make", "--no-print-directory", "-C", str(ROOT)]
+    started, exported = {}, {}
     try:
         run([*make, "up", f"STACK={state}"], ROOT)
+        started = stack_listeners(json.loads((state / "state.json").read_text())["pids"])
         exported = dict(line.removeprefix("export ").split("=", 1) for line in (state / "env").read_text().split("\n")
                         if line)
         yield {**exported, "VAE_STACK_STATE": str(state)}
     finally:
         run([*make, "down", f"STACK={state}"], ROOT)
+    # `make down` leaves nothing running and no port bound (every service's among those watched).
+    services = {int(exported[name].rstrip("/").rsplit(":", 1)[1].split("/")[0]) for name in
+                ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "AWS_ENDPOINT_URL", "VAE_STACK_POSTGRES")}
+    assert services <= set().union(*started.values()), (services, started)
+    running = [pid for pid in started if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    ports = set().union(*started.values())
+    still_bound = {c.laddr.port for c in psutil.net_connections("inet") if c.status == "LISTEN"} & ports
+    assert not running and not still_bound, (running, still_bound)
+
+
+def stack_listeners(pids: list[int]) -> dict[int, set[int]]:
+    """{pid: ports it listens on} for every process of the stack: the recorded ones and all
+    they spawned."""
+    processes = [p for pid in pids for p in (psutil.Process(pid), *psutil.Process(pid).children(recursive=True))]
+    listening = {}
+    for c in psutil.net_connections("inet"):
+        if c.status == "LISTEN" and c.pid is not None:
+            listening.setdefault(c.pid, set()).add(c.laddr.port)
+    return {p.pid: listening.get(p.pid, set()) for p in processes if p.pid in listening or p.pid in pids}
 
 
 @pytest.fixture(scope="session")

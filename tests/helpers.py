@@ -46,11 +46,12 @@ def system_program(path: str, package: str) -> str:
 
 
 @contextmanager
-def mlflow_server_process(root: Path, backend_uri: str):
+def mlflow_server_process(root: Path, backend_uri: str, s3: dict | None = None):
     """A real `mlflow server` on 127.0.0.1 with backend_uri as its store and artifacts in
-    root; yields its URL and the process (tests may stop it for good)."""
+    root (or with s3, in that server's bucket `mlflow`); yields its URL and the process
+    (tests may stop it for good)."""
     try:
-        url, server = stack.mlflow_server(root, backend_uri)
+        url, server = stack.mlflow_server(root, backend_uri, s3=s3)
     except RuntimeError as e:
         pytest.fail(str(e))
     try:
@@ -149,6 +150,12 @@ def check_pipeline_run(client, run_, repo: Path) -> None:
         a.path for a in client.list_artifacts(run_id, "pipeline")}
     (version,) = client.search_model_versions(f"run_id = '{run_id}'")
     assert version.name == "vae-decoder" and logged_model(client, version).source_run_id == run_id
+
+
+def bucket_keys(s3: dict, bucket: str, prefix: str = "") -> list[str]:
+    """Every object key in an S3 bucket, read with boto3 straight from the server."""
+    pages = stack.s3_client(s3).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
 
 def logged_model(client, version):

@@ -116,3 +116,22 @@ def test_mlflow_answers_the_manifests_host_header_and_refuses_a_foreign_one(mlfl
     assert httpx.get(search, headers={"Host": host}).status_code == 200
     assert httpx.get(search, headers={"Host": "evil.example:5000"}).status_code == 403
     assert httpx.get(search).status_code == 200  # 127.0.0.1:<port>
+
+
+def test_the_s3_server_refuses_wrong_and_missing_keys_and_listens_on_loopback_only(s3):
+    """SeaweedFS as `make up` starts it: the generated identity alone gets in (a moto server
+    would accept any key), and none of its services listens beyond 127.0.0.1."""
+    import botocore.exceptions
+    import psutil
+
+    def listing(env):
+        return stack.s3_client(env).list_objects_v2(Bucket="dvc")
+
+    assert listing(s3)["ResponseMetadata"]["HTTPStatusCode"] == 200
+    with pytest.raises(botocore.exceptions.ClientError, match="SignatureDoesNotMatch"):
+        listing({**s3, "AWS_SECRET_ACCESS_KEY": s3["AWS_SECRET_ACCESS_KEY"] + "x"})
+    assert httpx.get(f"{s3['AWS_ENDPOINT_URL']}/dvc").status_code == 403  # anonymous: AccessDenied
+    port = int(s3["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    (server,) = {c.pid for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.laddr.port == port}
+    addresses = {c.laddr.ip for c in psutil.net_connections("inet") if c.pid == server and c.status == "LISTEN"}
+    assert len(addresses) == 1 and addresses == {"127.0.0.1"}

@@ -1,5 +1,6 @@
 """Sweeps against the infra/ topology brought up by `make up` on 127.0.0.1: an MLflow server
-whose store is PostgreSQL, and a 2-node Ray cluster. A queued grid runs two experiments at
+whose store is PostgreSQL and whose artifacts are in S3 (SeaweedFS), and a 2-node Ray cluster
+checkpointing to S3. A queued grid runs two experiments at
 once; each is one complete run tagged with its name and the sweep, stored in PostgreSQL;
 a bad cell fails alone, naming the key; champion ends on the sweep's best model; an
 experiment that DVC restores from its run-cache adds nothing to MLflow."""
@@ -12,7 +13,7 @@ import pytest
 import sqlalchemy
 from mlflow import MlflowClient
 
-from helpers import SMALL_MODEL, check_pipeline_run, copy_project, git_env, logged_model, run, set_params
+from helpers import SMALL_MODEL, bucket_keys, check_pipeline_run, copy_project, git_env, logged_model, run, set_params
 
 GRID = ("0.002", "0.003")  # train.lr of the cells that run
 BAD = "-1"  # a cell that must fail, naming train.lr
@@ -33,7 +34,8 @@ def sweep(tmp_path_factory, mnist_dir, local_stack):
     repo = copy_project(tmp_path_factory.mktemp("experiments") / "project")
     set_params(repo, {"data": {"source": str(mnist_dir), "val_size": 200, "max_train_images": 300},
                       # One worker each: the two experiments train at once, one per node.
-                      "model": SMALL_MODEL, "train": {"epochs": 1, "num_workers": 1, "batch_size": 64},
+                      "model": SMALL_MODEL, "train": {"epochs": 1, "num_workers": 1, "batch_size": 64,
+                                                      "storage_path": f"s3://ray/{SWEEP}"},
                       "eval": {"max_test_images": 100, "iwae_k": 2, "grid_images": 8}})
     env = git_env(**local_stack, VAE_SWEEP=SWEEP)
     run(["git", "commit", "-qam", "small params"], repo, env=env)
@@ -133,10 +135,31 @@ def test_a_cell_run_again_in_the_workspace_is_restored_and_adds_nothing_to_mlflo
     check_pipeline_run(client, client.get_run(restored), repo)
 
 
+S3_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+def test_checkpoints_and_artifacts_are_in_the_stacks_s3_buckets(sweep):
+    """Each experiment's Ray Train run, named for its params, checkpointed into the bucket
+    `ray`; MLflow stored each run's artifacts and registered ONNX model in the bucket `mlflow`."""
+    _, env, _, _ = sweep
+    s3 = {name: env[name] for name in S3_ENV}
+    checkpoints = [key for key in bucket_keys(s3, "ray", SWEEP) if "/checkpoint_" in key]
+    run_names = {key.split("/")[1] for key in checkpoints if key.endswith("/state.pt")}
+    assert len(run_names) == len(GRID), checkpoints
+    artifacts = bucket_keys(s3, "mlflow")
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    for run_ in sweep_runs(env):
+        assert any(f"/{run_.info.run_id}/artifacts/evaluation/eval.json" in key for key in artifacts)
+        (version,) = client.search_model_versions(f"run_id = '{run_.info.run_id}'")
+        model_id = logged_model(client, version).model_id
+        assert any(f"/models/{model_id}/artifacts/" in key and key.endswith(".onnx") for key in artifacts)
+
+
 def test_the_stacks_mlflow_asks_for_its_password_and_nothing_logs_it(sweep):
     """`make up`'s MLflow runs its basic-auth app: no credentials or a wrong password get 401.
     The sweep logged with the password from .stack/env (owner-only), the rank-0 Ray workers
-    with the one their nodes were started with; it appears in no run and no log."""
+    with the one their nodes were started with; it appears in no run and no log, and no
+    more does the S3 secret key."""
     _, env, _, logs = sweep
     password = env["MLFLOW_TRACKING_PASSWORD"]
     api = f"{env['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/search?max_results=1"
@@ -148,3 +171,5 @@ def test_the_stacks_mlflow_asks_for_its_password_and_nothing_logs_it(sweep):
         assert run_.data.metrics["val_neg_elbo"]  # rank 0 on a stack node logged it, authenticated
         assert password not in json.dumps([run_.data.params, run_.data.tags])
     assert password not in logs
+    logged = json.dumps([[r.data.params, r.data.tags] for r in sweep_runs(env)])
+    assert env["AWS_SECRET_ACCESS_KEY"] not in logs + logged  # nor the S3 key

