@@ -164,13 +164,13 @@ def s3_server(root: Path) -> tuple[dict[str, str], subprocess.Popen]:
     identities = {"identities": [{"name": "vae", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
                                   "credentials": [{"accessKey": keys["AWS_ACCESS_KEY_ID"],
                                                    "secretKey": keys["AWS_SECRET_ACCESS_KEY"]}]}]}
+    (root / "s3").mkdir(parents=True, exist_ok=True)
     config = secret_file(root / "s3_identities.json", json.dumps(identities))
     ports = {f"-{service}.port{kind}={free_port()}" for service in ("master", "volume", "filer", "s3", "admin")
              for kind in ("", ".grpc")}
     command = [str(BIN / "weed"), "mini", f"-dir={root / 's3'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                f"-s3.config={config}", f"-bucket={','.join(S3_BUCKETS)}", "-s3.port.iceberg=0", "-s3.port.lance=0",
                "-webdav=false", "-admin.ui=false", *sorted(ports)]
-    (root / "s3").mkdir(parents=True, exist_ok=True)
     server = start(command, root / "s3.log")
     s3_port = next(p for p in ports if p.startswith("-s3.port=")).split("=")[1]
     endpoint = f"http://127.0.0.1:{s3_port}"
