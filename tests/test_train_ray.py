@@ -27,6 +27,21 @@ def max_abs_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+def test_a_rerun_resumes_the_ray_run_of_the_same_model_and_no_other():
+    """The Ray run's name, which a rerun resumes: the same for params that say only where
+    and how wide training runs, different for any param that changes the model."""
+    from pipeline.train import run_name
+
+    base = Params()
+    placed = base.model_copy(update={"train": base.train.model_copy(update={
+        "num_workers": 3, "storage_path": "s3://ray/x", "max_failures": 0, "ray_address": "head:6379"})})
+    assert run_name(placed) == run_name(base)
+    for section, change in (("train", {"epochs": base.train.epochs + 1}), ("train", {"seed": 1}),
+                            ("model", {"latent_dim": base.model.latent_dim + 1}), ("data", {"val_size": 999})):
+        changed = base.model_copy(update={section: getattr(base, section).model_copy(update=change)})
+        assert run_name(changed) != run_name(base), change
+
+
 def test_one_and_two_workers_compiled_or_not_make_the_same_model(tmp_path, mnist_dir, ray_address):
     # With 3 importance samples per image: the noise of each image, k draws of it, is still
     # drawn for the global batch and sliced (k = 1 takes the same path, one draw per image).
