@@ -113,6 +113,14 @@ def score(model: VAE, x: torch.Tensor, params: Params, mu: torch.Tensor | None =
     return {**metrics, "iwae_k": params.eval.iwae_k, "test_images": len(x)}
 
 
+def latent_stats(mu: torch.Tensor) -> dict:
+    """How much the model uses each latent dimension: the spread (standard deviation) of the
+    test set's posterior means along it, and the dimensions ordered by it, most used first.
+    Export records both in the ONNX decoder; the served page orders its sliders by them."""
+    spread = mu.std(0)
+    return {"order": spread.argsort(descending=True).tolist(), "spread": [round(s, 6) for s in spread.tolist()]}
+
+
 def save_png(path, images: torch.Tensor, nrow: int) -> None:
     with atomic_path(path) as tmp:
         save_image(make_grid(images, nrow=nrow, padding=2, pad_value=1.0), tmp, format="PNG")
@@ -181,6 +189,7 @@ def main() -> None:
         save_grids(model, x, layout, params)
         save_traversal(model, mu, layout.traversal_plot)
         save_latent_map(mu, labels, layout.latent_plot)
+        write_json(layout.latent_stats, latent_stats(mu))
         write_json(layout.eval_metrics, metrics)
         tracking.log_metrics(client, run_id, {f"test_{k}": v for k, v in metrics.items()})
         for path in (layout.eval_metrics, layout.recon_plot, layout.samples_plot, layout.traversal_plot,

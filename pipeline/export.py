@@ -6,18 +6,20 @@ dimension. onnxruntime must reproduce PyTorch's output on random z at every batc
 """
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from filelock import FileLock
 
 from pipeline import registry, tracking
 from pipeline.files import Layout, atomic_dir, atomic_path, write_json
 from pipeline.params import ExportParams, load_params
-from pipeline.serve.session import open_session
+from pipeline.serve.session import LATENT_MAP, LATENT_ORDER, LATENT_SPREAD, open_session
 from pipeline.summary import summary
 from vae.model import VAE, ImageDecoder
 
@@ -36,6 +38,27 @@ def export_decoder(decoder: ImageDecoder, latent_dim: int, path: Path, opset: in
                                 input_names=[INPUT], output_names=[OUTPUT],
                                 dynamic_shapes={"z": {0: batch}}, verbose=False)
     program.save(str(path))
+
+
+def latent_metadata(layout: Layout) -> dict[str, str]:
+    """What the decoder records of its latent space for `vae serve`'s page: the evaluate
+    stage's per-dimension spread (most used first) and latent map, where they exist."""
+    recorded = {}
+    if layout.latent_stats.exists():
+        stats = json.loads(layout.latent_stats.read_text())
+        recorded |= {LATENT_ORDER: json.dumps(stats["order"]), LATENT_SPREAD: json.dumps(stats["spread"])}
+    if layout.latent_plot.exists():
+        recorded[LATENT_MAP] = base64.b64encode(layout.latent_plot.read_bytes()).decode()
+    return recorded
+
+
+def record_metadata(path: Path, recorded: dict[str, str]) -> None:
+    """Add key-value pairs to an ONNX model's metadata_props (onnxruntime reads them back as
+    the session's custom metadata)."""
+    model = onnx.load(str(path))
+    for key, value in recorded.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
 
 
 def check_parity(decoder: ImageDecoder, latent_dim: int, path: Path, params: ExportParams) -> dict:
@@ -85,6 +108,7 @@ def main() -> None:
         decoder, latent_dim = ImageDecoder(model), model.config.latent_dim
         with atomic_path(layout.decoder_onnx) as tmp:
             export_decoder(decoder, latent_dim, tmp, params.export.opset)
+            record_metadata(tmp, latent_metadata(layout))
             report = check_parity(decoder, latent_dim, tmp, params.export)
         write_triton_repo(layout.triton_repo, layout.decoder_onnx, latent_dim, params.export.triton_max_batch)
         report.update(opset=params.export.opset, latent_dim=latent_dim)

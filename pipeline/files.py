@@ -46,6 +46,7 @@ class Layout:
         self.samples_plot = self.root / "plots" / "samples.png"
         self.traversal_plot = self.root / "plots" / "traversal.png"
         self.latent_plot = self.root / "plots" / "latent_map.png"
+        self.latent_stats = self.root / "models" / "latent.json"
         self.ray_results = stores / ".ray_results"
         self.mlflow_db = stores / "mlflow.db"
         self.mlflow_artifacts = stores / "mlartifacts"

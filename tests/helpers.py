@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -58,6 +59,36 @@ def mlflow_server_process(root: Path, backend_uri: str, s3: dict | None = None):
         yield url, server
     finally:
         stack.stop(server)
+
+
+@contextmanager
+def vae_serve(source: str, log_path: Path, *args: str, env: dict | None = None, cwd: Path | None = None):
+    """A real `vae serve SOURCE` process on 127.0.0.1, once ready; yields its URL. Its log goes
+    to a file (an unread pipe fills up and blocks the server mid-request); a traceback in it
+    fails the test."""
+    import httpx
+
+    port = free_port()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([str(BIN / "vae"), "serve", source, "--port", str(port), *args], env=env, cwd=cwd,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/v2/health/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"vae serve did not become ready:\n{log_path.read_text()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert "Traceback" not in log_path.read_text()  # no request made it crash
 
 
 def git_env(**extra: str) -> dict:

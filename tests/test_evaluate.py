@@ -4,7 +4,15 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.evaluate import ACTIVE_UNIT_VARIANCE, posterior_means, save_grids, save_latent_map, save_traversal, score
+from pipeline.evaluate import (
+    ACTIVE_UNIT_VARIANCE,
+    latent_stats,
+    posterior_means,
+    save_grids,
+    save_latent_map,
+    save_traversal,
+    score,
+)
 from pipeline.files import Layout
 from pipeline.params import Params
 from vae import rng
@@ -76,6 +84,9 @@ def test_active_units_count_latents_whose_posterior_mean_varies(trained):
     metrics = score(silenced, x, params(iwae_k=1))
     assert metrics["active_units"] == int((spread > ACTIVE_UNIT_VARIANCE).sum()) <= LATENT - 3
     assert score(model, x, params(iwae_k=1))["active_units"] > metrics["active_units"] - 3
+    stats = latent_stats(posterior_means(silenced, x, 64))  # what export records for the served page
+    assert sorted(stats["order"][-3:]) == [0, 1, 2] and stats["spread"][:3] == [0.0, 0.0, 0.0]
+    assert [stats["spread"][d] for d in stats["order"]] == sorted(stats["spread"], reverse=True)
 
 
 def test_binarisation_is_bernoulli_of_the_grey_level():

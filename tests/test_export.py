@@ -28,3 +28,32 @@ def test_each_activation_exports_and_matches_torch(tmp_path, activation):
     decoder = ImageDecoder(VAE(VAEConfig(latent_dim=LATENT, hidden_dims=(32,), activation=activation))).eval()
     export_decoder(decoder, LATENT, tmp_path / "decoder.onnx", opset=18)
     assert check_parity(decoder, LATENT, tmp_path / "decoder.onnx", ExportParams())["worst_abs_diff"] <= 1e-5
+
+
+def test_the_latent_record_travels_in_the_onnx_metadata_and_a_bad_one_falls_back(tmp_path, caplog):
+    """Export records the evaluate stage's latent order, spread and map in the decoder; the
+    server's session reads them back. A record that does not fit the decoder (or none at
+    all) gives index order, logged, not a server that fails to start."""
+    from pipeline.export import latent_metadata, record_metadata
+    from pipeline.files import Layout, write_json
+    from pipeline.serve.session import LATENT_ORDER, DecoderModel
+
+    torch.manual_seed(0)
+    decoder = ImageDecoder(VAE(VAEConfig(latent_dim=LATENT, hidden_dims=(32,)))).eval()
+    layout = Layout(tmp_path)
+    write_json(layout.latent_stats, {"order": [3, 1, 0, 2], "spread": [0.5, 0.9, 0.1, 1.2]})
+    layout.latent_plot.parent.mkdir()
+    layout.latent_plot.write_bytes(b"\x89PNG not really")
+    path = tmp_path / "decoder.onnx"
+    export_decoder(decoder, LATENT, path, opset=18)
+    record_metadata(path, latent_metadata(layout))
+    assert check_parity(decoder, LATENT, path, ExportParams())["worst_abs_diff"] <= 1e-5  # the graph untouched
+    served = DecoderModel(path, max_batch=8)
+    assert served.latent_order == [3, 1, 0, 2] and served.latent_spread == [0.5, 0.9, 0.1, 1.2]
+    assert served.latent_map == b"\x89PNG not really"
+
+    export_decoder(decoder, LATENT, path, opset=18)
+    record_metadata(path, {LATENT_ORDER: "[0, 1, 2]"})  # three dimensions of four, no spread
+    served = DecoderModel(path, max_batch=8)
+    assert served.latent_order == [0, 1, 2, 3] and served.latent_spread is None and served.latent_map is None
+    assert "the decoder's recorded latent order is unusable" in caplog.text

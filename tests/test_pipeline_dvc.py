@@ -275,6 +275,13 @@ def test_serve_from_the_registry(repro):
                 assert server.poll() is None and time.monotonic() < deadline, (repo / "serve.log").read_text()
                 time.sleep(0.3)
         assert meta["inputs"][0]["shape"] == [-1, 20]
+        # The export stage recorded the evaluate stage's latent order, spread and map in the decoder.
+        latent = json.loads((repo / "models/latent.json").read_text())
+        assert meta["parameters"]["latent_order"] == latent["order"] and sorted(latent["order"]) == list(range(20))
+        assert meta["parameters"]["latent_spread"] == pytest.approx(latent["spread"])
+        latent_map = httpx.get(f"http://127.0.0.1:{port}/v1/latent_map.png")
+        assert latent_map.content == (repo / "plots/latent_map.png").read_bytes()
+        assert "latent.js" in httpx.get(f"http://127.0.0.1:{port}/").text
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -322,27 +329,38 @@ def test_mlflow_ui_shows_the_experiment_run_and_loss_chart(repro):
             browser.close()
 
 
-def test_a_temp_experiment_logs_into_the_projects_store(repro, tmp_path):
-    """`dvc exp run --temp` on the default SQLite store (no MLFLOW_TRACKING_URI): DVC runs it in a
-    copy under .dvc/tmp/exps/ and deletes that afterwards; the run lands in the project's
-    mlflow.db, its artifacts in the project's mlartifacts/. (An eval param changes: evaluate
-    and export run there, and log into a new run that names the model's training run.)"""
+def test_a_temp_and_a_queued_experiment_at_once_log_into_the_projects_store(repro, tmp_path):
+    """Without `make up`: no MLFLOW_TRACKING_URI (the default SQLite store), no RAY_ADDRESS (each
+    experiment starts a local Ray of its own). A `dvc exp run --temp` and a queued experiment
+    train at the same time, each in a copy under .dvc/tmp/exps/ that DVC deletes afterwards:
+    both runs land in the project's mlflow.db, their artifacts in its mlartifacts/, with no
+    port clash and no "database is locked". (Up to `train` only: evaluate and export add
+    nothing to what is under test, the sweep against `make up` runs them.)"""
     from mlflow import MlflowClient
 
     repo = copy_repro(repro[0], tmp_path / "project")
-    env = {k: v for k, v in repro[1].items() if k != "MLFLOW_TRACKING_URI"}
+    env = {k: v for k, v in repro[1].items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     run(["git", "add", "-A"], repo, env=env)
     run(["git", "commit", "-qm", "tiny params"], repo, env=env)
-    out = run(["dvc", "exp", "run", "--temp", "-S", "eval.iwae_k=3"], repo, env=env).stdout
-    assert stages_run(out) == ["evaluate", "export"]
-    name = re.search(r"Ran experiment\(s\): (\S+)", out).group(1)
+    # One local worker each, on a 2-core machine; up to the train stage.
+    cell = ["-S", "train.num_workers=1", "-S", "train.epochs=1", "train"]
+    run(["dvc", "exp", "run", "--queue", "-S", "train.seed=2", *cell], repo, env=env)
+    with open(tmp_path / "temp.log", "w") as log:
+        temp = subprocess.Popen(["dvc", "exp", "run", "--temp", "-S", "train.seed=1", *cell], cwd=repo,
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+    queued = run(["vae", "sweep", "-j", "1"], repo, env=env, check=False, timeout=600)
+    assert temp.wait(timeout=600) == 0 and queued.returncode == 0, (tmp_path / "temp.log").read_text() + queued.stdout
+    out = (tmp_path / "temp.log").read_text() + queued.stdout + queued.stderr
+    assert "database is locked" not in out and stages_run((tmp_path / "temp.log").read_text()) == ["train"]
+    temp_name = re.search(r"Ran experiment\(s\): (\S+)", (tmp_path / "temp.log").read_text()).group(1)
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    (run_,) = client.search_runs([client.get_experiment_by_name("vae-mnist").experiment_id])
-    trained_in = json.loads((repo / "models/mlflow_run.json").read_text())["run_id"]
-    assert run_.data.tags["dvc.experiment"] == name and run_.data.tags["model.origin_run"] == trained_in
-    assert run_.data.metrics["test_neg_elbo"] > 0
-    assert run_.info.artifact_uri.startswith((repo / "mlartifacts").as_uri())
-    assert {a.path for a in client.list_artifacts(run_.info.run_id)} >= {"evaluation", "pipeline"}
-    (version,) = client.search_model_versions("name = 'vae-decoder'")
-    assert version.run_id == run_.info.run_id
+    runs = client.search_runs([client.get_experiment_by_name("vae-mnist").experiment_id])
+    assert len(runs) == 2 and temp_name in {r.data.tags["dvc.experiment"] for r in runs}
+    assert sorted(r.data.params["train.seed"] for r in runs) == ["1", "2"]
+    first, second = sorted(runs, key=lambda r: r.info.start_time)
+    assert second.info.start_time < first.info.end_time  # they did run at the same time
+    for run_ in runs:
+        assert run_.info.status == "FINISHED" and run_.data.metrics["val_neg_elbo"] > 0
+        assert run_.info.artifact_uri.startswith((repo / "mlartifacts").as_uri())
+        assert {a.path for a in client.list_artifacts(run_.info.run_id)} >= {"model", "training"}
     assert not list((repo / ".dvc/tmp").rglob("mlflow.db"))

@@ -11,7 +11,7 @@ import torch
 from pipeline.export import export_decoder
 from vae.model import VAE, ImageDecoder, VAEConfig
 
-from helpers import BIN, free_port
+from helpers import BIN, free_port, vae_serve
 
 LATENT = 4
 
@@ -27,28 +27,9 @@ def decoder_and_onnx(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(decoder_and_onnx, tmp_path_factory):
-    port = free_port()
-    # The log goes to a file: an unread pipe fills up and blocks the server mid-request.
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    log_file = open(log_path, "w")
-    process = subprocess.Popen([str(BIN / "vae"), "serve", str(decoder_and_onnx[1]), "--port", str(port),
-                                "--max-batch", "16"], stdout=log_file, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/v2/health/ready").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.2)
-    else:
-        process.kill()
-        pytest.fail(f"server did not become ready:\n{log_path.read_text()}")
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
-    log_file.close()
-    assert "Traceback" not in log_path.read_text()  # no request made it crash
+    with vae_serve(str(decoder_and_onnx[1]), log_path, "--max-batch", "16") as url:
+        yield url
 
 
 def test_health_and_metadata(server):
@@ -58,6 +39,11 @@ def test_health_and_metadata(server):
     assert meta["parameters"]["providers"][-1] == "CPUExecutionProvider"
     assert meta["inputs"] == [{"name": "z", "datatype": "FP32", "shape": [-1, LATENT]}]
     assert meta["outputs"][0]["shape"] == [-1, 1, 28, 28]
+    # Exported without the latent record: the page's sliders in index order, no map.
+    assert meta["parameters"]["latent_order"] == list(range(LATENT)) and meta["parameters"]["latent_spread"] is None
+    no_map = httpx.get(f"{server}/v1/latent_map.png")
+    assert no_map.status_code == 404 and no_map.json() == {"error": "this decoder was exported without a latent map"}
+    assert "<title>VAE decoder: the latent space</title>" in httpx.get(f"{server}/").text
 
 
 def test_decode_matches_torch(server, decoder_and_onnx):
@@ -212,6 +198,8 @@ def test_ray_serve_with_two_replicas(decoder_and_onnx, ray_address, tmp_path):
             assert time.monotonic() < deadline, serve.status()
             time.sleep(0.5)
         assert httpx.get(f"{url}/v2/health/ready").status_code == 200
+        assert "latent.js" in httpx.get(f"{url}/").text  # the latent-space page, through Serve's proxy
+        assert "priorSample" in httpx.get(f"{url}/static/latent.js").text
         z = np.random.default_rng(1).standard_normal((20, 5, LATENT)).astype(np.float32)
         with torch.no_grad():
             expected = decoder(torch.from_numpy(z.reshape(-1, LATENT))).numpy().reshape(20, 5, 1, 28, 28)

@@ -4,6 +4,9 @@ Open Inference Protocol v2 (the KServe / Triton HTTP API), so their clients work
   GET  /v2, /v2/health/live, /v2/health/ready
   GET  /v2/models/vae-decoder, /v2/models/vae-decoder/ready     metadata: shapes, latent size, providers
   POST /v2/models/vae-decoder/infer    input `z` FP32 [N, latent_dim] as JSON data or binary tensor data
+The latent-space page, a worked example of the protocol above (static/, no CDN):
+  GET  /                               sliders over the latent dimensions, most used first
+  GET  /v1/latent_map.png              the evaluate stage's latent map, when the export recorded it
 Plain endpoints:
   GET  /v1/samples.png?n=64&seed=7     a PNG grid of digits decoded from prior samples
   POST /v1/decode {"z": [[...], ...]}  images (N, 1, 28, 28) of pixel probabilities
@@ -22,7 +25,8 @@ import numpy as np
 import orjson
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -43,6 +47,7 @@ from pipeline.serve.protocol import (
 )
 from pipeline.serve.session import MODEL_VERSION, DecoderModel
 
+STATIC = Path(__file__).parent / "static"  # the latent-space page's HTML, script and style
 INLINE_BATCH = 64  # decode smaller batches on the event loop: a thread hop costs more than they do
 BYTES_PER_FLOAT = 24  # generous JSON size of one float, for the body limit
 
@@ -137,6 +142,18 @@ def create_app(onnx_model: Path | str | bytes, max_batch: int = 1024) -> FastAPI
     def decode_json(request: DecodeRequest):
         images = decode(decode_array(request, model))
         return NumpyJSON({"shape": list(images.shape), "images": images})
+
+    @app.get("/", response_class=FileResponse, include_in_schema=False)
+    def latent_page():
+        return FileResponse(STATIC / "latent.html", media_type="text/html")
+
+    @app.get("/v1/latent_map.png", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    def latent_map():
+        if model.latent_map is None:
+            raise ApiError(404, "this decoder was exported without a latent map")
+        return Response(model.latent_map, media_type="image/png")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/metrics", response_class=Response)
     def prometheus():

@@ -7,7 +7,10 @@ providers the session really uses are what callers report.
 """
 from __future__ import annotations
 
+import base64
 import ctypes
+import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,11 @@ import onnxruntime as ort
 from pipeline.registry import MODEL_NAME
 
 MODEL_VERSION = "1"  # the version the protocol reports: one model per server
+# What the export stage records in the decoder's ONNX metadata about its latent space, for
+# the page `vae serve` shows: the dimensions most used first and the spread of each (JSON
+# lists), and the evaluate stage's latent map (a base64 PNG). A decoder without them works.
+LATENT_ORDER, LATENT_SPREAD, LATENT_MAP = "vae.latent_order", "vae.latent_spread", "vae.latent_map_png"
+log = logging.getLogger(__name__)
 
 
 def cuda_usable() -> bool:
@@ -48,6 +56,9 @@ class DecoderModel:
         (model_input,), (model_output,) = self.session.get_inputs(), self.session.get_outputs()
         self.input, self.output = model_input.name, model_output.name
         self.latent_dim, self.max_batch = model_input.shape[1], max_batch
+        recorded = self.session.get_modelmeta().custom_metadata_map
+        self.latent_order, self.latent_spread = latent_order(recorded, self.latent_dim)
+        self.latent_map = base64.b64decode(recorded[LATENT_MAP]) if LATENT_MAP in recorded else None
 
     def decode(self, z: np.ndarray) -> np.ndarray:
         """Images (N, 1, 28, 28) for z (N, latent_dim) FP32, checked by the caller (protocol.check_z)."""
@@ -59,4 +70,21 @@ class DecoderModel:
                 "inputs": [{"name": self.input, "datatype": "FP32", "shape": [-1, self.latent_dim]}],
                 "outputs": [{"name": self.output, "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
                 "parameters": {"latent_dim": self.latent_dim, "max_batch": self.max_batch,
-                               "providers": self.session.get_providers()}}
+                               "providers": self.session.get_providers(), "latent_order": self.latent_order,
+                               "latent_spread": self.latent_spread, "latent_map": self.latent_map is not None}}
+
+
+def latent_order(recorded: dict[str, str], latent_dim: int) -> tuple[list[int], list[float] | None]:
+    """The dimensions most used first and each one's spread, as export recorded them; index
+    order and no spread for a decoder exported without them (or with a record that does
+    not fit this decoder, which is logged)."""
+    if LATENT_ORDER not in recorded:
+        return list(range(latent_dim)), None
+    try:
+        order, spread = json.loads(recorded[LATENT_ORDER]), [float(s) for s in json.loads(recorded[LATENT_SPREAD])]
+        if sorted(order) != list(range(latent_dim)) or len(spread) != latent_dim:
+            raise ValueError(f"not an order of {latent_dim} dimensions with a spread each")
+    except (KeyError, TypeError, ValueError) as e:
+        log.warning("the decoder's recorded latent order is unusable (%s): index order instead", e)
+        return list(range(latent_dim)), None
+    return order, spread
