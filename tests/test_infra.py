@@ -54,8 +54,23 @@ def test_kuberay_manifests_run_our_image_at_our_ray_version():
         groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
         for group in groups:
             assert {c["image"] for c in group["template"]["spec"]["containers"]} == {IMAGE}
+            # Credentials reach every node from a Secret, as its environment: not the job's
+            # runtime_env, which Ray keeps in its job table.
+            assert all(c["envFrom"] == [{"secretRef": {"name": "vae-mnist-credentials"}}]
+                       for c in group["template"]["spec"]["containers"])
         assert all(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
                    for g in spec["workerGroupSpecs"])
+
+
+def test_no_manifest_names_a_secret_value():
+    """Passwords, keys and tokens come from the environment (compose) or a Secret (KubeRay),
+    and the job's runtime_env, which Ray keeps in its job table, carries none."""
+    runtime_env = yaml.safe_load(documents(INFRA / "kuberay/rayjob.yaml")[0]["spec"]["runtimeEnvYAML"])
+    assert set(runtime_env["env_vars"]) == {"MLFLOW_TRACKING_URI"}
+    for path in INFRA.rglob("*.yaml"):
+        text = path.read_text()
+        for name, value in re.findall(r"(\w*(?:SECRET|PASSWORD|TOKEN)\w*)\s*:\s*(\S+)", text):
+            assert value.startswith("${"), (path, name)  # compose takes it from the environment
 
 
 def test_rayjob_runs_existing_stages_with_params_that_validate():
