@@ -15,7 +15,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import INTERRUPTED_RUN, ROOT, fit_in_folder, mlflow_server_process, run, stack, system_program
+from helpers import (
+    INTERRUPTED_RUN,
+    ROOT,
+    empty_mlflow_store,
+    fit_in_folder,
+    mlflow_server_process,
+    run,
+    stack,
+    system_program,
+)
 
 # The test Ray cluster uses token authentication with a token of this session. Set before
 # anything imports ray (it reads the auth mode once), and inherited by every node and stage.
@@ -85,7 +94,7 @@ def mlflow_server(tmp_path_factory, s3) -> str:
     """A real `mlflow server` process on 127.0.0.1: a SQLite backend in a temporary directory,
     artifacts in the S3 server's bucket `mlflow`. Stages log to it through MLFLOW_TRACKING_URI."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    with mlflow_server_process(root, f"sqlite:///{root}/mlflow.db", s3) as (url, _):
+    with mlflow_server_process(root, empty_mlflow_store(root / "mlflow.db"), s3) as (url, _):
         yield url
 
 

@@ -46,6 +46,26 @@ def system_program(path: str, package: str) -> str:
     return found
 
 
+def empty_mlflow_store(path: Path) -> str:
+    """A fresh MLflow SQLite store at path, its tables made: a copy of one made once per
+    MLflow version (in the project's cache dir), since creating the tables takes MLflow's
+    migrations 5 to 11 s here, for every test that needs a store of its own. Its URI."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipeline.files import CACHE_DIR
+
+    template = CACHE_DIR / f"mlflow-{mlflow.__version__}-empty.db"
+    if not template.exists():
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        making = template.with_suffix(f".{os.getpid()}.tmp")
+        MlflowClient(f"sqlite:///{making}").search_experiments()
+        making.replace(template)  # whole or absent, if tests make it at once
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, path)
+    return f"sqlite:///{path}"
+
+
 @contextmanager
 def mlflow_server_process(root: Path, backend_uri: str, s3: dict | None = None):
     """A real `mlflow server` on 127.0.0.1 with backend_uri as its store and artifacts in
@@ -135,6 +155,7 @@ def fit_in_folder(root: Path, mnist_dir: Path, model: dict = SMALL_MODEL, **trai
     (root / "data").mkdir(parents=True)
     (root / "data" / "mnist").symlink_to(mnist_dir)
     layout = Layout(root)
+    empty_mlflow_store(layout.mlflow_db)
     params = Params.model_validate({
         "data": {"val_size": 200, "max_train_images": train_params.pop("images", 640)},
         "model": model,

@@ -4,10 +4,12 @@ from mlflow import MlflowClient
 
 from pipeline import registry
 
+from helpers import empty_mlflow_store
+
 
 @pytest.fixture
 def client(tmp_path):
-    return MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return MlflowClient(empty_mlflow_store(tmp_path / "mlflow.db"))
 
 
 def test_champion_moves_only_to_a_better_model(client, tmp_path):

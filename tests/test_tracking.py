@@ -14,7 +14,7 @@ import yaml
 from pipeline import tracking
 from pipeline.files import Layout
 
-from helpers import BIN, ROOT, free_port, mlflow_server_process, stack
+from helpers import BIN, ROOT, empty_mlflow_store, free_port, mlflow_server_process, stack
 
 
 def test_lineage_tags_name_commit_dirtiness_and_dvc_experiment(tmp_path, monkeypatch):
@@ -52,7 +52,8 @@ def test_server_lost_mid_run_costs_a_warning_not_the_training(tmp_path, mnist_di
         "data": {"val_size": 200, "max_train_images": 600},
         "train": {"epochs": 2, "batch_size": 64, "num_workers": 2}}))
     (tmp_path / "server").mkdir()
-    with mlflow_server_process(tmp_path / "server", f"sqlite:///{tmp_path}/server/mlflow.db") as (url, server):
+    store = empty_mlflow_store(tmp_path / "server" / "mlflow.db")
+    with mlflow_server_process(tmp_path / "server", store) as (url, server):
         # No client retries: what is under test is what happens once they are spent.
         env = {**os.environ, "MLFLOW_TRACKING_URI": url, "RAY_ADDRESS": ray_address,
                "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}

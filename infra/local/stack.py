@@ -50,19 +50,40 @@ def _alive(process: subprocess.Popen | int) -> bool:
         return False
 
 
+def _session(leader: int) -> list[int]:
+    """The live processes of the session `leader` started (start() makes each process a
+    session leader): what it spawned, even those that moved to process groups of their own,
+    as Ray's workers do."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != leader:
+            try:
+                if os.getsid(int(entry.name)) == leader and _alive(int(entry.name)):
+                    members.append(int(entry.name))
+            except OSError:  # gone meanwhile
+                pass
+    return members
+
+
 def stop(process: subprocess.Popen | int, first: int = signal.SIGTERM, timeout_s: float = 10) -> None:
-    """Stop a process started by start(), with everything it spawned: `first`, then SIGKILL."""
+    """Stop a process started by start(), with everything it spawned: `first` to its process
+    group, then SIGKILL to whatever of its session is left."""
     pid = process.pid if isinstance(process, subprocess.Popen) else process
-    for sig in (first, signal.SIGKILL):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return
+    try:
+        os.killpg(pid, first)
+    except ProcessLookupError:
+        pass
+    for last_try in (False, True):
         deadline = time.monotonic() + timeout_s
-        while _alive(process) and time.monotonic() < deadline:
+        while (_alive(process) or _session(pid)) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if not _alive(process):
+        if last_try or not (_alive(process) or _session(pid)):
             return
+        for member in [pid, *_session(pid)]:
+            try:
+                os.kill(member, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def wait_until(ready: Callable[[], bool], process: subprocess.Popen, log: Path, what: str,
@@ -217,8 +238,13 @@ def ray_cluster(cpus_per_node: int, auth: dict[str, str], count: int = 2,
     node_env = {**os.environ, **auth, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
 
     def node(temp_dir: Path, *args: str) -> subprocess.Popen:
+        # Ray's fixed default ports (the client server's 10001, the dashboard agent's 52365)
+        # would be fought over by two clusters on one machine: every node gets free ones.
+        ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                         "runtime-env-agent-port", "metrics-export-port")]
         return start([str(BIN / "ray"), "start", "--block", f"--num-cpus={cpus_per_node}", "--disable-usage-stats",
-                      "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", *args], temp_dir / "node.log", node_env)
+                      "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", *ports, *args], temp_dir / "node.log",
+                     node_env)
 
     def registered(temp_dir: Path) -> bool:
         # `ray start` prints this once its node is registered with the head's GCS (it waits
@@ -226,7 +252,8 @@ def ray_cluster(cpus_per_node: int, auth: dict[str, str], count: int = 2,
         # autoscaler's periodic view of the cluster.
         return "Ray runtime started." in (temp_dir / "node.log").read_text()
 
-    nodes = [node(dirs[0], "--head", f"--port={address.split(':')[1]}", "--include-dashboard=false")]
+    nodes = [node(dirs[0], "--head", f"--port={address.split(':')[1]}", "--include-dashboard=false",
+                  f"--ray-client-server-port={free_port()}")]
     wait_until(lambda: registered(dirs[0]), nodes[0], dirs[0] / "node.log", "the Ray head node")
     for temp_dir in dirs[1:]:
         nodes.append(node(temp_dir, f"--address={address}"))

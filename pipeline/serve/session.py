@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import ctypes
 import json
-import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,6 @@ MODEL_VERSION = "1"  # the version the protocol reports: one model per server
 # the page `vae serve` shows: the dimensions most used first and the spread of each (JSON
 # lists), and the evaluate stage's latent map (a base64 PNG). A decoder without them works.
 LATENT_ORDER, LATENT_SPREAD, LATENT_MAP = "vae.latent_order", "vae.latent_spread", "vae.latent_map_png"
-log = logging.getLogger(__name__)
 
 
 def cuda_usable() -> bool:
@@ -77,7 +76,7 @@ class DecoderModel:
 def latent_order(recorded: dict[str, str], latent_dim: int) -> tuple[list[int], list[float] | None]:
     """The dimensions most used first and each one's spread, as export recorded them; index
     order and no spread for a decoder exported without them (or with a record that does
-    not fit this decoder, which is logged)."""
+    not fit this decoder, which is warned about)."""
     if LATENT_ORDER not in recorded:
         return list(range(latent_dim)), None
     try:
@@ -85,6 +84,6 @@ def latent_order(recorded: dict[str, str], latent_dim: int) -> tuple[list[int], 
         if sorted(order) != list(range(latent_dim)) or len(spread) != latent_dim:
             raise ValueError(f"not an order of {latent_dim} dimensions with a spread each")
     except (KeyError, TypeError, ValueError) as e:
-        log.warning("the decoder's recorded latent order is unusable (%s): index order instead", e)
+        warnings.warn(f"the decoder's recorded latent order is unusable ({e}): index order instead", stacklevel=2)
         return list(range(latent_dim)), None
     return order, spread
