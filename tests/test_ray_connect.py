@@ -65,6 +65,7 @@ print(os.environ["RAY_AUTH_MODE"], client.returncode, "token-auth" in client.std
 """
 
 
+@pytest.mark.integration  # starts a local Ray in a subprocess
 def test_the_local_ray_a_stage_starts_asks_for_a_token_of_its_own():
     """Ray 2.60 listens on every interface (README: which ports, and why): the local Ray that
     `vae train` starts refuses a client from elsewhere, which cannot know its run's token."""
