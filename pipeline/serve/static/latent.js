@@ -94,8 +94,9 @@ function update() {
 function setZ(z) {
   page.z = z;
   for (const slider of document.querySelectorAll("#sliders input")) {
-    slider.value = z[Number(slider.dataset.dim)].toFixed(1);
-    slider.nextElementSibling.value = slider.value;
+    const value = z[Number(slider.dataset.dim)];
+    slider.value = value.toFixed(1);  // the slider stops at +-3; its label shows z itself
+    slider.nextElementSibling.value = value.toFixed(1);
   }
   update();
 }
