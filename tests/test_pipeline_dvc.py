@@ -25,12 +25,12 @@ from helpers import (
     check_pipeline_run,
     copy_project,
     copy_repro,
-    free_port,
     git_env,
     logged_model,
     run,
     set_params,
     system_program,
+    vae_serve,
 )
 
 TINY = {
@@ -261,30 +261,15 @@ def test_unknown_params_key_fails_naming_it(repro, tmp_path):
 
 def test_serve_from_the_registry(repro):
     repo, env, _ = repro
-    port = free_port()
-    with open(repo / "serve.log", "w") as log:
-        server = subprocess.Popen(["vae", "serve", "models:/vae-decoder@champion", "--port", str(port)], cwd=repo,
-                                  env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                meta = httpx.get(f"http://127.0.0.1:{port}/v2/models/vae-decoder").json()
-                break
-            except httpx.TransportError:
-                assert server.poll() is None and time.monotonic() < deadline, (repo / "serve.log").read_text()
-                time.sleep(0.3)
+    with vae_serve("models:/vae-decoder@champion", repo / "serve.log", env=env, cwd=repo) as url:
+        meta = httpx.get(f"{url}/v2/models/vae-decoder").json()
         assert meta["inputs"][0]["shape"] == [-1, 20]
         # The export stage recorded the evaluate stage's latent order, spread and map in the decoder.
         latent = json.loads((repo / "models/latent.json").read_text())
         assert meta["parameters"]["latent_order"] == latent["order"] and sorted(latent["order"]) == list(range(20))
         assert meta["parameters"]["latent_spread"] == pytest.approx(latent["spread"])
-        latent_map = httpx.get(f"http://127.0.0.1:{port}/v1/latent_map.png")
-        assert latent_map.content == (repo / "plots/latent_map.png").read_bytes()
-        assert "latent.js" in httpx.get(f"http://127.0.0.1:{port}/").text
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+        assert httpx.get(f"{url}/v1/latent_map.png").content == (repo / "plots/latent_map.png").read_bytes()
+        assert "latent.js" in httpx.get(f"{url}/").text
     missing = run(["vae", "serve", "models:/vae-decoder@nope"], repo, env=env, check=False)
     assert missing.returncode == 2 and "models:/vae-decoder@nope" in missing.stderr
 
