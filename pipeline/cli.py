@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import importlib
 import importlib.metadata
 import logging
@@ -51,6 +53,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # As the process exits, Python collects the garbage among every object still alive:
+    # millions, after torch, MLflow and sympy are imported, which took 6.6 s of `vae evaluate`'s
+    # exit here. Frozen objects are exempt (0.6 s); our files and connections are closed by then.
+    atexit.register(gc.freeze)
     args = parser().parse_args(argv)
     # MLflow configures its own loggers at INFO when imported ("Creating initial MLflow database
     # tables", system metrics started and stopped): warnings only, unless the user asks for more.
