@@ -15,8 +15,8 @@ STAMP  := $(VENV)/.installed
 # Python caches compiled modules (__pycache__) in .venv unless PYTHONDONTWRITEBYTECODE is set,
 # as many container images set it. Then every process (each stage, each Ray worker and actor,
 # each test's server) compiles torch, Ray and MLflow from source again: the trivial Ray Train
-# run of benchmarks/startup.py is done 48 s after its process starts here without the cache,
-# 20 s with it (2.4x).
+# run of benchmarks/startup.py is done 48 to 69 s after its process starts here without the
+# cache, 20 to 25 s with it (2.4x to 2.7x).
 unexport PYTHONDONTWRITEBYTECODE
 
 # The last stage that runs prints where the results are (`vae summary` prints it again).

@@ -1,6 +1,7 @@
 """What Python's bytecode cache is worth to the pipeline's start-up, side by side in one
 invocation: importing torch, MLflow and Ray Train, then a trivial Ray Train run (a local
-Ray, one worker that reports once), with and without cached bytecode.
+Ray, one worker that reports once), with and without cached bytecode. And what `vae`'s
+gc.freeze() at exit is worth: the seconds from a stage's last line to its exit.
 
     python benchmarks/startup.py [--rounds 2]
 
@@ -19,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +46,23 @@ torch_trainer()(report_once, scaling_config=ScalingConfig(num_workers=1, resourc
 laps["+ trivial Ray Train run"] = time.perf_counter() - start
 print("LAPS" + json.dumps(laps))
 """
+
+
+# A stage's imports, then its exit, with or without vae's atexit gc.freeze (pipeline/cli.py).
+EXIT_PROBE = r"""
+import atexit, gc, sys, time
+import matplotlib.pyplot, mlflow, torch, torch.onnx, ray.train.torch
+if sys.argv[1] == "freeze":
+    atexit.register(gc.freeze)
+print(time.time(), flush=True)
+"""
+
+
+def exit_seconds(freeze: bool) -> float:
+    """From the probe's last line to its exit."""
+    out = subprocess.run([sys.executable, "-c", EXIT_PROBE, "freeze" if freeze else "plain"], cwd=ROOT,
+                         capture_output=True, text=True, check=True)
+    return time.time() - float(out.stdout.split()[-1])
 
 
 def cold_start(pycache: Path, write: bool) -> dict[str, float]:
@@ -79,6 +98,13 @@ def main() -> None:
         cold = statistics.median(r[lap] for r in runs["no cache"])
         cached = statistics.median(r[lap] for r in runs["cache"])
         print(f"{lap:44}{cold:10.2f}{cached:10.2f}{cold / cached:7.2f}x")
+    exits = {"plain": [], "freeze": []}
+    for _ in range(args.rounds):
+        exits["plain"].append(exit_seconds(freeze=False))
+        exits["freeze"].append(exit_seconds(freeze=True))
+    plain, frozen = statistics.median(exits["plain"]), statistics.median(exits["freeze"])
+    print(f"\n{'seconds from the last line to exit':44}{'plain':>10}{'freeze':>10}{'ratio':>8}")
+    print(f"{'torch, MLflow, Ray Train, matplotlib imported':44}{plain:10.2f}{frozen:10.2f}{plain / frozen:7.2f}x")
 
 
 if __name__ == "__main__":
