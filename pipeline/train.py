@@ -78,7 +78,7 @@ def fit(layout: Layout, params: Params, run_id: str) -> TrainState:
                              logging_config=LoggingConfig(log_level="WARNING")))
     result = trainer.fit()
     with result.checkpoint.as_directory() as path:
-        state = TrainState.from_checkpoint(torch.load(Path(path) / "state.pt", weights_only=True))
+        state = TrainState.from_checkpoint(torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True))
     state.device, state.workers = "cuda" if use_gpu else "cpu", workers
     return state
 

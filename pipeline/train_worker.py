@@ -18,8 +18,9 @@ import torch.distributed as dist
 
 from pipeline import compat, tracking
 from pipeline.params import Params
+from vae.cuda_graph import GraphedTrainer
 from vae.model import VAE
-from vae.training import Shard, Trainer, validate, validation_set
+from vae.training import Shard, Trainer, to_host, validate, validation_set
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class TrainState:
     workers: int = 1  # set by the driver
 
     def record(self, row: dict, weights: dict, run_id: str) -> None:
+        weights = to_host(weights)  # host copies: a GPU run's checkpoint loads where there is no GPU
         if self.best is None or row["val_neg_elbo"] < self.best["val_neg_elbo"]:
             self.best = {"epoch": row["epoch"], "val_neg_elbo": row["val_neg_elbo"],
                          "model": {k: v.detach().clone() for k, v in weights.items()}}
@@ -51,8 +53,7 @@ class TrainState:
         self.history = [*self.history, row]
 
     def to_checkpoint(self, trainer: Trainer) -> dict:
-        return {**{f.name: getattr(self, f.name) for f in fields(self)},
-                "optimizer": trainer.optimizer.state_dict(), "schedule": trainer.schedule.state_dict()}
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, **trainer.state_dict()}
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict) -> "TrainState":
@@ -74,6 +75,13 @@ def compile_model(model, device):
     compat.quiet_dynamo()
     # The shapes are fixed but for each epoch's last batch: one more compile, not a dynamic graph.
     return torch.compile(model, dynamic=False)
+
+
+def uses_cuda_graph(device: torch.device, world: int, compile_: bool) -> bool:
+    """Whether a worker replays its step as a CUDA graph (vae/cuda_graph.py): alone on a GPU.
+    Several GPU workers train eagerly (DDP's all-reduce is not captured); train.compile, which
+    makes its own graphs, keeps the eager step too."""
+    return device.type == "cuda" and world == 1 and not compile_
 
 
 def _all_reduce(sums: torch.Tensor) -> None:
@@ -99,8 +107,9 @@ class Worker:
     context: WorkerContext
     model: VAE
     trainer: Trainer
-    train_images: torch.Tensor  # on the worker's device
-    validation: tuple[torch.Tensor, torch.Tensor]  # (inputs, noise)
+    train_epoch: Callable[[int], dict]  # epoch -> the mean training terms
+    train_size: int  # training images
+    validation: tuple[torch.Tensor, torch.Tensor]  # (inputs, noise), on the worker's device
     state: TrainState
     log: Callable[[dict, int], None] | None  # rank 0's MLflow logger
 
@@ -114,22 +123,30 @@ class Worker:
         ray_context = ray.train.get_context()
         shard = Shard(ray_context.get_world_rank(), ray_context.get_world_size())
         device = ray.train.torch.get_device()
+        graphed = uses_cuda_graph(device, shard.world, params.train.compile)
         torch.manual_seed(params.train.seed)  # same initial weights on every rank
-        model = VAE(params.model.vae_config())
+        # On the device before the optimiser exists: a restored Adam state then lands there too.
+        model = VAE(params.model.vae_config()).to(device)
         with warnings.catch_warnings():  # zero-copy, read-only views of the object store: never written
             warnings.simplefilter("ignore", UserWarning)
             train_images, val_images = (torch.from_numpy(ray.get(ref)) for ref in context.data)
-        trainer = Trainer.create(model, params.train_config(), len(train_images), device=device, shard=shard,
-                                 reduce=_all_reduce)
+        trainer = Trainer.create(model, params.train_config(), len(train_images), capturable=graphed, device=device,
+                                 shard=shard, reduce=_all_reduce)
         state = _restore(trainer)
         trainer.model = ray.train.torch.prepare_model(model)
         if params.train.compile:  # DDP first, then compile: the order PyTorch documents for the pair
             trainer.model = compile_model(trainer.model, device)
         state.nodes = _node_ids(shard.world)
-        validation = validation_set(val_images, params.train.seed, model.config.noise_dim,
-                                    params.data.binarize == "dynamic")
+        validation = tuple(t.to(device) for t in validation_set(
+            val_images, params.train.seed, model.config.noise_dim, params.data.binarize == "dynamic"))
+        train_images = train_images.to(device)
+        if graphed:
+            train_epoch = GraphedTrainer(trainer, train_images).epoch
+        else:
+            def train_epoch(epoch: int) -> dict:
+                return trainer.epoch(train_images, epoch)
         log = _mlflow_logger(context) if shard.rank == 0 else None
-        return cls(params, context, model, trainer, train_images.to(device), validation, state, log)
+        return cls(params, context, model, trainer, train_epoch, len(train_images), validation, state, log)
 
     def replay_history(self) -> None:
         """Resumed from a run logged elsewhere (a rerun's new MLflow run): give this run the history."""
@@ -139,12 +156,12 @@ class Worker:
 
     def run_epoch(self, epoch: int) -> None:
         start = time.perf_counter()
-        train = self.trainer.epoch(self.train_images, epoch)
+        train = self.train_epoch(epoch)
         val = validate(self.model, *self.validation, self.trainer.device, self.trainer.shard, _all_reduce)
         seconds = time.perf_counter() - start
         row = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in train.items()},
                **{f"val_{k}": v for k, v in val.items()},
-               "epoch_seconds": seconds, "samples_per_second": len(self.train_images) / seconds}
+               "epoch_seconds": seconds, "samples_per_second": self.train_size / seconds}
         self.state.record(row, self.model.state_dict(), self.context.run_id)
         if self.log:
             self.log({k: v for k, v in row.items() if k != "epoch"}, epoch + 1)
@@ -162,10 +179,9 @@ def _restore(trainer: Trainer) -> TrainState:
     if checkpoint is None:
         return TrainState()
     with checkpoint.as_directory() as path:
-        saved = torch.load(Path(path) / "state.pt", weights_only=True)
+        saved = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
     trainer.model.load_state_dict(saved["model"])
-    trainer.optimizer.load_state_dict(saved["optimizer"])
-    trainer.schedule.load_state_dict(saved["schedule"])
+    trainer.load_state_dict(saved)
     return TrainState.from_checkpoint(saved)
 
 

@@ -208,7 +208,7 @@ class VAE(nn.Module):
     @classmethod
     def load(cls, path) -> "VAE":
         """The model `vae train` saved at path, in eval mode (weights only: nothing unpickled)."""
-        return cls.from_checkpoint(torch.load(path, weights_only=True)).eval()
+        return cls.from_checkpoint(torch.load(path, map_location="cpu", weights_only=True)).eval()
 
 
 def _doubly_reparameterised(z, mu, logvar, log_px_z) -> torch.Tensor:

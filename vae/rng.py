@@ -3,6 +3,10 @@
 Each epoch's data order and each global batch's reparameterisation noise and binarisation
 draws come from a generator seeded by (seed, epoch[, step]). Every worker computes the same global values
 and takes its own slice, so the model does not depend on how many workers there are.
+
+Training draws on its own device: on CUDA the same keys seed CUDA generators, so a GPU step
+never waits for numbers made on the host. A GPU model therefore equals itself across worker
+counts, not the CPU model bit for bit (the two devices' generators make different numbers).
 """
 from __future__ import annotations
 
@@ -11,28 +15,33 @@ import torch
 _EPOCH_STREAM, _NOISE_STREAM, _EVAL_STREAM, _BINARIZE_STREAM, _IMAGE_STREAM = 1, 2, 3, 4, 5
 
 
-def _generator(*key: int) -> torch.Generator:
+def _generator(*key: int, device: torch.device | str = "cpu") -> torch.Generator:
     # Mix the key into one 63-bit seed; distinct keys give unrelated streams.
     seed = 0
     for part in key:
         seed = (seed * 1_000_003 + int(part) + 1) % (2**63 - 1)
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(seed)
 
 
-def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
-    """The permutation of the n training images for this epoch."""
-    return torch.randperm(n, generator=_generator(seed, _EPOCH_STREAM, epoch))
+def epoch_order(seed: int, epoch: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The permutation of the n training images for this epoch, made on `device`."""
+    generator = _generator(seed, _EPOCH_STREAM, epoch, device=device)
+    return torch.randperm(n, generator=generator, device=generator.device)
 
 
-def batch_noise(seed: int, epoch: int, step: int, batch: int, noise_dim: int, samples: int = 1) -> torch.Tensor:
+def batch_noise(seed: int, epoch: int, step: int, batch: int, noise_dim: int, samples: int = 1,
+                device: torch.device | str = "cpu", out: torch.Tensor | None = None) -> torch.Tensor:
     """Standard normal noise for every image of one global batch: (batch, samples, noise_dim),
-    `samples` importance samples per image."""
-    return torch.randn((batch, samples, noise_dim), generator=_generator(seed, _NOISE_STREAM, epoch, step))
+    `samples` importance samples per image, drawn on `device` (into `out` when given)."""
+    generator = _generator(seed, _NOISE_STREAM, epoch, step, device=device)
+    return torch.randn((batch, samples, noise_dim), generator=generator, device=generator.device, out=out)
 
 
-def batch_uniform(seed: int, epoch: int, step: int, batch: int, pixels: int) -> torch.Tensor:
+def batch_uniform(seed: int, epoch: int, step: int, batch: int, pixels: int, device: torch.device | str = "cpu",
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Uniform draws in [0, 1) for every pixel of one global batch (dynamic binarisation)."""
-    return torch.rand((batch, pixels), generator=_generator(seed, _BINARIZE_STREAM, epoch, step))
+    generator = _generator(seed, _BINARIZE_STREAM, epoch, step, device=device)
+    return torch.rand((batch, pixels), generator=generator, device=generator.device, out=out)
 
 
 def binarize(x: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:

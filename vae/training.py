@@ -54,7 +54,8 @@ class Shard:
 
 def batch_sums(terms: dict[str, torch.Tensor]) -> torch.Tensor:
     """[sum of each term, number of images] of one batch, kept on the device (no host sync)."""
-    count = terms[TERMS[0]].new_tensor(float(len(terms[TERMS[0]])))
+    # new_full, not new_tensor: a fill, with no copy from the host that a CUDA graph could not capture.
+    count = terms[TERMS[0]].new_full((), float(len(terms[TERMS[0]])))
     return torch.stack([*(terms[k].detach().sum() for k in TERMS), count]).double()
 
 
@@ -91,41 +92,90 @@ class Trainer:
     reduce: Callable[[torch.Tensor], None] | None = None  # in-place sum across workers
 
     @classmethod
-    def create(cls, model: VAE, config: TrainConfig, train_images: int, **where) -> "Trainer":
-        # Fused: one kernel for every parameter, instead of a dozen ops each (a third of a CPU step).
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
+    def create(cls, model: VAE, config: TrainConfig, train_images: int, capturable: bool = False,
+               **where) -> "Trainer":
+        """capturable: an Adam for vae/cuda_graph.py, which can read its learning rate and betas
+        from tensors: on CUDA the capturable one, elsewhere the plain single-tensor one."""
+        if not capturable:
+            # Fused: one kernel for every parameter, instead of a dozen ops each (a third of a CPU step).
+            optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
+        else:
+            # Not fused: fused Adam takes beta1 as a number, which a graph would freeze at capture,
+            # stopping the one-cycle schedule's momentum; these read it from a tensor.
+            on_cuda = next(model.parameters()).is_cuda
+            optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, foreach=on_cuda, capturable=on_cuda)
         return cls(model, optimizer, learning_rate_schedule(optimizer, config, train_images), config,
                    model.config.noise_dim, **where)
 
     def step(self, x: torch.Tensor, eps: torch.Tensor, global_batch: int) -> dict[str, torch.Tensor]:
         """One optimiser step on this worker's images x and noise eps (k, images, noise_dim)."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16,
+        self.optimizer.zero_grad(set_to_none=True)
+        terms = self.update(x, eps, global_batch)
+        self.schedule.step()
+        return terms
+
+    def update(self, x: torch.Tensor, eps: torch.Tensor, global_batch: int) -> dict[str, torch.Tensor]:
+        """Forward, backward and the optimiser's update, the part of a step a CUDA graph captures:
+        no host sync, gradients assigned (not accumulated) only if they were set to None before."""
+        # No autocast cache: a CUDA graph must not keep casts made outside it (and one forward
+        # casts each weight once anyway).
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False,
                             enabled=self.config.bf16 and self.device.type == "cuda"):
             terms = iwae_terms(self.model, x, eps, dreg=self.config.dreg)
         # DDP averages over workers: scaling by world/global_batch makes that the global mean.
         loss = terms["loss"].sum() * self.shard.world / global_batch
-        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        self.schedule.step()
         return terms
+
+    def state_dict(self) -> dict:
+        """The optimiser and schedule as host tensors and numbers: a checkpoint made on a GPU
+        loads on a machine without one, and resumes on either path of any device."""
+        optimizer = to_host(self.optimizer.state_dict())
+        for group in optimizer["param_groups"]:
+            group["lr"] = float(group["lr"])
+            group["betas"] = tuple(float(b) for b in group["betas"])
+        return {"optimizer": optimizer, "schedule": to_host(self.schedule.state_dict())}
+
+    def load_state_dict(self, saved: dict) -> None:
+        # A saved group also carries how its Adam ran (fused, foreach, capturable): keep this one's.
+        flags = [{k: group[k] for k in _ADAM_IMPLEMENTATION} for group in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(saved["optimizer"])
+        for group, own in zip(self.optimizer.param_groups, flags):
+            group.update(own)
+        self.schedule.load_state_dict(saved["schedule"])
 
     def epoch(self, images: torch.Tensor, epoch: int) -> dict[str, float]:
         """One pass over the uint8 training images (on self.device); the mean terms over all workers."""
         self.model.train()
-        config, shard = self.config, self.shard
-        sums = torch.zeros(len(TERMS) + 1, dtype=torch.float64, device=self.device)
-        order = rng.epoch_order(config.seed, epoch, len(images))
+        config, shard, device = self.config, self.shard, self.device
+        sums = torch.zeros(len(TERMS) + 1, dtype=torch.float64, device=device)
+        order = rng.epoch_order(config.seed, epoch, len(images), device)
         for step, batch in enumerate(order.split(config.batch_size)):
-            eps = rng.batch_noise(config.seed, epoch, step, len(batch), self.noise_dim, config.iwae_k)
-            eps = shard.take(eps).to(self.device).transpose(0, 1)  # (k, images, noise_dim)
+            eps = rng.batch_noise(config.seed, epoch, step, len(batch), self.noise_dim, config.iwae_k, device)
+            eps = shard.take(eps).transpose(0, 1)  # (k, images, noise_dim)
             # index_select: the same rows as images[...], without advanced indexing's overhead.
-            x = to_float(images.index_select(0, shard.take(batch).to(self.device)))
+            x = to_float(images.index_select(0, shard.take(batch)))
             if config.binarize:  # drawn for the global batch, then sliced, like eps
-                uniform = rng.batch_uniform(config.seed, epoch, step, len(batch), x.shape[1])
-                x = rng.binarize(x, shard.take(uniform).to(self.device))
+                uniform = rng.batch_uniform(config.seed, epoch, step, len(batch), x.shape[1], device)
+                x = rng.binarize(x, shard.take(uniform))
             sums += batch_sums(self.step(x, eps, len(batch)))
         return means(sums, self.reduce)
+
+
+# What Adam.load_state_dict would otherwise take from the checkpoint's param groups.
+_ADAM_IMPLEMENTATION = ("fused", "foreach", "capturable")
+
+
+def to_host(value):
+    """value with every tensor in it (in dicts, lists, tuples) on the CPU: no copy of those already there."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: to_host(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_host(v) for v in value)
+    return value
 
 
 def validation_set(images: torch.Tensor, seed: int, noise_dim: int, binarize: bool):
@@ -144,6 +194,6 @@ def validate(model: VAE, x: torch.Tensor, eps: torch.Tensor, device: torch.devic
              shard: Shard = Shard(), reduce: Callable[[torch.Tensor], None] | None = None) -> dict[str, float]:
     """Mean terms on the validation set: this worker's slice, then over all workers."""
     model.eval()
-    idx = shard.take(torch.arange(len(x)))
+    idx = shard.take(torch.arange(len(x), device=x.device))
     terms = elbo_terms(model, x[idx].to(device), eps[idx].to(device))
     return means(batch_sums(terms), reduce)
