@@ -1,21 +1,27 @@
-"""The model on a GPU, with nothing but torch, onnx and onnxruntime (no Ray, MLflow or DVC).
+"""The GPU table: the model's training, evaluation and decoding on one GPU, side by side in one
+run, with nothing but torch, onnx and onnxruntime (a GPU node has no Ray, MLflow or DVC).
 
-    python benchmarks/gpu_check.py --data data/mnist              # on a CUDA machine
-    python benchmarks/gpu_check.py --data data/mnist --device cpu --epochs 1 --steps 5 --iwae-k 2 --test-images 100
+    python benchmarks/gpu_check.py --data data/mnist                 # on a CUDA machine
+    python benchmarks/gpu_check.py --data data/mnist --device cpu --quick   # every row, small, on a CPU
 
-It imports only vae/ (the maths of training lives there) and, in order:
- 1. trains the same initial model for a few steps on the CPU and on the device, from the
-    same data and noise, and checks that the losses agree within --tolerance (relative);
- 2. trains the default model (params.yaml's: 784-512-256-32) for --epochs epochs on the
-    device in fp32, then with bf16 autocast, timing each epoch;
- 3. runs the importance-weighted estimate of log p(x) on the test images on the device;
- 4. exports the decoder to ONNX and checks onnxruntime (CPU) against torch;
-and prints one table: seconds per epoch, images per second, evaluation time, the checks.
-Exits non-zero when a check fails.
+It imports only vae/ (the maths of training lives there) and measures:
+ 1. the first steps on the CPU and on the device from the same weights, data and noise (their
+    losses agree within --tolerance; a GPU only: on a CPU that is the CPU against itself);
+ 2. for the default model and the paper preset: the pipeline's epoch (training, as one Ray
+    worker runs it: on a GPU vae/cuda_graph.py's draws, replays and schedule; then validation)
+    against the floor, the captured step replayed alone on unchanged buffers, and the eager
+    step in fp32 and with bf16 autocast;
+ 3. the default recipe's 30 epochs, in seconds of training;
+ 4. the importance-weighted estimate L_k (k=5000) on the test images, in seconds;
+ 5. the exported decoder on each onnxruntime provider: its parity with torch (on CUDA with TF32
+    on and off), and decode throughput at each batch size, with inputs and outputs in host
+    memory and, on CUDA, bound on the device (I/O binding).
+Prints one table and exits non-zero when a check fails.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import time
@@ -27,124 +33,233 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from vae.cuda_graph import GraphedTrainer  # noqa: E402
 from vae.data import DataError, load_split, to_float  # noqa: E402
 from vae.model import VAE, ImageDecoder, VAEConfig  # noqa: E402
 from vae.objectives import iwae_log_lik  # noqa: E402
-from vae.training import TrainConfig, Trainer  # noqa: E402
+from vae.training import TrainConfig, Trainer, validate, validation_set  # noqa: E402
 
-MODEL = VAEConfig()  # params.yaml's model
-# params.yaml's train section, the default model's recipe.
-RECIPE = TrainConfig(seed=0, epochs=30, batch_size=128, lr=2e-3, lr_schedule="onecycle", iwae_k=1, dreg=False,
-                     binarize=False, bf16=False)
-
-
-def make_trainer(device: torch.device, images: int, config: TrainConfig) -> Trainer:
-    torch.manual_seed(config.seed)  # the same initial weights on every device
-    model = VAE(MODEL).to(device)
-    return Trainer.create(model, config, train_images=images, device=device)
-
-
-def first_steps(train: torch.Tensor, device: torch.device, steps: int) -> list[tuple[float, float]]:
-    """(CPU loss, device loss) of the first `steps` steps, from the same weights, data and noise."""
-    losses = []
-    for where in (torch.device("cpu"), device):
-        trainer = make_trainer(where, len(train), RECIPE)
-        images = train[: steps * RECIPE.batch_size].to(where)
-        step_losses = []
-        for step in range(steps):
-            x = to_float(images[step * RECIPE.batch_size:(step + 1) * RECIPE.batch_size])
-            eps = torch.randn((1, len(x), MODEL.noise_dim), generator=torch.Generator().manual_seed(step)).to(where)
-            step_losses.append(trainer.step(x, eps, len(x))["loss"].mean().item())
-        losses.append(step_losses)
-    return list(zip(*losses))
-
-
-def timed_epochs(train: torch.Tensor, device: torch.device, epochs: int, steps: int | None,
-                 bf16: bool) -> tuple[VAE, list[float]]:
-    images = train[: steps * RECIPE.batch_size] if steps else train
-    trainer = make_trainer(device, len(images), replace(RECIPE, epochs=epochs, bf16=bf16))
-    images, seconds = images.to(device), []
-    for epoch in range(epochs):
-        synchronize(device)
-        start = time.perf_counter()
-        trainer.epoch(images, epoch)
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    return trainer.model, seconds
+# params.yaml's model and train section, and the README's paper preset (784-512-256-50 SiLU,
+# dynamically binarised, IWAE k=5 with DReG, 250 epochs).
+DEFAULT = (VAEConfig(), TrainConfig(seed=0, epochs=30, batch_size=128, lr=2e-3, lr_schedule="onecycle", iwae_k=1,
+                                    dreg=False, binarize=False, bf16=False))
+PAPER = (VAEConfig(latent_dim=50, activation="silu"),
+         replace(DEFAULT[1], epochs=250, iwae_k=5, dreg=True, binarize=True))
+VAL_SIZE = 10_000
+# onnxruntime's CUDA provider multiplies in TF32 by default (10-bit mantissas): 7.8e-5 from torch
+# on an H200, where the CPU provider is within 1e-7. Served pixels are probabilities; TF32 off
+# must hold export.tolerance itself.
+TF32_TOLERANCE = 1e-3  # params.yaml's data.val_size: the last 10,000 of the 60,000 are validation
 
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
-def evaluate(model: VAE, test: torch.Tensor, device: torch.device, k: int) -> tuple[float, float]:
-    """(mean -log p(x) in nats, seconds) of the importance-weighted estimate with k samples."""
-    model.eval()
-    generator = torch.Generator(device=device).manual_seed(0)
-    x = to_float(test).to(device)
+def timed(fn, device: torch.device) -> float:
     synchronize(device)
     start = time.perf_counter()
-    nll = -torch.cat([iwae_log_lik(model, batch, k, generator, chunk=256) for batch in x.split(1000)]).mean().item()
+    fn()
     synchronize(device)
-    return nll, time.perf_counter() - start
+    return time.perf_counter() - start
 
 
-def onnx_parity(model: VAE) -> float:
-    """max |onnxruntime - torch| of the exported decoder on random z, batches 1 and 256."""
+class Run:
+    """One preset's model and trainer on the device, eager or as vae/cuda_graph.py runs it."""
+
+    def __init__(self, preset, images: torch.Tensor, val: torch.Tensor, device: torch.device, epochs: int,
+                 graphed: bool, bf16: bool = False):
+        model_config, config = preset
+        self.config = replace(config, epochs=epochs, bf16=bf16)
+        torch.manual_seed(self.config.seed)  # the same initial weights on every device
+        self.model = VAE(model_config).to(device)
+        self.trainer = Trainer.create(self.model, self.config, len(images), capturable=graphed, device=device)
+        self.images, self.device = images.to(device), device
+        self.graphed = GraphedTrainer(self.trainer, self.images) if graphed else None
+        x, eps = validation_set(val, self.config.seed, model_config.noise_dim, self.config.binarize)
+        self.validation = (x.to(device), eps.to(device))
+
+    def epoch(self, epoch: int) -> dict:
+        """As pipeline/train_worker.py's run_epoch: train, then validate."""
+        train = self.graphed.epoch(epoch) if self.graphed else self.trainer.epoch(self.images, epoch)
+        return {**train, "val": validate(self.model, *self.validation, self.device)["neg_elbo"]}
+
+    def epoch_seconds(self) -> list[float]:
+        """Each epoch's seconds; self.last, the last epoch's figures."""
+        seconds = []
+        for epoch in range(self.config.epochs):
+            seconds.append(timed(lambda e=epoch: setattr(self, "last", self.epoch(e)), self.device))
+        return seconds
+
+    def floor_seconds(self) -> float:
+        """An epoch's worth of full-batch steps, each the captured step replayed alone."""
+        step = self.graphed.steps[min(self.config.batch_size, len(self.images))]
+        steps = math.ceil(len(self.images) / self.config.batch_size)
+
+        def replays():
+            for _ in range(steps):
+                step.replay()
+        return min(timed(replays, self.device) for _ in range(2))
+
+
+def first_steps(train: torch.Tensor, device: torch.device, steps: int) -> list[tuple[float, float]]:
+    """(CPU loss, device loss) of the first `steps` steps, from the same weights, data and noise."""
+    model_config, config = DEFAULT
+    losses = []
+    for where in (torch.device("cpu"), device):
+        torch.manual_seed(config.seed)
+        trainer = Trainer.create(VAE(model_config).to(where), config, len(train), device=where)
+        step_losses = []
+        for step in range(steps):
+            x = to_float(train[step * config.batch_size:(step + 1) * config.batch_size]).to(where)
+            eps = torch.randn((1, len(x), model_config.noise_dim), generator=torch.Generator().manual_seed(step))
+            step_losses.append(trainer.step(x, eps.to(where), len(x))["loss"].mean().item())
+        losses.append(step_losses)
+    return list(zip(*losses))
+
+
+def training_rows(name: str, preset, train, val, device, epochs: int) -> list[tuple[str, str, str]]:
+    """The pipeline's epoch against the floor and the eager step, for one preset."""
+    best = {}
+    pipeline = Run(preset, train, val, device, epochs, graphed=True)
+    best["pipeline"] = min(pipeline.epoch_seconds()[1:] or [math.inf])
+    best["floor"] = pipeline.floor_seconds()
+    for bf16 in (False, True):
+        eager = Run(preset, train, val, device, epochs, graphed=False, bf16=bf16)
+        best["eager bf16" if bf16 else "eager"] = min(eager.epoch_seconds()[1:] or [math.inf])
+    images = len(train)
+    what = "CUDA graph" if device.type == "cuda" else "eager on a CPU"
+    rows = [(f"{name}: pipeline epoch ({what}, + validation), s", f"{best['pipeline']:.3f}",
+             f"{best['pipeline'] / best['floor']:.2f}x the floor"),
+            (f"{name}: floor, the captured step alone, s/epoch", f"{best['floor']:.3f}",
+             f"{images / best['floor']:,.0f} img/s")]
+    for kind in ("eager", "eager bf16"):
+        rows.append((f"{name}: {kind} step (+ validation), s/epoch", f"{best[kind]:.3f}",
+                     f"{best[kind] / best['pipeline']:.2f}x the pipeline's"))
+    return rows
+
+
+def evaluation_row(model: VAE, test: torch.Tensor, device: torch.device, k: int) -> tuple[str, str, str]:
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(0)
+    x, nll = to_float(test).to(device), []
+    seconds = timed(lambda: nll.extend(iwae_log_lik(model, b, k, generator, chunk=256) for b in x.split(1000)), device)
+    return (f"L_{k} on {len(test)} test images (one device generator)", f"{seconds:.2f} s",
+            f"NLL {-torch.cat(nll).mean().item():.2f} nats")
+
+
+def export_decoder(model: VAE, path: Path, latent_dim: int) -> ImageDecoder:
+    decoder = ImageDecoder(model.cpu().float()).eval()
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    torch.onnx.export(decoder, (torch.zeros(2, latent_dim),), dynamo=True, opset_version=18, input_names=["z"],
+                      output_names=["image"], dynamic_shapes={"z": {0: batch}}, verbose=False).save(str(path))
+    return decoder
+
+
+def decode_rows(model: VAE, batches: list[int], tolerance: float) -> list[tuple[str, str, str]]:
     import onnxruntime as ort
 
-    decoder = ImageDecoder(model.cpu().float()).eval()
+    latent = model.config.latent_dim
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "decoder.onnx"
-        batch = torch.export.Dim("batch", min=1, max=65536)
-        torch.onnx.export(decoder, (torch.zeros(2, MODEL.latent_dim),), dynamo=True, opset_version=18,
-                          input_names=["z"], output_names=["image"], dynamic_shapes={"z": {0: batch}},
-                          verbose=False).save(str(path))
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        worst = 0.0
-        for n in (1, 256):
-            z = torch.randn(n, MODEL.latent_dim, generator=torch.Generator().manual_seed(n))
-            with torch.no_grad():
-                expected = decoder(z).numpy()
-            worst = max(worst, float(np.abs(session.run(None, {"z": z.numpy()})[0] - expected).max()))
-    return worst
+        decoder = export_decoder(model, path, latent)
+        # (label, provider, its options, the parity it must hold)
+        providers = [("CPU", "CPUExecutionProvider", {}, tolerance)]
+        if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
+            providers += [("CUDA", "CUDAExecutionProvider", {}, TF32_TOLERANCE),
+                          ("CUDA, TF32 off", "CUDAExecutionProvider", {"use_tf32": "0"}, tolerance)]
+        else:
+            rows.append(("onnxruntime CUDA provider", "absent", f"onnxruntime {ort.__version__}"))
+        for label, provider, options, bound in providers:
+            session = ort.InferenceSession(str(path), providers=[(provider, options)])
+            worst = 0.0
+            for n in (1, 256):
+                z = torch.randn(n, latent, generator=torch.Generator().manual_seed(n))
+                with torch.no_grad():
+                    expected = decoder(z).numpy()
+                worst = max(worst, float(np.abs(session.run(None, {"z": z.numpy()})[0] - expected).max()))
+            rows.append((f"decoder on {label} vs torch (max abs diff, at most {bound:.0e})", f"{worst:.1e}",
+                         "ok" if worst <= bound else "FAIL"))
+            if "TF32 off" in label:
+                continue
+            for n in batches:
+                rows += throughput_rows(session, label, n, latent, device_io=provider == "CUDAExecutionProvider")
+    return rows
+
+
+def throughput_rows(session, label: str, n: int, latent: int, device_io: bool) -> list[tuple[str, str, str]]:
+    """Decode images per second at batch n, host I/O, and on CUDA device-resident I/O too."""
+    import onnxruntime as ort
+
+    z = np.random.default_rng(n).standard_normal((n, latent), dtype=np.float32)
+    runs = {"host I/O": lambda: session.run(None, {"z": z})}
+    if device_io:
+        binding = session.io_binding()
+        binding.bind_ortvalue_input("z", ort.OrtValue.ortvalue_from_numpy(z, "cuda", 0))
+        binding.bind_ortvalue_output("image", ort.OrtValue.ortvalue_from_shape_and_type(
+            [n, 1, 28, 28], np.float32, "cuda", 0))
+        runs["device I/O"] = lambda: session.run_with_iobinding(binding)
+    rows = []
+    for io, run in runs.items():
+        run()  # the first call allocates
+        repeats = max(3, int(0.2 / max(timed_call(run), 1e-6)))
+        seconds = min(timed_call(run, repeats) for _ in range(3))
+        rows.append((f"decode on {label}, batch {n}, {io}", f"{seconds * 1e3:.3f} ms", f"{n / seconds:,.0f} img/s"))
+    return rows
+
+
+def timed_call(run, repeats: int = 1) -> float:
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    return (time.perf_counter() - start) / repeats
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=ROOT / "data" / "mnist", help="the four MNIST IDX files")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--steps", type=int, default=None, help="steps per epoch (default: whole epochs)")
+    p.add_argument("--epochs", type=int, default=3, help="timed epochs per training row (the first warms up)")
+    p.add_argument("--full-epochs", type=int, default=30, help="the default recipe's run, timed whole")
+    p.add_argument("--images", type=int, default=None, help="training images (default: all 50,000)")
     p.add_argument("--compare-steps", type=int, default=5)
     p.add_argument("--tolerance", type=float, default=1e-3, help="relative, CPU against device losses")
-    p.add_argument("--iwae-k", type=int, default=1000)
+    p.add_argument("--iwae-k", type=int, default=5000)
     p.add_argument("--test-images", type=int, default=10_000)
+    p.add_argument("--batches", default="1,64,1024,65536", help="decode batch sizes")
+    p.add_argument("--parity", type=float, default=1e-5, help="max |onnxruntime - torch| (export.tolerance)")
+    p.add_argument("--quick", action="store_true", help="a CPU's smoke run: 640 images, 2 epochs, k=2, "
+                                                        "100 test images, batches 1 and 64")
     args = p.parse_args()
+    if args.quick:
+        args.images, args.epochs, args.full_epochs, args.iwae_k, args.test_images, args.batches = \
+            640, 2, 2, 2, 100, "1,64"
     device = torch.device(args.device)
     try:
-        train, _ = load_split(args.data, "train")
+        images = load_split(args.data, "train")[0]
         test = load_split(args.data, "test")[0][: args.test_images]
     except DataError as e:
         sys.exit(f"gpu_check: {e} (`vae fetch` or `dvc repro fetch` writes data/mnist)")
+    train, val = images[:-VAL_SIZE][: args.images], images[-VAL_SIZE:]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"gpu_check: {name}, torch {torch.__version__}, {len(train)} training images")
+    print(f"gpu_check: {name}, torch {torch.__version__}, {len(train)} training images", flush=True)
 
-    pairs = first_steps(train, device, args.compare_steps)
-    drift = max(abs(a - b) / abs(a) for a, b in pairs)
-    rows = [("first steps, CPU vs device (max rel. diff)", f"{drift:.2e}", "ok" if drift <= args.tolerance else "FAIL")]
-    model = None
-    for bf16 in (False, True):
-        model, seconds = timed_epochs(train, device, args.epochs, args.steps, bf16)
-        images = (args.steps * RECIPE.batch_size) if args.steps else len(train)
-        best = min(seconds[1:] or seconds)  # the first epoch warms up
-        rows.append((f"train {'bf16 autocast' if bf16 else 'fp32'}: s/epoch (best of {len(seconds)})",
-                     f"{best:.3f}", f"{images / best:,.0f} img/s"))
-    nll, seconds = evaluate(model, test, device, args.iwae_k)
-    rows.append((f"IWAE k={args.iwae_k} on {len(test)} test images", f"{seconds:.2f} s", f"NLL {nll:.2f} nats"))
-    worst = onnx_parity(model)
-    rows.append(("ONNX decoder vs torch (max abs diff)", f"{worst:.2e}", "ok" if worst <= 1e-5 else "FAIL"))
+    rows = []
+    if device.type == "cuda":
+        pairs = first_steps(train, device, args.compare_steps)
+        drift = max(abs(a - b) / abs(a) for a, b in pairs)
+        rows.append(("first steps, CPU vs device (max rel. diff)", f"{drift:.2e}",
+                     "ok" if drift <= args.tolerance else "FAIL"))
+    for preset_name, preset in (("default", DEFAULT), ("paper", PAPER)):
+        rows += training_rows(preset_name, preset, train, val, device, args.epochs)
+    full = Run(DEFAULT, train, val, device, args.full_epochs, graphed=True)
+    seconds = full.epoch_seconds()
+    rows.append((f"default recipe, {args.full_epochs} epochs: training s", f"{sum(seconds):.1f}",
+                 f"validation -ELBO {full.last['val']:.2f}"))
+    rows.append(evaluation_row(full.model, test, device, args.iwae_k))
+    rows += decode_rows(full.model, [int(b) for b in args.batches.split(",")], args.parity)
     width = max(len(r[0]) for r in rows)
     print(f"\n| {'check'.ljust(width)} | value | result |\n| {'-' * width} | --- | --- |")
     for row in rows:

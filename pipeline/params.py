@@ -79,8 +79,9 @@ class TrainParams(Section):
     cpus_per_worker: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
     use_gpu: Literal["auto", True, False] = "auto"
     bf16: bool = False  # bf16 autocast on GPU workers (CPU workers always train in fp32)
-    # torch.compile the model's forward and loss: fewer, fused elementwise kernels. Costs
-    # seconds of compiling per run; CPU workers need a C++ compiler (g++ or clang++).
+    # torch.compile the model's forward and loss on CPU workers: fewer, fused elementwise kernels.
+    # Costs seconds of compiling per run and needs a C++ compiler (g++ or clang++). GPU workers
+    # ignore it: a lone one replays its whole step as a CUDA graph (vae/cuda_graph.py).
     compile: bool = False
     max_failures: int = Field(2, ge=0)  # worker-group restarts from the last checkpoint
     # A Ray cluster to join, e.g. ray://head:10001 or head:6379 (null: $RAY_ADDRESS, else a local Ray).

@@ -66,7 +66,8 @@ def fit(layout: Layout, params: Params, run_id: str) -> TrainState:
                             data=tuple(ray.put(a) for a in load_training_data(layout, params)))
     storage = params.train.storage_path or str(layout.ray_results)
     cpus = cpus_per_worker(params.train.cpus_per_worker, workers)
-    print(f"train: {workers} Ray worker{'s' * (workers > 1)} on {'GPU (NCCL)' if use_gpu else 'CPU (Gloo)'}, "
+    where = ("GPU, each step a CUDA graph" if workers == 1 else "GPU (NCCL)") if use_gpu else "CPU (Gloo)"
+    print(f"train: {workers} Ray worker{'s' * (workers > 1)} on {where}, "
           f"{cpus} CPU{'s' * (cpus > 1)} each, checkpoints in {storage}", flush=True)
     trainer = trainer_class(
         train_loop_per_worker, train_loop_config={"params": params, "context": context},
