@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from pipeline.export import export_decoder
+from pipeline.serve.ray_serve import replica_gpus
+from pipeline.serve.session import CUDA_FROM_BATCH, BySize, open_session
 from vae.model import VAE, ImageDecoder, VAEConfig
 
 from helpers import BIN, free_port, vae_serve
@@ -36,7 +38,11 @@ def test_health_and_metadata(server):
     assert httpx.get(f"{server}/v2/health/live").json() == {"live": True}
     meta = httpx.get(f"{server}/v2/models/vae-decoder").json()
     assert meta["parameters"]["latent_dim"] == LATENT
-    assert meta["parameters"]["providers"][-1] == "CPUExecutionProvider"
+    # CUDA exactly where torch finds a GPU (onnxruntime-gpu lists its provider everywhere); with
+    # none, one session for every batch size.
+    gpu = torch.cuda.is_available()
+    assert meta["parameters"]["providers"] == ["CUDAExecutionProvider"] * gpu + ["CPUExecutionProvider"]
+    assert meta["parameters"]["cpu_below_batch"] == (CUDA_FROM_BATCH if gpu else None)
     assert meta["inputs"] == [{"name": "z", "datatype": "FP32", "shape": [-1, LATENT]}]
     assert meta["outputs"][0]["shape"] == [-1, 1, 28, 28]
     # Exported without the latent record: the page's sliders in index order, no map.
@@ -214,3 +220,19 @@ def test_ray_serve_with_two_replicas(decoder_and_onnx, ray_address, tmp_path):
         returncode = process.wait(timeout=60)
         serve.shutdown()  # in case the process could not: later tests need the cluster's CPUs
     assert returncode == 0, (tmp_path / "serve.log").read_text()  # SIGTERM took the replicas down itself
+
+
+def test_small_batches_go_to_the_small_batch_session(decoder_and_onnx):
+    """BySize's routing, with two real CPU sessions standing for the CPU and the CUDA one."""
+    path = decoder_and_onnx[1]
+    large, small = open_session(path, ["CPUExecutionProvider"]), open_session(path, ["CPUExecutionProvider"])
+    by_size = BySize(large, small, from_batch=32)
+    assert by_size(1) is small and by_size(31) is small and by_size(32) is large and by_size(1024) is large
+    assert by_size.describe()["cpu_below_batch"] == 32
+    alone = BySize(large, None, from_batch=32)
+    assert alone(1) is large and alone.describe() == {"providers": ["CPUExecutionProvider"], "cpu_below_batch": None}
+
+
+@pytest.mark.parametrize("cluster_gpus, replicas, each", [(0, 2, 0.0), (1, 2, 0.5), (1, 1, 1.0), (4, 2, 1.0)])
+def test_ray_serve_replicas_hold_the_clusters_gpus(cluster_gpus, replicas, each):
+    assert replica_gpus(cluster_gpus, replicas) == each

@@ -17,11 +17,18 @@ from pipeline.registry import MODEL_NAME
 DEPLOYMENT = MODEL_NAME
 
 
-def deployment(onnx_bytes: bytes, max_batch: int, replicas: int, replica_cpus: float):
+def replica_gpus(cluster_gpus: float, replicas: int) -> float:
+    """The GPU share each replica reserves: the cluster's GPUs shared out, at most one each
+    (replicas sharing a GPU each hold a fraction of it); none on a cluster without GPUs."""
+    return min(1.0, cluster_gpus / replicas) if cluster_gpus else 0.0
+
+
+def deployment(onnx_bytes: bytes, max_batch: int, replicas: int, replica_cpus: float, gpus: float = 0.0):
     """The Ray Serve application: replicas building the FastAPI app when they start."""
     from ray import serve
 
-    @serve.deployment(name=DEPLOYMENT, num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus})
+    @serve.deployment(name=DEPLOYMENT, num_replicas=replicas,
+                      ray_actor_options={"num_cpus": replica_cpus, "num_gpus": gpus})
     @serve.ingress()
     class Decoder:
         def __init__(self, model: bytes, batch: int):
@@ -37,12 +44,15 @@ def deployment(onnx_bytes: bytes, max_batch: int, replicas: int, replica_cpus: f
 
 def run(model_path: Path, host: str, port: int, max_batch: int, replicas: int, replica_cpus: float = 1.0) -> None:
     connect_ray(num_workers=replicas)  # first: it decides the local Ray's auth before ray is imported
+    import ray
     from ray import serve
 
+    gpus = replica_gpus(ray.cluster_resources().get("GPU", 0), replicas)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(deployment(model_path.read_bytes(), max_batch, replicas, replica_cpus), name=DEPLOYMENT,
+    serve.run(deployment(model_path.read_bytes(), max_batch, replicas, replica_cpus, gpus), name=DEPLOYMENT,
               route_prefix="/")
-    print(f"serve: {replicas} Ray Serve replicas of {model_path} on http://{host}:{port}", flush=True)
+    held = f", {gpus:g} GPU each" if gpus else ""
+    print(f"serve: {replicas} Ray Serve replicas of {model_path} on http://{host}:{port}{held}", flush=True)
     # Serve outlives its driver on a cluster: on Ctrl-C or SIGTERM, take the replicas down.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
