@@ -26,7 +26,7 @@ STAGES = {
 def version() -> str:
     from pipeline import environment
 
-    return f"{environment.PROJECT} {importlib.metadata.version(environment.PROJECT)} (uv.lock sha256 " \
+    return f"{environment.PROJECT} {environment.project_version()} (uv.lock sha256 " \
            f"{environment.lock_sha256()})"
 
 

@@ -85,9 +85,19 @@ def pinned(names: tuple[str, ...], lock: Path = LOCK) -> list[str]:
     return [f"{name}=={locked[name]}" for name in names]
 
 
+def project_version() -> str:
+    """The installed project's version; a checkout run without installing it (a GPU node's own
+    Python, `python -m pipeline.cli`) says so instead of failing."""
+    try:
+        return importlib.metadata.version(PROJECT)
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed: run from a checkout)"
+
+
 def describe() -> str:
-    """`vae env`: the project version, the lock, the interpreter, and whether they agree."""
-    lines = [f"{PROJECT} {importlib.metadata.version(PROJECT)}",
+    """`vae env`: the project version, the lock, the interpreter, and whether they agree: a
+    node's own torch (a GPU image's) is listed as a difference, not refused."""
+    lines = [f"{PROJECT} {project_version()}",
              f"uv.lock sha256 {lock_sha256()} ({LOCK})",
              f"python {platform.python_version()} on {platform.system().lower()} {platform.machine()}"]
     if LOCK.is_file():

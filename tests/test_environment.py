@@ -1,5 +1,6 @@
 """pipeline/environment.py and the Makefile's install: the environment is exactly uv.lock."""
 import hashlib
+import importlib.metadata
 import subprocess
 
 import pytest
@@ -82,3 +83,17 @@ def test_vae_version_and_env_name_the_lock():
     env = subprocess.run([str(BIN / "vae"), "env"], capture_output=True, text=True, check=True).stdout
     assert f"uv.lock sha256 {digest}" in env
     assert "all installed at their locked versions" in env, env
+
+
+def test_env_on_a_node_with_its_own_torch_and_no_install_reports_instead_of_failing(monkeypatch):
+    """A GPU node: the project run from a checkout, not installed, beside the image's own torch."""
+    real = environment.installed_packages()
+    monkeypatch.setattr(environment, "installed_packages", lambda: {**real, "torch": "2.11.0+cu130"})
+    monkeypatch.setattr(environment.importlib.metadata, "version", _not_installed)
+    described = environment.describe()
+    assert described.splitlines()[0] == "vae-mnist (not installed: run from a checkout)"
+    assert "torch: locked 2.14.1, installed 2.11.0+cu130" in described and "1 differ" in described
+
+
+def _not_installed(name):
+    raise importlib.metadata.PackageNotFoundError(name)
