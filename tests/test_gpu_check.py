@@ -29,6 +29,7 @@ def test_gpu_check_runs_on_the_cpu_with_vae_alone(mnist_dir):
         floor = float(rows[f"{preset}: floor, the captured step alone, s/epoch"][0])
         assert float(ratio.removesuffix("x the floor")) == pytest.approx(float(value) / floor, rel=0.01)
         assert f"{preset}: eager bf16 step (+ validation), s/epoch" in rows
+        assert rows[f"{preset}: graph vs eager, validation -ELBO after the same epochs"][1] == "ok"
     # The default recipe's two epochs trained: below 784 ln 2 = 543.4 nats, what an untrained model scores.
     trained = rows["default recipe, 2 epochs: training s"][1]
     assert float(re.search(r"-ELBO ([\d.]+)", trained)[1]) < 784 * math.log(2) - 100
