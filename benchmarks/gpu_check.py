@@ -13,7 +13,8 @@ It imports only vae/ (the maths of training lives there) and measures:
     step in fp32 and with bf16 autocast; the graph's model against the eager fp32 one (their
     validation -ELBO within 0.1%: the same draws and recipe, launched differently);
  3. the default recipe's 30 epochs, in seconds of training;
- 4. the importance-weighted estimate L_k (k=5000) on the test images, in seconds;
+ 4. the importance-weighted estimate L_k (k=5000) on the test images, in seconds, with the
+    evaluate stage's noise on a GPU (each image's from its block of images: vae/rng.py);
  5. the exported decoder on each onnxruntime provider: its parity with torch (on CUDA with TF32
     on and off), and decode throughput at each batch size, with inputs and outputs in host
     memory and, on CUDA, bound on the device (I/O binding).
@@ -34,6 +35,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from vae import rng  # noqa: E402
 from vae.cuda_graph import GraphedTrainer  # noqa: E402
 from vae.data import DataError, load_split, to_float  # noqa: E402
 from vae.model import VAE, ImageDecoder, VAEConfig  # noqa: E402
@@ -146,11 +148,17 @@ def training_rows(name: str, preset, train, val, device, epochs: int) -> list[tu
 
 
 def evaluation_row(model: VAE, test: torch.Tensor, device: torch.device, k: int) -> tuple[str, str, str]:
+    """L_k as the evaluate stage draws it on a GPU: each image's noise from its block of images
+    (vae/rng.py's ImageBlocks), in batches of eval.batch_size's 1,000 and chunks of 64."""
     model.eval()
-    generator = torch.Generator(device=device).manual_seed(0)
     x, nll = to_float(test).to(device), []
-    seconds = timed(lambda: nll.extend(iwae_log_lik(model, b, k, generator, chunk=256) for b in x.split(1000)), device)
-    return (f"L_{k} on {len(test)} test images (one device generator)", f"{seconds:.2f} s",
+
+    def estimate():
+        for start in range(0, len(x), 1000):
+            batch = x[start:start + 1000]
+            nll.append(iwae_log_lik(model, batch, k, rng.image_blocks(0, "iwae", start, len(batch), device)))
+    seconds = timed(estimate, device)
+    return (f"L_{k} on {len(test)} test images (noise in blocks of images)", f"{seconds:.2f} s",
             f"NLL {-torch.cat(nll).mean().item():.2f} nats")
 
 

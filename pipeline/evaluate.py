@@ -57,13 +57,23 @@ def score_shard(model: VAE, x: torch.Tensor, start: int, params: Params, device:
     batches = range(0, len(x), params.eval.batch_size)
     for first in tqdm(batches, desc="evaluate", unit="batch", disable=not progress, mininterval=5):
         batch, index = x[first:first + params.eval.batch_size].to(device), start + first
-        elbo = rng.image_generators(params.eval.seed, "elbo", index, len(batch))
+        elbo = image_noise(params.eval.seed, "elbo", index, len(batch), device)
         eps = draw_noise(elbo, 1, len(batch), model.config.noise_dim, device)[0]
         for name, values in elbo_terms(model, batch, eps).items():
             sums[name] += values.sum().item()
-        iwae = rng.image_generators(params.eval.seed, "iwae", index, len(batch))
+        iwae = image_noise(params.eval.seed, "iwae", index, len(batch), device)
         sums["nll_iwae"] -= iwae_log_lik(model, batch, params.eval.iwae_k, iwae).sum().item()
     return sums
+
+
+def image_noise(seed: int, purpose: str, start: int, count: int, device: torch.device):
+    """Where the test images start..start+count-1 get their noise, keyed by their indexes either
+    way: on a GPU, blocks of images drawn on it (few launches); on a CPU, a generator per
+    image, as before blocks existed (its figures stay as they were). So a GPU's figures equal
+    each other across batch sizes and workers, not the CPU's to the last digit."""
+    if device.type == "cuda":
+        return rng.image_blocks(seed, purpose, start, count, device)
+    return rng.image_generators(seed, purpose, start, count)
 
 
 def _shard_sums(x: torch.Tensor, params: Params, model: VAE) -> dict[str, float]:

@@ -12,6 +12,7 @@ from pipeline.evaluate import (
     save_latent_map,
     save_traversal,
     score,
+    score_shard,
 )
 from pipeline.files import Layout
 from pipeline.params import Params
@@ -50,6 +51,29 @@ def test_importance_weighted_bound_tightens_as_k_grows(trained):
     bounds = [iwae_log_lik(model, x, k, torch.Generator().manual_seed(k)).mean().item() for k in (1, 10, 100)]
     assert bounds[0] < bounds[1] < bounds[2], bounds
     assert bounds[2] - bounds[0] > 1.0  # a trained model's posterior is not exact: k matters
+
+
+def test_block_noise_estimate_does_not_depend_on_the_batching(trained):
+    """The GPU's noise (rng.ImageBlocks), run here on the CPU through iwae_log_lik: the test
+    images scored in batches cut mid-block get the estimate of one batch of them all."""
+    model, x, _ = trained
+
+    def estimate(start, stop):
+        return iwae_log_lik(model, x[start:stop], 20, rng.image_blocks(0, "iwae", start, stop - start, "cpu"), chunk=8)
+
+    whole = estimate(0, 200)
+    pieces = torch.cat([estimate(0, 7), estimate(7, 150), estimate(150, 200)])
+    # Float sums differ with the batch's shape (~1e-4 of ~130 nats); other noise moves an image by ~0.1.
+    torch.testing.assert_close(pieces, whole, rtol=1e-5, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_on_a_gpu_the_estimate_does_not_depend_on_the_batch_size(trained):
+    model, x, _ = trained
+    small, large = (score_shard(model, x, 0, params(iwae_k=20, batch_size=b), torch.device("cuda")) for b in (7, 200))
+    for name in ("neg_elbo", "recon", "kl", "nll_iwae"):
+        assert small[name] == pytest.approx(large[name], rel=1e-5)
 
 
 def test_estimate_does_not_depend_on_the_batch_size(trained):

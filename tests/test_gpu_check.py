@@ -33,6 +33,6 @@ def test_gpu_check_runs_on_the_cpu_with_vae_alone(mnist_dir):
     # The default recipe's two epochs trained: below 784 ln 2 = 543.4 nats, what an untrained model scores.
     trained = rows["default recipe, 2 epochs: training s (+ set-up and capture)"][1]
     assert float(re.search(r"-ELBO ([\d.]+)", trained)[1]) < 784 * math.log(2) - 100
-    assert rows["L_2 on 100 test images (one device generator)"][0].endswith(" s")
+    assert rows["L_2 on 100 test images (noise in blocks of images)"][0].endswith(" s")
     assert rows["decoder on CPU vs torch (max abs diff, at most 1e-05)"][1] == "ok"
     assert {f"decode on CPU, batch {n}, host I/O" for n in (1, 64)} <= set(rows)

@@ -27,3 +27,20 @@ def test_batch_noise_depends_on_position_not_on_global_state():
     assert torch.equal(first, rng.batch_noise(3, epoch=1, step=2, batch=4, noise_dim=5, samples=2))
     assert first.shape == (4, 2, 5)
     assert not torch.equal(first, rng.batch_noise(3, epoch=1, step=3, batch=4, noise_dim=5, samples=2))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU on this machine"))])
+def test_block_noise_of_an_image_is_the_same_whatever_the_batch(device):
+    """Images 0..249 span three blocks: drawn at once or in batches cut mid-block, each image
+    gets the same draws, chunk after chunk; other purposes and seeds get others."""
+    def chunks(start, count, purpose="iwae", seed=0):
+        blocks = rng.image_blocks(seed, purpose, start, count, device)
+        return torch.cat([blocks.draw(samples, 3) for samples in (4, 4, 2)])  # k=10 in chunks of 4
+
+    whole = chunks(0, 250)
+    assert whole.shape == (10, 250, 3) and whole.device.type == device
+    pieces = torch.cat([chunks(0, 7), chunks(7, 174), chunks(181, 69)], 1)
+    assert torch.equal(whole, pieces)
+    assert not torch.equal(whole, chunks(0, 250, "elbo")) and not torch.equal(whole, chunks(0, 250, seed=1))
+    assert not torch.equal(whole[:, :100], whole[:, 100:200])  # each block its own stream

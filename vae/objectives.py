@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from vae import rng
 from vae.model import VAE
 
 
@@ -38,23 +39,27 @@ def iwae_terms(model: VAE, x: torch.Tensor, eps: torch.Tensor, dreg: bool = Fals
     return {"loss": bound, "neg_elbo": recon + kl, "recon": recon, "kl": kl}
 
 
-def draw_noise(generator: torch.Generator | list[torch.Generator], samples: int, images: int, dim: int,
-               device: torch.device) -> torch.Tensor:
-    """Standard normal noise (samples, images, dim) on `device`: from one generator, or from one
-    generator per image (each image's column from its own), drawn where the generators live."""
+Noise = torch.Generator | list[torch.Generator] | rng.ImageBlocks
+
+
+def draw_noise(generator: Noise, samples: int, images: int, dim: int, device: torch.device) -> torch.Tensor:
+    """Standard normal noise (samples, images, dim) on `device`: from one generator, from one
+    generator per image (each image's column from its own), or from blocks of images
+    (rng.ImageBlocks), drawn where the generators live."""
     if isinstance(generator, torch.Generator):
         return torch.randn((samples, images, dim), generator=generator, device=generator.device).to(device)
+    if isinstance(generator, rng.ImageBlocks):
+        return generator.draw(samples, dim).to(device)
     return torch.stack([torch.randn((samples, dim), generator=g, device=g.device) for g in generator], 1).to(device)
 
 
 @torch.no_grad()
-def iwae_log_lik(model: VAE, x: torch.Tensor, k: int, generator: torch.Generator | list[torch.Generator],
-                 chunk: int = 64) -> torch.Tensor:
+def iwae_log_lik(model: VAE, x: torch.Tensor, k: int, generator: Noise, chunk: int = 64) -> torch.Tensor:
     """Importance-weighted estimate of log p(x) per image, with k samples from q(z|x).
 
     The k samples are drawn `chunk` at a time and combined with a running logsumexp, so
-    memory stays at (N, chunk) whatever k is. The noise comes from one generator, or from
-    one per image (see draw_noise).
+    memory stays at (N, chunk) whatever k is. The noise comes from one generator, one per
+    image, or blocks of images (see draw_noise).
     """
     mu, logvar = model.encoder(x)
     total = torch.full((len(x),), -math.inf, device=x.device)

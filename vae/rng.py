@@ -10,9 +10,11 @@ counts, not the CPU model bit for bit (the two devices' generators make differen
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-_EPOCH_STREAM, _NOISE_STREAM, _EVAL_STREAM, _BINARIZE_STREAM, _IMAGE_STREAM = 1, 2, 3, 4, 5
+_EPOCH_STREAM, _NOISE_STREAM, _EVAL_STREAM, _BINARIZE_STREAM, _IMAGE_STREAM, _BLOCK_STREAM = 1, 2, 3, 4, 5, 6
 
 
 def _generator(*key: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -71,3 +73,34 @@ def image_generators(seed: int, purpose: str, start: int, count: int) -> list[to
     """One generator per test image start..start+count-1, keyed by the image's global index:
     its noise is the same whatever the batch, the shard or the worker that scores it."""
     return [_generator(seed, _IMAGE_STREAM, IMAGE_PURPOSES[purpose], index) for index in range(start, start + count)]
+
+
+# On a GPU, one generator per image costs a kernel launch per image and chunk of samples (L_5000
+# on 10,000 test images: 24.1 s on an H200, against 1.9 s from one generator). Blocks of this
+# many consecutive images share a generator instead; each image still has draws of its own.
+IMAGE_BLOCK = 100
+
+
+@dataclass
+class ImageBlocks:
+    """Noise for test images start..start+count-1, drawn for whole blocks of IMAGE_BLOCK images
+    (one generator per block, keyed by the block's index) and then sliced: an image's draws are
+    the same whatever batch or shard scores it, as with a generator per image, in a few large
+    draws. Each draw advances every block's generator by the same amount, whichever images
+    of the block are wanted."""
+    generators: list[torch.Generator]
+    offset: int  # the first image's row in the first block
+    count: int
+
+    def draw(self, samples: int, dim: int) -> torch.Tensor:
+        """(samples, count, dim) standard normal, on the generators' device."""
+        blocks = [torch.randn((samples, IMAGE_BLOCK, dim), generator=g, device=g.device) for g in self.generators]
+        return torch.cat(blocks, 1)[:, self.offset:self.offset + self.count]
+
+
+def image_blocks(seed: int, purpose: str, start: int, count: int, device: torch.device | str) -> ImageBlocks:
+    """The blocks of images start..start+count-1 for `purpose` (see IMAGE_PURPOSES), on `device`."""
+    first, last = start // IMAGE_BLOCK, (start + count - 1) // IMAGE_BLOCK
+    generators = [_generator(seed, _BLOCK_STREAM, IMAGE_PURPOSES[purpose], block, device=device)
+                  for block in range(first, last + 1)]
+    return ImageBlocks(generators, start - first * IMAGE_BLOCK, count)
