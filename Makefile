@@ -10,7 +10,7 @@ UV     := .tools/bin/uv
 # Re-synced only when uv.lock changes.
 STAMP  := $(VENV)/.installed
 
-.PHONY: repro test test-fast install lock lock-check system-packages up down clean
+.PHONY: repro test test-fast install lock lock-check system-packages up down clean wheelhouse
 
 # Python caches compiled modules (__pycache__) in .venv unless PYTHONDONTWRITEBYTECODE is set,
 # as many container images set it. Then every process (each stage, each Ray worker and actor,
@@ -74,6 +74,13 @@ lock: $(UV)
 lock-check: $(UV)
 	@$(UV) lock --check --offline --python $(PYTHON) 2>/dev/null || { \
 		echo "uv.lock does not match pyproject.toml: run \`make lock\` and commit uv.lock" >&2; exit 1; }
+
+# An offline install for a node that brings its own CUDA torch: every locked runtime package but
+# torch, torchvision and what only they need, as wheels for CPython WHEEL_PYTHON on Linux x86-64
+# (how to install them there: infra/wheelhouse.py).
+WHEEL_PYTHON ?= 3.12
+wheelhouse: $(STAMP)
+	$(BIN)/python infra/wheelhouse.py wheelhouse --python $(WHEEL_PYTHON) --pip $(PYTHON)
 
 # The infra/ topology on this machine, 127.0.0.1 only: PostgreSQL, MLflow on it, a 2-node
 # Ray cluster. Then `source .stack/env` points the pipeline at it.

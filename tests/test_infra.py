@@ -150,3 +150,26 @@ def test_the_s3_server_refuses_wrong_and_missing_keys_and_listens_on_loopback_on
     (server,) = {c.pid for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.laddr.port == port}
     addresses = {c.laddr.ip for c in psutil.net_connections("inet") if c.pid == server and c.status == "LISTEN"}
     assert len(addresses) == 1 and addresses == {"127.0.0.1"}
+
+
+def test_the_wheelhouse_lists_the_lock_for_the_node_less_its_own_torch():
+    """infra/wheelhouse.py's requirements (what `make wheelhouse` downloads): uv.lock's versions
+    for the node's Python, markers already applied (pip would apply its own interpreter's),
+    nothing that only torch needs, and what installs the project itself."""
+    import runpy
+    import tomllib
+
+    from pipeline.environment import locked_packages
+
+    requirements = runpy.run_path(str(INFRA / "wheelhouse.py"))["requirements"]
+    pins = {py: dict(line.split("==") for line in requirements(py) if "==" in line) for py in ("3.11", "3.12")}
+    for py, pinned in pins.items():
+        assert not [name for name in pinned if name in ("torch", "torchvision", "triton")
+                    or name.startswith(("nvidia-", "cuda-"))], py
+        assert pinned["ray"] == "2.60.0" and pinned["mlflow"] == "3.17.2" and "onnxruntime-gpu" in pinned
+        assert {"setuptools", "wheel"} <= {re.split("[=<>]", r)[0] for r in requirements(py)}
+    # This interpreter is 3.11: its pins are the lock's for it, and where the lock has another
+    # numpy for newer Pythons (today: 2.4.6 and 2.5.5), 3.12 gets that one.
+    assert pins["3.11"]["numpy"] == locked_packages()["numpy"]
+    numpys = {p["version"] for p in tomllib.loads((ROOT / "uv.lock").read_text())["package"] if p["name"] == "numpy"}
+    assert pins["3.12"]["numpy"] in numpys and (len(numpys) == 1) == (pins["3.12"]["numpy"] == pins["3.11"]["numpy"])
