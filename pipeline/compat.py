@@ -1,6 +1,6 @@
 """Every private API of a dependency that the pipeline uses, in one place.
 
-Written against the pinned versions: ray 2.60.0, torch 2.14.1, numpy 2.x (see uv.lock).
+Written against the pinned versions: ray 2.60.0, torch 2.14.1, mlflow 3.17.2, numpy 2.x (see uv.lock).
 Each has no public form there; an upgrade that moves one fails here, by name, and
 tests/test_compat.py imports them all so that it fails in the tests first.
 """
@@ -54,6 +54,16 @@ def quiet_dynamo() -> None:
     import torch
 
     torch._logging.set_logs(dynamo=logging.ERROR)
+
+
+def mlflow_system_metrics_monitor():
+    """MLflow's system-metrics sampler (CPU, memory, disk, network), a class its docs do not
+    name. The public switch, mlflow.start_run(log_system_metrics=True), ties it to a fluent run
+    whose end marks the run FINISHED; the pipeline's run spans three stage processes and is
+    finished by the train driver once the outputs are written, so tracking.py drives the class."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    return SystemMetricsMonitor
 
 
 def numpy_array_reconstructor():

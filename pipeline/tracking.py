@@ -21,7 +21,7 @@ from typing import Iterator
 import yaml
 from filelock import FileLock
 
-from pipeline import environment
+from pipeline import compat, environment
 from pipeline.files import Layout, write_json
 
 log = logging.getLogger(__name__)
@@ -167,10 +167,10 @@ def failing_marks(client, run_id: str) -> Iterator[None]:
 
 @contextmanager
 def system_metrics(run_id: str, layout: Layout, interval_s: float = 5.0) -> Iterator[None]:
-    """MLflow's CPU, memory, disk and network metrics for the run, sampled while the block runs."""
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=tracking_uri(layout))
+    """MLflow's CPU, memory, disk and network metrics for the run, sampled while the block runs
+    (by MLflow's own sampler: see compat.mlflow_system_metrics_monitor for why not its switch)."""
+    monitor_class = compat.mlflow_system_metrics_monitor()
+    monitor = monitor_class(run_id, sampling_interval=interval_s, tracking_uri=tracking_uri(layout))
     monitor.start()
     try:
         yield
