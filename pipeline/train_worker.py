@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch.torch_version import TorchVersion
 
 from pipeline import compat, tracking
 from pipeline.params import Params
@@ -60,10 +61,19 @@ class TrainState:
         return cls(**{f.name: checkpoint[f.name] for f in fields(cls) if f.name in checkpoint})
 
 
-def compile_model(model, device):
+# torch.compile of DReG's gradient hook works on the lock's torch and fails on 2.11 (a GPU image's):
+# "Node mul referenced nonexistent value logvar" (tests/test_model.py, run under 2.11 by hand).
+COMPILES_DREG_FROM = (2, 14)
+
+
+def compile_model(model, device, dreg: bool = False):
     """The model whose forward (the per-sample log-densities, see VAE.forward) runs as
-    torch.compile's fused kernels. Checks for the C++ compiler that CPU kernels need first,
-    so a missing one is named before training starts, not deep inside the first step."""
+    torch.compile's fused kernels. Checks for what it needs first (a C++ compiler on CPUs; a
+    torch that compiles DReG), so a lack is named before training starts, not inside a step."""
+    if dreg and TorchVersion(torch.__version__) < COMPILES_DREG_FROM:
+        raise RuntimeError(f"train.compile: true with train.grad_estimator: dreg needs torch >= "
+                           f"{'.'.join(map(str, COMPILES_DREG_FROM))}, this worker has {torch.__version__}, whose "
+                           f"torch.compile fails on DReG's gradient hook; set train.compile: false")
     if device.type == "cpu":
         try:
             compat.require_cxx_compiler()
@@ -136,7 +146,7 @@ class Worker:
         # CPU workers only: on an H200 the compiled step took 2.3 ms, the CUDA graph's 0.47 ms, and
         # torch 2.11 (a GPU node's own) fails to compile DReG. DDP first: PyTorch's order for the pair.
         if params.train.compile and device.type == "cpu":
-            trainer.model = compile_model(trainer.model, device)
+            trainer.model = compile_model(trainer.model, device, params.train.grad_estimator == "dreg")
         state.nodes = _node_ids(shard.world)
         validation = tuple(t.to(device) for t in validation_set(
             val_images, params.train.seed, model.config.noise_dim, params.data.binarize == "dynamic"))

@@ -61,6 +61,13 @@ def test_one_and_two_workers_compiled_or_not_make_the_same_model(tmp_path, mnist
     assert max_abs_diff(one.model, initial) > 1e-3  # and training did move the weights
 
 
+def test_compile_refuses_dreg_on_a_torch_that_cannot_compile_it(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")  # a GPU image's own torch
+    with pytest.raises(RuntimeError, match=r"grad_estimator: dreg needs torch >= 2.14, this worker has 2.11.0"):
+        compile_model(torch.nn.Linear(2, 2), torch.device("cpu"), dreg=True)
+    compile_model(torch.nn.Linear(2, 2), torch.device("cpu"))  # without DReG it compiles there
+
+
 def test_compile_names_a_missing_cxx_compiler(monkeypatch):
     monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("no-such-c++",))
     with pytest.raises(RuntimeError, match=r"train.compile: true needs a C\+\+ compiler"):
