@@ -1,6 +1,4 @@
 """pipeline/params.py: the only reader of params.yaml."""
-import re
-import shlex
 from pathlib import Path
 
 import pytest
@@ -62,25 +60,3 @@ def test_values_that_do_not_go_together_are_named(tmp_path):
                                           r"\(got model.mid_latent_dim: 10\)"):
         load_params(write(tmp_path, "train:\n  grad_estimator: dreg\n  iwae_k: 5\nmodel:\n  mid_latent_dim: 10\n"))
     assert load_params(write(tmp_path, "train:\n  grad_estimator: dreg\n  iwae_k: 5\n")).train.grad_estimator == "dreg"
-
-
-def test_readme_param_sets_are_valid():
-    """Every `dvc exp run -S key=value ...` in the README is a valid params set: a renamed
-    key or a combination that fails validation would otherwise surface only hours into a run."""
-    readme = (ROOT / "README.md").read_text().replace("\\\n", " ")  # join continued lines
-    commands = re.findall(r"^dvc exp run (.*)$", readme, re.M)
-    assert len(commands) >= 3  # the PyTorch example's, the seed notebook's and the paper's
-    for command in commands:
-        words = [w for w in shlex.split(command, comments=True) if w not in ("--queue", "--temp")]
-        flags, settings = words[0::2], words[1::2]
-        assert set(flags) == {"-S"}, command
-        raw: dict = {}
-        for setting in settings:
-            key, value = setting.split("=", 1)
-            section, name = key.split(".")
-            raw.setdefault(section, {})[name] = yaml.safe_load(value)
-            if isinstance(raw[section][name], str) and "," in value:  # a sweep's grid: each value
-                for cell in value.split(","):
-                    Params.model_validate({section: {name: yaml.safe_load(cell)}})
-                del raw[section][name]
-        Params.model_validate(raw)

@@ -1,14 +1,170 @@
-"""README.md tells the truth about the tree: its layout names every module there is."""
+"""README.md tells the truth: its layout names every module there is, every command in its
+```sh blocks parses with the tool that runs it (keys of `-S` settings included), and the quick
+ones run here (the served decoder's curl lines against a real `vae serve`). The long ones (a
+full `make repro`, an hour-long preset, `make up`) are run by other tests or by hand: here they
+are checked for syntax and parameters only."""
 import re
+import shlex
+import subprocess
+import sys
 
-from helpers import ROOT
+import pytest
+import yaml
+
+from pipeline.params import Params
+
+from helpers import BIN, ROOT, vae_serve
+
+README = (ROOT / "README.md").read_text()
+
+
+def blocks() -> list[tuple[str, int, str]]:
+    """(language, first line number, text) of every fenced block."""
+    found = []
+    for match in re.finditer(r"^```(\w*)\n(.*?)^```$", README, re.M | re.S):
+        found.append((match[1], README.count("\n", 0, match.start()) + 2, match[2]))
+    return found
+
+
+def commands() -> list[tuple[int, list[str]]]:
+    """(line number, words) of every command of the ```sh blocks: continued lines joined,
+    comments and leading VAR=value assignments dropped."""
+    found = []
+    for language, first, text in blocks():
+        lines = text.split("\n") if language == "sh" else []
+        i = 0
+        while i < len(lines):
+            start, line = i, lines[i]
+            while line.endswith("\\") and i + 1 < len(lines):
+                i += 1
+                line = line[:-1] + " " + lines[i]
+            i += 1
+            words = shlex.split(line, comments=True)
+            while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
+                words = words[1:]
+            if words:
+                found.append((first + start, words))
+    return found
+
+
+COMMANDS = commands()
+
+
+def ids(command: tuple[int, list[str]]) -> str:
+    return f"README.md:{command[0]} {' '.join(command[1])[:60]}"
 
 
 def test_layout_names_every_module():
-    readme = (ROOT / "README.md").read_text()
-    layout = readme[readme.index("## Layout"):readme.index("## Measured here")]
+    layout = README[README.index("## Layout"):README.index("## Measured here")]
     named = set(re.findall(r"[\w]+\.py", layout))
     modules = {p.name for folder in ("vae", "pipeline", "pipeline/serve") for p in (ROOT / folder).glob("*.py")
                if p.name != "__init__.py"}
     assert modules <= named, f"README's layout misses {sorted(modules - named)}"
     assert named - {"helpers.py", "conftest.py"} <= modules | {p.name for p in (ROOT / "benchmarks").glob("*.py")}
+
+
+def test_every_block_says_whether_it_holds_commands():
+    """```sh: commands, each checked below; ```text: listings. An untagged block would escape."""
+    assert {language for language, _, _ in blocks()} <= {"sh", "text"}
+    assert len(COMMANDS) >= 30
+
+
+def check_settings(words: list[str]) -> None:
+    """Each `-S section.key=value` (a sweep's `a,b` each value) is a valid params set together."""
+    raw: dict = {}
+    for flag, setting in zip(words, words[1:]):
+        if flag != "-S":
+            continue
+        key, value = setting.split("=", 1)
+        section, name = key.split(".")
+        if "," in value and not value.startswith("["):  # a sweep's grid: each value alone
+            for cell in value.split(","):
+                Params.model_validate({section: {name: yaml.safe_load(cell)}})
+        else:
+            raw.setdefault(section, {})[name] = yaml.safe_load(value)
+    Params.model_validate(raw)
+
+
+def makefile_targets() -> set[str]:
+    return set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
+
+
+def check_python(words: list[str]) -> None:
+    """A script of the repository whose --help names every option the README gives it."""
+    script = ROOT / words[1]
+    assert script.is_file(), f"{words[1]} does not exist"
+    shown = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    for option in (w.split("=")[0] for w in words[2:] if w.startswith("--")):
+        assert option in shown.stdout, f"{words[1]} has no option {option}"
+
+
+def check(words: list[str]) -> None:
+    program, args = words[0], words[1:]
+    if program == "dvc":
+        from dvc.cli import parse_args
+
+        parse_args(args)  # DvcParserError (after printing the usage) on an unknown command or option
+        check_settings(args)
+    elif program == "vae":
+        from pipeline.cli import parser
+
+        parser().parse_args(args)
+    elif program == "make":
+        assert set(args) <= makefile_targets(), f"the Makefile has no target {set(args) - makefile_targets()}"
+    elif program == "mlflow":
+        from mlflow.cli import cli
+
+        context = cli.make_context("mlflow", list(args))
+        cli.get_command(context, args[0]).make_context(args[0], list(args[1:]), parent=context)
+    elif program == "python":
+        check_python(words)
+    elif program == "curl":  # run against a real server in test_the_serve_commands_answer
+        assert any(a.startswith(("localhost:8000/", "http://127.0.0.1:8000/")) for a in args), words
+    elif program == "source":
+        assert args == [".stack/env"] and "env" in (ROOT / "infra/local/stack.py").read_text()
+    else:
+        pytest.fail(f"no check for {program}: add one, or do not give the command")
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=ids)
+def test_every_command_parses(command):
+    """Catches an option a tool does not have (`dvc repro -S`), a renamed params key, a
+    subcommand or Makefile target that is gone, a script option that changed."""
+    line, words = command
+    try:
+        check(words)
+    except SystemExit as e:  # argparse's --version and --help exit 0; its errors 2
+        assert e.code in (0, None), f"README.md:{line}: `{shlex.join(words)}` does not parse (exit {e.code})"
+    except Exception as e:  # DVC, click and pydantic raise
+        pytest.fail(f"README.md:{line}: `{shlex.join(words)}` does not parse: {type(e).__name__}: {e}")
+
+
+@pytest.mark.integration  # starts `vae serve`
+def test_the_serve_commands_answer(tmp_path):
+    """Every curl line of the README against `vae serve` of a decoder with params.yaml's
+    latent size (the model `make repro` serves): each gets a 2xx. Catches a request the
+    server refuses, e.g. an infer body shaped for another latent size."""
+    from pipeline.export import export_decoder
+    from vae.model import VAE, ImageDecoder
+
+    config = Params().model.vae_config()
+    decoder = ImageDecoder(VAE(config)).eval()
+    export_decoder(decoder, config.latent_dim, tmp_path / "decoder.onnx", opset=18)
+    curls = [words for _, words in COMMANDS if words[0] == "curl"]
+    assert len(curls) >= 3
+    with vae_serve(str(tmp_path / "decoder.onnx"), tmp_path / "serve.log") as url:
+        for words in curls:
+            args = [re.sub(r"^(http://127\.0\.0\.1|localhost):8000", url, a) for a in words[1:]]
+            done = subprocess.run(["curl", "--fail-with-body", *args], cwd=tmp_path, capture_output=True, text=True,
+                                  timeout=60)
+            assert done.returncode == 0, f"`{shlex.join(words)}`: {done.stdout[:500]} {done.stderr}"
+    assert (tmp_path / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.integration  # starts `vae`
+def test_the_environment_commands_run():
+    """`vae env` and `vae --version` as the README gives them."""
+    for _, words in COMMANDS:
+        if words[0] == "vae" and words[1:2] in (["env"], ["--version"]):
+            assert subprocess.run([str(BIN / "vae"), *words[1:]], capture_output=True, timeout=120).returncode == 0
