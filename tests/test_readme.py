@@ -55,7 +55,7 @@ def ids(command: tuple[int, list[str]]) -> str:
 
 
 def test_layout_names_every_module():
-    layout = README[README.index("## Layout"):README.index("## Measured here")]
+    layout = README[README.index("## Layout"):README.index("## Measured figures")]
     named = set(re.findall(r"[\w]+\.py", layout))
     modules = {p.name for folder in ("vae", "pipeline", "pipeline/serve") for p in (ROOT / folder).glob("*.py")
                if p.name != "__init__.py"}
@@ -121,8 +121,9 @@ def check(words: list[str]) -> None:
         check_python(words)
     elif program == "curl":  # run against a real server in test_the_serve_commands_answer
         assert any(a.startswith(("localhost:8000/", "http://127.0.0.1:8000/")) for a in args), words
-    elif program == "source":
-        assert args == [".stack/env"] and "env" in (ROOT / "infra/local/stack.py").read_text()
+    elif program == "source":  # what `make` (the environment) or `make up` (the stack's) writes
+        assert args in ([".venv/bin/activate"], [".stack/env"]), args
+        assert (BIN / "activate").is_file() and '/ "env"' in (ROOT / "infra/local/stack.py").read_text()
     else:
         pytest.fail(f"no check for {program}: add one, or do not give the command")
 
@@ -164,7 +165,22 @@ def test_the_serve_commands_answer(tmp_path):
 
 @pytest.mark.integration  # starts `vae`
 def test_the_environment_commands_run():
-    """`vae env` and `vae --version` as the README gives them."""
+    """`vae env`, `vae --version` and `vae summary` (with no outputs yet) as the README gives them."""
     for _, words in COMMANDS:
-        if words[0] == "vae" and words[1:2] in (["env"], ["--version"]):
+        if words[0] == "vae" and words[1:2] in (["env"], ["--version"], ["summary"]):
             assert subprocess.run([str(BIN / "vae"), *words[1:]], capture_output=True, timeout=120).returncode == 0
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_into_a_markdown_file_finds_its_heading():
+    """The contents list and the links into RESULTS.md: a renamed heading breaks no link silently."""
+    links = re.findall(r"\]\(((?:benchmarks/RESULTS\.md)?)#([\w-]+)\)", README)
+    assert len(links) >= 15
+    for path, anchor in links:
+        text = (ROOT / path).read_text() if path else README
+        anchors = {slug(h) for h in re.findall(r"^#+ (.+)$", text, re.M)}
+        assert anchor in anchors, f"README links to {path or 'README.md'}#{anchor}, which has no such heading"
