@@ -188,6 +188,25 @@ def test_dvc_shows_metrics_params_and_plots(repro, tmp_path):
     assert pictures == {"reconstructions.png", "samples.png", "traversal.png", "latent_map.png"}
 
 
+# The README's commands that only read the pipeline's state: run as written, on this run.
+READ_ONLY = [("exp", "show"), ("metrics", "show"), ("metrics", "diff"), ("params", "diff"), ("plots", "show"),
+             ("queue", "status")]
+
+
+def test_the_readmes_read_only_dvc_commands_run_on_the_pipelines_state(repro):
+    from test_readme import COMMANDS
+
+    repo, env, _ = repro
+    ran = 0
+    for line, words in COMMANDS:
+        if words[0] == "dvc" and tuple(words[1:3]) in READ_ONLY:
+            done = run(words, repo, env=env, check=False)
+            assert done.returncode == 0, f"README.md:{line} `{' '.join(words)}`: {done.stdout}{done.stderr}"
+            ran += 1
+    assert ran >= len(READ_ONLY)  # the compact `dvc exp show` too
+    assert "train_neg_elbo" in (repo / "dvc_plots/index.html").read_text()
+
+
 def test_push_to_s3_then_pull_in_a_fresh_clone_restores_everything_without_rerunning(repro, tmp_path, s3):
     """The default remote pointed at a bucket of the S3 server (`dvc remote modify --local`,
     as the README says): endpoint and keys come from the environment, nothing of them is
