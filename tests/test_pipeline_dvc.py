@@ -201,7 +201,7 @@ def test_the_readmes_read_only_dvc_commands_run_on_the_pipelines_state(repro):
     for line, words in COMMANDS:
         if words[0] == "dvc" and tuple(words[1:3]) in READ_ONLY:
             done = run(words, repo, env=env, check=False)
-            assert done.returncode == 0, f"README.md:{line} `{' '.join(words)}`: {done.stdout}{done.stderr}"
+            assert done.returncode == 0, f"{line} `{' '.join(words)}`: {done.stdout}{done.stderr}"
             ran += 1
     assert ran >= len(READ_ONLY)  # the compact `dvc exp show` too
     assert "train_neg_elbo" in (repo / "dvc_plots/index.html").read_text()

@@ -1,8 +1,9 @@
-"""README.md tells the truth: its layout names every module there is, every command in its
-```sh blocks parses with the tool that runs it (keys of `-S` settings included), and the quick
-ones run here (the served decoder's curl lines against a real `vae serve`). The long ones (a
-full `make repro`, an hour-long preset, `make up`) are run by other tests or by hand: here they
-are checked for syntax and parameters only."""
+"""README.md and docs/*.md tell the truth: the layout names every module there is, every
+command in their ```sh blocks parses with the tool that runs it (keys of `-S` settings
+included), the quick ones run (the served decoder's curl lines against a real `vae serve`; the
+read-only dvc ones on the pipeline's state, in test_pipeline_dvc.py), and every link into a
+Markdown file finds its heading. The long ones (a full `make repro`, an hour-long preset,
+`make up`) are run by other tests or by hand: here they are checked for syntax and parameters."""
 import re
 import shlex
 import subprocess
@@ -16,21 +17,25 @@ from pipeline.params import Params
 from helpers import BIN, ROOT, vae_serve
 
 README = (ROOT / "README.md").read_text()
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def blocks() -> list[tuple[str, int, str]]:
-    """(language, first line number, text) of every fenced block."""
+def blocks() -> list[tuple[str, str, int, str]]:
+    """(language, file, first line number, text) of every fenced block of the docs."""
     found = []
-    for match in re.finditer(r"^```(\w*)\n(.*?)^```$", README, re.M | re.S):
-        found.append((match[1], README.count("\n", 0, match.start()) + 2, match[2]))
+    for doc in DOCS:
+        text = doc.read_text()
+        for match in re.finditer(r"^```(\w*)\n(.*?)^```$", text, re.M | re.S):
+            found.append((match[1], doc.relative_to(ROOT).as_posix(), text.count("\n", 0, match.start()) + 2,
+                          match[2]))
     return found
 
 
-def commands() -> list[tuple[int, list[str]]]:
-    """(line number, words) of every command of the ```sh blocks: continued lines joined,
+def commands() -> list[tuple[str, list[str]]]:
+    """("file:line", words) of every command of the ```sh blocks: continued lines joined,
     comments and leading VAR=value assignments dropped."""
     found = []
-    for language, first, text in blocks():
+    for language, name, first, text in blocks():
         lines = text.split("\n") if language == "sh" else []
         i = 0
         while i < len(lines):
@@ -43,15 +48,15 @@ def commands() -> list[tuple[int, list[str]]]:
             while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
                 words = words[1:]
             if words:
-                found.append((first + start, words))
+                found.append((f"{name}:{first + start}", words))
     return found
 
 
 COMMANDS = commands()
 
 
-def ids(command: tuple[int, list[str]]) -> str:
-    return f"README.md:{command[0]} {' '.join(command[1])[:60]}"
+def ids(command: tuple[str, list[str]]) -> str:
+    return f"{command[0]} {' '.join(command[1])[:60]}"
 
 
 def test_layout_names_every_module():
@@ -65,7 +70,7 @@ def test_layout_names_every_module():
 
 def test_every_block_says_whether_it_holds_commands():
     """```sh: commands, each checked below; ```text: listings. An untagged block would escape."""
-    assert {language for language, _, _ in blocks()} <= {"sh", "text"}
+    assert {language for language, *_ in blocks()} <= {"sh", "text"}
     assert len(COMMANDS) >= 30
 
 
@@ -136,9 +141,9 @@ def test_every_command_parses(command):
     try:
         check(words)
     except SystemExit as e:  # argparse's --version and --help exit 0; its errors 2
-        assert e.code in (0, None), f"README.md:{line}: `{shlex.join(words)}` does not parse (exit {e.code})"
+        assert e.code in (0, None), f"{line}: `{shlex.join(words)}` does not parse (exit {e.code})"
     except Exception as e:  # DVC, click and pydantic raise
-        pytest.fail(f"README.md:{line}: `{shlex.join(words)}` does not parse: {type(e).__name__}: {e}")
+        pytest.fail(f"{line}: `{shlex.join(words)}` does not parse: {type(e).__name__}: {e}")
 
 
 @pytest.mark.integration  # starts `vae serve`
@@ -176,11 +181,12 @@ def slug(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
-def test_every_link_into_a_markdown_file_finds_its_heading():
-    """The contents list and the links into RESULTS.md: a renamed heading breaks no link silently."""
-    links = re.findall(r"\]\(((?:benchmarks/RESULTS\.md)?)#([\w-]+)\)", README)
-    assert len(links) >= 15
-    for path, anchor in links:
-        text = (ROOT / path).read_text() if path else README
-        anchors = {slug(h) for h in re.findall(r"^#+ (.+)$", text, re.M)}
-        assert anchor in anchors, f"README links to {path or 'README.md'}#{anchor}, which has no such heading"
+@pytest.mark.parametrize("doc", DOCS, ids=lambda doc: doc.name)
+def test_every_link_into_a_markdown_file_finds_its_heading(doc):
+    """The contents list, the links between the docs and into RESULTS.md: a moved file or a
+    renamed heading breaks no link silently."""
+    for path, anchor in re.findall(r"\]\(([\w./-]*\.md)?(?:#([\w-]+))?\)", doc.read_text()):
+        target = (doc.parent / path).resolve() if path else doc
+        assert target.is_file(), f"{doc.name} links to {path}, which does not exist"
+        anchors = {slug(h) for h in re.findall(r"^#+ (.+)$", target.read_text(), re.M)}
+        assert not anchor or anchor in anchors, f"{doc.name} links to {path}#{anchor}: no such heading"
