@@ -21,7 +21,7 @@ from pipeline.files import Layout, atomic_dir, atomic_path, write_json
 from pipeline.params import ExportParams, load_params
 from pipeline.serve.session import LATENT_MAP, LATENT_ORDER, LATENT_SPREAD, open_session
 from pipeline.summary import summary
-from vae.model import VAE, ImageDecoder
+from vae.model import INPUT_DIM, VAE, ImageDecoder, ImageEncoder, ImageScore
 
 INPUT, OUTPUT = "z", "image"
 
@@ -30,14 +30,31 @@ class ParityError(RuntimeError):
     """onnxruntime and PyTorch disagree beyond the tolerance."""
 
 
-def export_decoder(decoder: ImageDecoder, latent_dim: int, path: Path, opset: int) -> None:
-    # Trace with a batch of 2: torch.export specialises sizes 0 and 1.
-    example = torch.zeros(2, latent_dim)
+def export_onnx(module: torch.nn.Module, examples: dict[str, torch.Tensor], batch_axes: dict[str, int],
+                outputs: list[str], path: Path, opset: int) -> None:
+    """module to ONNX with the dynamo exporter, its inputs named as `examples` and the batch
+    axis of each (batch_axes) dynamic; traced with a batch of 2 (torch.export specialises 0 and 1)."""
     batch = torch.export.Dim("batch", min=1, max=65536)
-    program = torch.onnx.export(decoder.eval(), (example,), dynamo=True, opset_version=opset,
-                                input_names=[INPUT], output_names=[OUTPUT],
-                                dynamic_shapes={"z": {0: batch}}, verbose=False)
+    program = torch.onnx.export(module.eval(), tuple(examples.values()), dynamo=True, opset_version=opset,
+                                input_names=list(examples), output_names=outputs,
+                                dynamic_shapes={name: {axis: batch} for name, axis in batch_axes.items()},
+                                verbose=False)
     program.save(str(path))
+
+
+def export_decoder(decoder: ImageDecoder, latent_dim: int, path: Path, opset: int) -> None:
+    export_onnx(decoder, {INPUT: torch.zeros(2, latent_dim)}, {INPUT: 0}, [OUTPUT], path, opset)
+
+
+def export_encoder(model: VAE, path: Path, opset: int) -> None:
+    """x (N, 784) in [0, 1] -> mu, logvar (N, latent_dim): ImageEncoder."""
+    export_onnx(ImageEncoder(model), {"x": torch.full((2, INPUT_DIM), 0.5)}, {"x": 0}, ["mu", "logvar"], path, opset)
+
+
+def export_score(model: VAE, k: int, path: Path, opset: int) -> None:
+    """x (N, 784) and noise eps (k, N, noise_dim) -> score (N,), -L_k in nats: ImageScore, k fixed."""
+    examples = {"x": torch.full((2, INPUT_DIM), 0.5), "eps": torch.zeros(k, 2, model.config.noise_dim)}
+    export_onnx(ImageScore(model), examples, {"x": 0, "eps": 1}, ["score"], path, opset)
 
 
 def latent_metadata(layout: Layout) -> dict[str, str]:

@@ -57,3 +57,36 @@ def test_the_latent_record_travels_in_the_onnx_metadata_and_a_bad_one_falls_back
     with pytest.warns(UserWarning, match="the decoder's recorded latent order is unusable"):
         served = DecoderModel(path, max_batch=8)
     assert served.latent_order == [0, 1, 2, 3] and served.latent_spread is None and served.latent_map is None
+
+
+@pytest.mark.parametrize("mid_latent_dim", [None, 6], ids=["one-layer", "two-layer"])
+def test_the_encoder_and_the_score_export_with_a_dynamic_batch_and_match_torch(tmp_path, mid_latent_dim):
+    """The encoder (x -> mu, logvar) and the score graph (x, eps -> -L_k, k fixed at export)
+    in onnxruntime against torch at batches 1 and 256, within export.tolerance (the score,
+    hundreds of nats in float32, to a relative 1e-6)."""
+    import numpy as np
+
+    from pipeline.export import export_encoder, export_score
+    from pipeline.serve.session import open_session
+    from vae.model import ImageEncoder, ImageScore
+
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(latent_dim=LATENT, hidden_dims=(32,), mid_latent_dim=mid_latent_dim,
+                          mid_hidden_dims=(8,))).eval()
+    k = 5
+    export_encoder(model, tmp_path / "encoder.onnx", opset=18)
+    export_score(model, k, tmp_path / "score.onnx", opset=18)
+    encoder, score = open_session(tmp_path / "encoder.onnx"), open_session(tmp_path / "score.onnx")
+    assert [i.name for i in score.get_inputs()] == ["x", "eps"] and score.get_inputs()[1].shape[0] == k
+    for n in (1, 256):
+        x = (torch.rand(n, 784, generator=torch.Generator().manual_seed(n)) > 0.5).float()
+        eps = torch.randn(k, n, model.config.noise_dim, generator=torch.Generator().manual_seed(n))
+        with torch.no_grad():
+            mu, logvar = ImageEncoder(model)(x)
+            expected = ImageScore(model)(x, eps)
+        got_mu, got_logvar = encoder.run(["mu", "logvar"], {"x": x.numpy()})
+        assert np.abs(got_mu - mu.numpy()).max() <= ExportParams().tolerance
+        assert np.abs(got_logvar - logvar.numpy()).max() <= ExportParams().tolerance
+        (got,) = score.run(["score"], {"x": x.numpy(), "eps": eps.numpy()})
+        assert got.shape == (n,)
+        np.testing.assert_allclose(got, expected.numpy(), rtol=1e-6, atol=ExportParams().tolerance)

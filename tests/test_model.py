@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch.distributions import Bernoulli, Normal
 
+from vae import rng
 from vae.densities import gaussian_kl, gaussian_log_prob
-from vae.model import VAE, ImageDecoder, VAEConfig
-from vae.objectives import elbo_terms, iwae_log_lik, iwae_terms
+from vae.model import VAE, ImageDecoder, ImageEncoder, ImageScore, VAEConfig
+from vae.objectives import draw_noise, elbo_terms, iwae_log_lik, iwae_terms
 
 
 @pytest.fixture
@@ -205,3 +206,20 @@ def test_dreg_is_unbiased_with_less_variance(model):
     stderr = ((plain.var(0) + dreg.var(0)) / len(plain)).sqrt()
     assert ((plain.mean(0) - dreg.mean(0)).abs() < 4 * stderr).all()
     assert dreg.var(0).sum() < 0.5 * plain.var(0).sum()
+
+
+@pytest.mark.parametrize("layers", ["model", "two_layer"])
+def test_served_encoder_and_score_are_the_models_own_maths(layers, request):
+    """ImageEncoder's mean is posterior_mean's (what the page's sliders and embeddings use);
+    ImageScore with the evaluate stage's per-image noise is its -L_k to the float, so a served
+    score can be checked against the stage's figures."""
+    model = request.getfixturevalue(layers).eval()
+    x = (torch.rand(6, 784, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    with torch.no_grad():
+        mu, logvar = ImageEncoder(model)(x)
+        torch.testing.assert_close(mu, model.posterior_mean(x), atol=0, rtol=0)
+        assert logvar.shape == mu.shape == (6, model.config.latent_dim)
+        k = 7
+        noise = draw_noise(rng.image_generators(0, "iwae", 0, 6), k, 6, model.config.noise_dim, torch.device("cpu"))
+        expected = -iwae_log_lik(model, x, k, rng.image_generators(0, "iwae", 0, 6), chunk=k)
+        torch.testing.assert_close(ImageScore(model)(x, noise), expected, atol=1e-4, rtol=0)

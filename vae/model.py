@@ -6,6 +6,7 @@ state_dict plus `asdict(config)`: no pickled classes, loadable with weights_only
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -225,12 +226,39 @@ def _doubly_reparameterised(z, mu, logvar, log_px_z) -> torch.Tensor:
     return log_ratio
 
 
-class ImageDecoder(nn.Module):
-    """The decoder as served: z -> pixel probabilities shaped as images (N, 1, 28, 28)."""
+class Served(nn.Module):
+    """One direction of the VAE as a module of its own, as the server runs it (and ONNX holds it)."""
 
     def __init__(self, model: VAE):
         super().__init__()
         self.model = model
 
+
+class ImageDecoder(Served):
+    """The decoder as served: z -> pixel probabilities shaped as images (N, 1, 28, 28)."""
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.model.decode(z)).reshape(-1, *IMAGE_SHAPE)
+
+
+class ImageEncoder(Served):
+    """The encoder as served: images x (N, 784) in [0, 1] -> the mean and log-variance of
+    q(z|x), each (N, latent_dim): an image's embedding and its spread. With two layers, of
+    q(z|z_mid) at z_mid's mean, as posterior_mean takes it."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.model.encoder(x)
+        if self.model.config.mid_latent_dim:
+            mu, logvar = self.model.upper_encoder(mu)
+        return mu, logvar
+
+
+class ImageScore(Served):
+    """The per-image score as served: -L_k in nats, the negative importance-weighted bound on
+    log p(x) with k samples (in expectation an upper bound on -log p(x): the less likely the image, the
+    larger), from images x (N, 784) and the caller's standard normal noise eps
+    (k, N, noise_dim). The maths of objectives.iwae_log_lik, in one chunk of k."""
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        log_px_z, log_ratio, _ = self.model(x, eps)
+        return math.log(eps.shape[0]) - torch.logsumexp(log_px_z + log_ratio, dim=0)
