@@ -1,8 +1,11 @@
-"""Stage `export`: the decoder alone (z -> image) to ONNX, checked against PyTorch.
+"""Stage `export`: the decoder (z -> image), the encoder (x -> mu, logvar) and the score graph
+(x, noise -> -L_k per image) to ONNX, each checked against PyTorch.
 
 Exported with the dynamo-based exporter (torch.export + onnxscript) and a dynamic batch
-dimension. onnxruntime must reproduce PyTorch's output on random z at every batch size in
-`export.parity_batches` within `export.tolerance`, or the stage fails and writes nothing.
+dimension. onnxruntime must reproduce PyTorch's outputs on random inputs at every batch size
+in `export.parity_batches` within `export.tolerance` (the score relative to its size), or the
+stage fails and writes nothing. The decoder is registered in MLflow; the encoder and the score
+are written for the server and Triton (not registered yet).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from pipeline.summary import summary
 from vae.model import INPUT_DIM, VAE, ImageDecoder, ImageEncoder, ImageScore
 
 INPUT, OUTPUT = "z", "image"
+ENCODER, SCORE = "vae-encoder", "vae-score"  # their Triton models, beside registry.MODEL_NAME's decoder
 
 
 class ParityError(RuntimeError):
@@ -52,9 +56,9 @@ def export_encoder(model: VAE, path: Path, opset: int) -> None:
 
 
 def export_score(model: VAE, k: int, path: Path, opset: int) -> None:
-    """x (N, 784) and noise eps (k, N, noise_dim) -> score (N,), -L_k in nats: ImageScore, k fixed."""
-    examples = {"x": torch.full((2, INPUT_DIM), 0.5), "eps": torch.zeros(k, 2, model.config.noise_dim)}
-    export_onnx(ImageScore(model), examples, {"x": 0, "eps": 1}, ["score"], path, opset)
+    """x (N, 784) and noise eps (N, k, noise_dim) -> score (N,), -L_k in nats: ImageScore, k fixed."""
+    examples = {"x": torch.full((2, INPUT_DIM), 0.5), "eps": torch.zeros(2, k, model.config.noise_dim)}
+    export_onnx(ImageScore(model), examples, {"x": 0, "eps": 0}, ["score"], path, opset)
 
 
 def latent_metadata(layout: Layout) -> dict[str, str]:
@@ -78,43 +82,86 @@ def record_metadata(path: Path, recorded: dict[str, str]) -> None:
     onnx.save(model, str(path))
 
 
-def check_parity(decoder: ImageDecoder, latent_dim: int, path: Path, params: ExportParams) -> dict:
+def parity(path: Path, reference, feed, params: ExportParams, name: str, relative: bool = False) -> dict:
+    """onnxruntime against torch on the model at path, at every batch size of
+    export.parity_batches: reference(**inputs) gives torch's outputs for feed(batch, generator)'s
+    inputs. relative: the difference over max(1, |torch's value|), for outputs of hundreds of
+    nats, where float32 itself carries more than export.tolerance. Raises ParityError naming `name`."""
     session = open_session(path)
     generator = torch.Generator().manual_seed(0)
     report = {"providers": session.get_providers(), "max_abs_diff": {}}
     for batch in params.parity_batches:
-        z = torch.randn(batch, latent_dim, generator=generator)
+        inputs = feed(batch, generator)
         with torch.no_grad():
-            expected = decoder(z).numpy()
-        (actual,) = session.run([OUTPUT], {INPUT: z.numpy()})
-        if actual.shape != expected.shape:
-            raise ParityError(f"batch {batch}: onnxruntime output shape {actual.shape}, torch {expected.shape}")
-        report["max_abs_diff"][str(batch)] = float(np.abs(actual - expected).max())
+            expected = [t.numpy() for t in reference(**inputs)]
+        actual = session.run(None, {key: value.numpy() for key, value in inputs.items()})
+        worst = 0.0
+        for got, want in zip(actual, expected):
+            if got.shape != want.shape:
+                raise ParityError(f"{name}, batch {batch}: onnxruntime output shape {got.shape}, torch {want.shape}")
+            scale = np.maximum(1.0, np.abs(want)) if relative else 1.0
+            worst = max(worst, float((np.abs(got - want) / scale).max()))
+        report["max_abs_diff"][str(batch)] = worst
     worst = max(report["max_abs_diff"].values())
     if worst > params.tolerance:
-        raise ParityError(f"onnxruntime differs from torch by {worst:.3g} (> export.tolerance "
-                          f"{params.tolerance:g}): {report['max_abs_diff']}")
+        raise ParityError(f"{name}: onnxruntime differs from torch by {worst:.3g}{' (relative)' * relative} "
+                          f"(> export.tolerance {params.tolerance:g}): {report['max_abs_diff']}")
     return {**report, "worst_abs_diff": worst}
 
 
+def check_parity(decoder: ImageDecoder, latent_dim: int, path: Path, params: ExportParams) -> dict:
+    return parity(path, lambda z: [decoder(z)], lambda n, g: {INPUT: torch.randn(n, latent_dim, generator=g)},
+                  params, "the decoder")
+
+
+def check_encoder_and_score(model: VAE, encoder_path: Path, score_path: Path, params: ExportParams) -> dict:
+    """Both graphs against torch, on random grey images and (for the score) noise."""
+    def images(n, g):
+        return {"x": torch.rand(n, INPUT_DIM, generator=g)}
+
+    def images_and_noise(n, g):
+        return {**images(n, g), "eps": torch.randn(n, params.score_k, model.config.noise_dim, generator=g)}
+
+    encoder, score = ImageEncoder(model).eval(), ImageScore(model).eval()
+    return {"encoder": parity(encoder_path, lambda x: list(encoder(x)), images, params, "the encoder"),
+            "score": parity(score_path, lambda x, eps: [score(x, eps)], images_and_noise, params, "the score",
+                            relative=True)}
+
+
+# Triton's dims leave out the batch dimension, which max_batch_size makes dynamic.
 TRITON_CONFIG = """name: "{name}"
 backend: "onnxruntime"
 max_batch_size: {max_batch}
-input [ {{ name: "{input}", data_type: TYPE_FP32, dims: [ {latent_dim} ] }} ]
-output [ {{ name: "{output}", data_type: TYPE_FP32, dims: [ 1, 28, 28 ] }} ]
+input [ {inputs} ]
+output [ {outputs} ]
 dynamic_batching {{ }}
 """
 
 
-def write_triton_repo(repo: Path, onnx_path: Path, latent_dim: int, max_batch: int) -> None:
-    """A Triton / KServe model repository: <repo>/vae-decoder/{config.pbtxt, 1/model.onnx}.
-    Triton's dims leave out the batch dimension, which max_batch_size makes dynamic."""
+def triton_tensors(tensors: dict[str, list[int]]) -> str:
+    """Triton's tensor list; a per-image scalar is [1] reshaped to []."""
+    return ", ".join(f'{{ name: "{name}", data_type: TYPE_FP32, dims: [ {", ".join(map(str, dims or [1]))} ]'
+                     f'{" reshape: { shape: [ ] }" if not dims else ""} }}' for name, dims in tensors.items())
+
+
+def write_triton_repo(repo: Path, models: dict[str, tuple[Path, dict, dict]], max_batch: int) -> None:
+    """A Triton / KServe model repository: <repo>/<name>/{config.pbtxt, 1/model.onnx} for each
+    name: (ONNX file, {input: dims}, {output: dims}), dims without the batch."""
     with atomic_dir(repo) as tmp:
-        version = tmp / registry.MODEL_NAME / "1"
-        version.mkdir(parents=True)
-        shutil.copyfile(onnx_path, version / "model.onnx")
-        (tmp / registry.MODEL_NAME / "config.pbtxt").write_text(TRITON_CONFIG.format(
-            name=registry.MODEL_NAME, max_batch=max_batch, input=INPUT, output=OUTPUT, latent_dim=latent_dim))
+        for name, (onnx_path, inputs, outputs) in models.items():
+            version = tmp / name / "1"
+            version.mkdir(parents=True)
+            shutil.copyfile(onnx_path, version / "model.onnx")
+            (tmp / name / "config.pbtxt").write_text(TRITON_CONFIG.format(
+                name=name, max_batch=max_batch, inputs=triton_tensors(inputs), outputs=triton_tensors(outputs)))
+
+
+def export_encoder_and_score(model: VAE, layout: Layout, params: ExportParams) -> dict:
+    """models/encoder.onnx and models/score.onnx, each written only if it matches torch."""
+    with atomic_path(layout.encoder_onnx) as encoder_tmp, atomic_path(layout.score_onnx) as score_tmp:
+        export_encoder(model, encoder_tmp, params.opset)
+        export_score(model, params.score_k, score_tmp, params.opset)
+        return check_encoder_and_score(model, encoder_tmp, score_tmp, params)
 
 
 def main() -> None:
@@ -127,8 +174,15 @@ def main() -> None:
             export_decoder(decoder, latent_dim, tmp, params.export.opset)
             record_metadata(tmp, latent_metadata(layout))
             report = check_parity(decoder, latent_dim, tmp, params.export)
-        write_triton_repo(layout.triton_repo, layout.decoder_onnx, latent_dim, params.export.triton_max_batch)
-        report.update(opset=params.export.opset, latent_dim=latent_dim)
+            # Inside: should either graph fail its check, the new decoder is not written either.
+            graphs = export_encoder_and_score(model, layout, params.export)
+        noise = model.config.noise_dim
+        write_triton_repo(layout.triton_repo, {
+            registry.MODEL_NAME: (layout.decoder_onnx, {INPUT: [latent_dim]}, {OUTPUT: [1, 28, 28]}),
+            ENCODER: (layout.encoder_onnx, {"x": [INPUT_DIM]}, {"mu": [latent_dim], "logvar": [latent_dim]}),
+            SCORE: (layout.score_onnx, {"x": [INPUT_DIM], "eps": [params.export.score_k, noise]}, {"score": []}),
+        }, params.export.triton_max_batch)
+        report.update(opset=params.export.opset, latent_dim=latent_dim, score_k=params.export.score_k, **graphs)
         write_json(layout.export_metrics, report)
         tracking.log_metrics(client, run_id, {"export_worst_abs_diff": report["worst_abs_diff"]})
         z = np.zeros((1, latent_dim), dtype=np.float32)

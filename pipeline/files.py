@@ -37,6 +37,8 @@ class Layout:
         self.model = self.root / "models" / "vae.pt"
         self.mlflow_run = self.root / "models" / "mlflow_run.json"
         self.decoder_onnx = self.root / "models" / "decoder.onnx"
+        self.encoder_onnx = self.root / "models" / "encoder.onnx"
+        self.score_onnx = self.root / "models" / "score.onnx"
         self.train_metrics = self.root / "metrics" / "train.json"
         self.eval_metrics = self.root / "metrics" / "eval.json"
         self.export_metrics = self.root / "metrics" / "export.json"

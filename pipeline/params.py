@@ -110,6 +110,7 @@ class ExportParams(Section):
     tolerance: float = Field(1e-5, gt=0)
     parity_batches: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 256], min_length=1)
     triton_max_batch: int = Field(1024, ge=1)  # max_batch_size of the Triton model config
+    score_k: int = Field(100, ge=1)  # importance samples per image in the exported score graph (-L_k)
 
 
 class Params(Section):

@@ -77,10 +77,11 @@ def test_the_encoder_and_the_score_export_with_a_dynamic_batch_and_match_torch(t
     export_encoder(model, tmp_path / "encoder.onnx", opset=18)
     export_score(model, k, tmp_path / "score.onnx", opset=18)
     encoder, score = open_session(tmp_path / "encoder.onnx"), open_session(tmp_path / "score.onnx")
-    assert [i.name for i in score.get_inputs()] == ["x", "eps"] and score.get_inputs()[1].shape[0] == k
+    assert [i.name for i in score.get_inputs()] == ["x", "eps"] and score.get_inputs()[1].shape[1:] == [
+        k, model.config.noise_dim]
     for n in (1, 256):
         x = (torch.rand(n, 784, generator=torch.Generator().manual_seed(n)) > 0.5).float()
-        eps = torch.randn(k, n, model.config.noise_dim, generator=torch.Generator().manual_seed(n))
+        eps = torch.randn(n, k, model.config.noise_dim, generator=torch.Generator().manual_seed(n))
         with torch.no_grad():
             mu, logvar = ImageEncoder(model)(x)
             expected = ImageScore(model)(x, eps)
@@ -90,3 +91,20 @@ def test_the_encoder_and_the_score_export_with_a_dynamic_batch_and_match_torch(t
         (got,) = score.run(["score"], {"x": x.numpy(), "eps": eps.numpy()})
         assert got.shape == (n,)
         np.testing.assert_allclose(got, expected.numpy(), rtol=1e-6, atol=ExportParams().tolerance)
+
+
+def test_a_graph_off_by_more_than_the_tolerance_is_named_and_nothing_is_written(tmp_path):
+    """With a tolerance no float32 graph meets, the stage's encoder-and-score step raises
+    naming the graph, and leaves no models/encoder.onnx or models/score.onnx behind."""
+    from pipeline.export import ParityError, export_encoder_and_score
+    from pipeline.files import Layout
+
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(latent_dim=LATENT, hidden_dims=(32,))).eval()
+    layout = Layout(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(ParityError, match="the encoder: onnxruntime differs from torch"):
+        export_encoder_and_score(model, layout, ExportParams(tolerance=1e-30, score_k=3))
+    assert list((tmp_path / "models").iterdir()) == []
+    report = export_encoder_and_score(model, layout, ExportParams(score_k=3))
+    assert layout.encoder_onnx.is_file() and layout.score_onnx.is_file() and set(report) == {"encoder", "score"}

@@ -222,4 +222,4 @@ def test_served_encoder_and_score_are_the_models_own_maths(layers, request):
         k = 7
         noise = draw_noise(rng.image_generators(0, "iwae", 0, 6), k, 6, model.config.noise_dim, torch.device("cpu"))
         expected = -iwae_log_lik(model, x, k, rng.image_generators(0, "iwae", 0, 6), chunk=k)
-        torch.testing.assert_close(ImageScore(model)(x, noise), expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(ImageScore(model)(x, noise.transpose(0, 1)), expected, atol=1e-4, rtol=0)

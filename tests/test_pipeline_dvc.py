@@ -109,6 +109,17 @@ def test_outputs_hold_what_they_should(repro):
     assert 'name: "z", data_type: TYPE_FP32, dims: [ 20 ]' in config
     export = json.loads((repo / "metrics/export.json").read_text())
     assert export["worst_abs_diff"] <= 1e-5 and set(export["max_abs_diff"]) == {"1", "256"}
+    # The encoder and the score graph beside the decoder, checked by the stage and in Triton's repository.
+    assert export["encoder"]["worst_abs_diff"] <= 1e-5 and export["score"]["worst_abs_diff"] <= 1e-5
+    assert {p.name for p in (repo / "models/triton").iterdir()} == {"vae-decoder", "vae-encoder", "vae-score"}
+    x = (np.random.default_rng(1).random((3, 784)) > 0.5).astype(np.float32)
+    encoder = ort.InferenceSession(str(repo / "models/encoder.onnx"), providers=["CPUExecutionProvider"])
+    mu, logvar = encoder.run(None, {"x": x})
+    assert mu.shape == logvar.shape == (3, 20)
+    score = ort.InferenceSession(str(repo / "models/score.onnx"), providers=["CPUExecutionProvider"])
+    eps = np.random.default_rng(2).standard_normal((3, export["score_k"], 20)).astype(np.float32)
+    (scores,) = score.run(None, {"x": x, "eps": eps})
+    assert scores.shape == (3,) and np.isfinite(scores).all() and (scores > 0).all()  # nats of -L_k
 
 
 def test_one_mlflow_run_with_lineage(repro):

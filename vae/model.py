@@ -255,10 +255,11 @@ class ImageEncoder(Served):
 
 class ImageScore(Served):
     """The per-image score as served: -L_k in nats, the negative importance-weighted bound on
-    log p(x) with k samples (in expectation an upper bound on -log p(x): the less likely the image, the
-    larger), from images x (N, 784) and the caller's standard normal noise eps
-    (k, N, noise_dim). The maths of objectives.iwae_log_lik, in one chunk of k."""
+    log p(x) with k samples (in expectation an upper bound on -log p(x): the less likely the
+    image, the larger), from images x (N, 784) and the caller's standard normal noise eps
+    (N, k, noise_dim), batch first like x (as rng.batch_noise draws it, and as Triton wants every
+    input). The maths of objectives.iwae_log_lik, in one chunk of k."""
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        log_px_z, log_ratio, _ = self.model(x, eps)
-        return math.log(eps.shape[0]) - torch.logsumexp(log_px_z + log_ratio, dim=0)
+        log_px_z, log_ratio, _ = self.model(x, eps.transpose(0, 1))
+        return math.log(eps.shape[1]) - torch.logsumexp(log_px_z + log_ratio, dim=0)
