@@ -74,6 +74,45 @@ def test_every_block_says_whether_it_holds_commands():
     assert len(COMMANDS) >= 30
 
 
+# Beyond parsing, how each command is exercised, by its leading words: run as the docs give it
+# (and where), or why it is parsed only. A new command must be placed here.
+RUN = "run as written: "
+EXERCISED = {
+    ("curl",): RUN + "test_the_serve_commands_answer, against `vae serve`",
+    ("vae", "env"): RUN + "test_the_environment_commands_run",
+    ("vae", "--version"): RUN + "test_the_environment_commands_run",
+    ("vae", "summary"): RUN + "test_the_environment_commands_run",
+    ("dvc", "exp", "show"): RUN + "test_pipeline_dvc.py, on the repro fixture's state",
+    ("dvc", "metrics"): RUN + "test_pipeline_dvc.py, on the repro fixture's state",
+    ("dvc", "params", "diff"): RUN + "test_pipeline_dvc.py, on the repro fixture's state",
+    ("dvc", "plots", "show"): RUN + "test_pipeline_dvc.py, on the repro fixture's state",
+    ("dvc", "queue", "status"): RUN + "test_pipeline_dvc.py, on the repro fixture's state",
+    ("vae", "serve"): "its own tests serve a file, a models:/ URI and --ray (test_serve.py, test_pipeline_dvc.py)",
+    ("dvc", "exp", "run"): "slow: full runs of 10 to 250 epochs; test_pipeline_dvc.py runs experiments on tiny params",
+    ("vae", "sweep"): "slow: a sweep of full runs; test_local_stack.py sweeps tiny ones against `make up`",
+    ("dvc", "queue", "logs"): "names a placeholder experiment",
+    ("dvc", "push"): "changes the user's remote; test_pipeline_dvc.py pushes to S3 and pulls in a fresh clone",
+    ("dvc", "remote", "modify"): "changes the user's .dvc/config.local; test_pipeline_dvc.py does it in a copy",
+    ("make", "repro"): "slow: the whole default pipeline; its stages run in test_pipeline_dvc.py",
+    ("make", "test"): "the suite itself",
+    ("make", "lock"): "re-resolves uv.lock from the index; lock-check runs in every `make test`",
+    ("make", "up"): "test_local_stack.py starts and stops the same stack through infra/local/stack.py",
+    ("make", "down"): "test_local_stack.py",
+    ("source",): "a shell builtin: the file it reads is checked to be one make writes",
+    ("mlflow", "ui"): "a server; test_pipeline_dvc.py opens the UI of a real `mlflow server`",
+    ("python", "benchmarks/gpu_check.py"): "needs a GPU to mean anything; test_gpu_check.py runs it with --quick",
+}
+
+
+def how_exercised(words: list[str]) -> list[str]:
+    return [how for prefix, how in EXERCISED.items() if tuple(words[:len(prefix)]) == prefix]
+
+
+def test_every_command_is_run_somewhere_or_says_why_not():
+    unplaced = [f"{line}: {shlex.join(words)}" for line, words in COMMANDS if len(how_exercised(words)) != 1]
+    assert not unplaced, f"place these in EXERCISED (exactly one entry each): {unplaced}"
+
+
 def check_settings(words: list[str]) -> None:
     """Each `-S section.key=value` (a sweep's `a,b` each value) is a valid params set together."""
     raw: dict = {}
