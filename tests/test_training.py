@@ -1,6 +1,7 @@
 """vae/training.py and vae/cuda_graph.py: training with nothing but torch, in one process."""
 import io
 from dataclasses import replace
+from typing import Callable
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ CONFIG = TrainConfig(seed=0, epochs=2, batch_size=32, lr=2e-3, lr_schedule="onec
 
 
 def make_trainer(images: torch.Tensor, config: TrainConfig = CONFIG, graphed: bool = False,
-                 device: str = "cpu") -> tuple[VAE, Trainer, callable]:
+                 device: str = "cpu") -> tuple[VAE, Trainer, Callable[[int], dict]]:
     """The model, its trainer, and epoch -> mean terms: Trainer.epoch, or a GraphedTrainer's."""
     torch.manual_seed(config.seed)
     model = VAE(VAEConfig(latent_dim=4, hidden_dims=(64,))).to(device)
