@@ -139,8 +139,12 @@ def _hyperparameters_as_tensors(optimizer: torch.optim.Optimizer, device: torch.
     return beta1
 
 
+def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 def _snapshot(optimizer: torch.optim.Optimizer) -> dict:
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    params = _params(optimizer)
     return {"params": [p.detach().clone() for p in params],
             "state": {p: {k: v.clone() for k, v in optimizer.state[p].items()} for p in params
                       if p in optimizer.state}}
@@ -150,7 +154,7 @@ def _snapshot(optimizer: torch.optim.Optimizer) -> dict:
 def _restore(optimizer: torch.optim.Optimizer, saved: dict) -> None:
     """The parameters and Adam's state as they were, in place (a graph holds their addresses);
     state the warm-up created is zeroed, as a fresh Adam's is."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    params = _params(optimizer)
     for p, value in zip(params, saved["params"]):
         p.copy_(value)
     for p in params:

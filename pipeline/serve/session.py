@@ -75,15 +75,15 @@ class BySize:
 
 
 class DecoderModel:
-    """The one onnxruntime session every request shares, and what clients need to know of it."""
+    """The onnxruntime sessions every request shares (see BySize), and what clients need to know of them."""
 
     def __init__(self, model: Path | str | bytes, max_batch: int, cuda_from_batch: int = CUDA_FROM_BATCH):
         self.sessions = BySize.open(model, cuda_from_batch)
-        self.session = self.sessions.large
-        (model_input,), (model_output,) = self.session.get_inputs(), self.session.get_outputs()
+        session = self.sessions.large  # both sessions hold the same graph: its names and metadata
+        (model_input,), (model_output,) = session.get_inputs(), session.get_outputs()
         self.input, self.output = model_input.name, model_output.name
         self.latent_dim, self.max_batch = model_input.shape[1], max_batch
-        recorded = self.session.get_modelmeta().custom_metadata_map
+        recorded = session.get_modelmeta().custom_metadata_map
         self.latent_order, self.latent_spread = latent_order(recorded, self.latent_dim)
         self.latent_map = base64.b64decode(recorded[LATENT_MAP]) if LATENT_MAP in recorded else None
 
