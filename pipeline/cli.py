@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.registry import resolve
             from pipeline.serve import ray_serve
 
-            ray_serve.run(resolve(args.model), args.host, args.port, args.max_batch, args.replicas,
+            ray_serve.run(resolve(args.model), args.model, args.host, args.port, args.max_batch, args.replicas,
                           args.replica_cpus)
         elif args.command == "serve":
             from pipeline.serve import app

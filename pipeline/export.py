@@ -4,8 +4,8 @@
 Exported with the dynamo-based exporter (torch.export + onnxscript) and a dynamic batch
 dimension. onnxruntime must reproduce PyTorch's outputs on random inputs at every batch size
 in `export.parity_batches` within `export.tolerance` (the score relative to its size), or the
-stage fails and writes nothing. The decoder is registered in MLflow; the encoder and the score
-are written for the server and Triton (not registered yet).
+stage fails and writes nothing. The three are registered in MLflow as one model version (see
+pipeline/registry.py), written for `vae serve models/` and into the Triton repository.
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ from pipeline.summary import summary
 from vae.model import INPUT_DIM, VAE, ImageDecoder, ImageEncoder, ImageScore
 
 INPUT, OUTPUT = "z", "image"
-ENCODER, SCORE = "vae-encoder", "vae-score"  # their Triton models, beside registry.MODEL_NAME's decoder
 
 
 class ParityError(RuntimeError):
@@ -177,11 +176,11 @@ def main() -> None:
             report = check_parity(decoder, latent_dim, tmp, params.export)
             # Inside: should either graph fail its check, the new decoder is not written either.
             graphs = export_encoder_and_score(model, layout, params.export)
-        noise = model.config.noise_dim
+        noise, latent = [params.export.score_k, model.config.noise_dim], [latent_dim]
         write_triton_repo(layout.triton_repo, {
-            registry.MODEL_NAME: (layout.decoder_onnx, {INPUT: [latent_dim]}, {OUTPUT: [1, 28, 28]}),
-            ENCODER: (layout.encoder_onnx, {"x": [INPUT_DIM]}, {"mu": [latent_dim], "logvar": [latent_dim]}),
-            SCORE: (layout.score_onnx, {"x": [INPUT_DIM], "eps": [params.export.score_k, noise]}, {"score": []}),
+            registry.MODEL_NAME: (layout.decoder_onnx, {INPUT: latent}, {OUTPUT: [1, 28, 28]}),
+            registry.ENCODER_NAME: (layout.encoder_onnx, {"x": [INPUT_DIM]}, {"mu": latent, "logvar": latent}),
+            registry.SCORE_NAME: (layout.score_onnx, {"x": [INPUT_DIM], "eps": noise}, {"score": []}),
         }, params.export.triton_max_batch)
         report.update(opset=params.export.opset, latent_dim=latent_dim, score_k=params.export.score_k, **graphs)
         write_json(layout.export_metrics, report)
@@ -192,7 +191,7 @@ def main() -> None:
         neg_elbo = json.loads(layout.eval_metrics.read_text())["neg_elbo"]
         # Experiments exporting at once: each compares with the champion and moves it in turn.
         with FileLock(layout.registry_lock):
-            version = registry.log_decoder(layout, run_id, layout.decoder_onnx, z, images)
+            version = registry.log_graphs(layout, run_id, z, images)
             champion = registry.promote(client, version, neg_elbo)
         for path in (layout.export_metrics, layout.root / "params.yaml", layout.root / "dvc.lock"):
             if path.is_file():  # dvc.lock is absent when the stage runs outside DVC

@@ -1,17 +1,46 @@
-"""The model registry: the exported decoder logged with MLflow's onnx flavor, registered as
-MODEL_NAME, promoted to `champion` when it beats the current one, and fetched back by
-`models:/` URI for serving. MODEL_NAME is also the name `vae serve`, Ray Serve and the
-Triton repository give the model.
+"""The model registry: the exported graphs logged with MLflow's onnx flavor as one registered
+model, MODEL_NAME, promoted to `champion` when it beats the current one, and fetched back by
+`models:/` URI for serving.
+
+One registered model holds all three graphs: the decoder is the flavor's model (its signature
+z -> image, what `mlflow models serve` and pyfunc run), the encoder and the score graph travel
+as the flavor's extra files. So one alias names one consistent set: three registered models
+would need three alias moves, and a crash between them would pair one run's decoder with
+another's encoder. MODEL_NAME, ENCODER_NAME and SCORE_NAME are also the names `vae serve` and
+the Triton repository give the three graphs.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 from pipeline import environment, tracking
 from pipeline.files import Layout
 
 MODEL_NAME = "vae-decoder"
+ENCODER_NAME, SCORE_NAME = "vae-encoder", "vae-score"
+# Where the export stage's folder (models/) and a registered model version keep each graph.
+FOLDER_FILES = ("decoder.onnx", "encoder.onnx", "score.onnx")
+REGISTERED_FILES = ("model.onnx", "extra_files/encoder.onnx", "extra_files/score.onnx")
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """The export stage's graphs, as files or as bytes (a replica on another node): the
+    decoder always; the encoder and the score graph where they were exported."""
+    decoder: Path | bytes
+    encoder: Path | bytes | None = None
+    score: Path | bytes | None = None
+
+    @classmethod
+    def in_folder(cls, folder: Path, names: tuple[str, str, str] = FOLDER_FILES) -> "ModelFiles":
+        """The three graphs in a folder by their names there; the encoder and score when present."""
+        decoder, *others = (folder / name for name in names)
+        return cls(decoder, *(path if path.is_file() else None for path in others))
+
+    def read(self) -> "ModelFiles":
+        return ModelFiles(*(f.read_bytes() if isinstance(f, Path) else f for f in astuple(self)))
 
 
 # What loading the logged decoder needs, named rather than inferred, at uv.lock's versions:
@@ -21,9 +50,10 @@ MODEL_NAME = "vae-decoder"
 DECODER_REQUIREMENTS = ("mlflow", "numpy", "onnx", "onnxruntime-gpu")
 
 
-def log_decoder(layout: Layout, run_id: str, onnx_path: Path, z, images) -> str:
-    """Log the ONNX decoder with MLflow's onnx flavor (signature and input example from z ->
-    images) into the run, registered as a new version of `vae-decoder`; returns the version."""
+def log_graphs(layout: Layout, run_id: str, z, images) -> str:
+    """Log the export stage's graphs into the run with MLflow's onnx flavor, the decoder as
+    its model (signature and input example from z -> images), the encoder and the score graph
+    as its extra files; registered as a new version of `vae-decoder`; returns the version."""
     import mlflow
     import onnx
     import onnxruntime
@@ -44,9 +74,10 @@ def log_decoder(layout: Layout, run_id: str, onnx_path: Path, z, images) -> str:
     requirements = environment.pinned(DECODER_REQUIREMENTS)
     try:
         with mlflow.start_run(run_id=run_id):
-            info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="decoder", input_example=z,
+            info = mlflow.onnx.log_model(onnx.load(str(layout.decoder_onnx)), name="decoder", input_example=z,
                                          signature=infer_signature(z, images), registered_model_name=MODEL_NAME,
-                                         pip_requirements=requirements)
+                                         pip_requirements=requirements,
+                                         extra_files=[str(layout.encoder_onnx), str(layout.score_onnx)])
     finally:
         for logger, level in zip(quieted, levels):
             logger.setLevel(level)
@@ -71,9 +102,11 @@ def promote(client, version: str, neg_elbo: float) -> bool:
     return True
 
 
-def resolve(source: str) -> Path:
-    """An ONNX file: the path itself, or the registered model a `models:/` URI names, fetched
-    from the tracking server ($MLFLOW_TRACKING_URI, else this repository's mlflow.db)."""
+def resolve(source: str) -> ModelFiles:
+    """The graphs to serve: those of the registered model version a `models:/` URI names,
+    fetched from the tracking server ($MLFLOW_TRACKING_URI, else this repository's mlflow.db);
+    the export stage's folder (models/); or one decoder file, with the encoder and score
+    graphs beside it when they are there."""
     if source.startswith("models:/"):
         import mlflow
         from mlflow.artifacts import download_artifacts
@@ -81,9 +114,14 @@ def resolve(source: str) -> Path:
 
         mlflow.set_tracking_uri(tracking.tracking_uri(Layout()))
         try:
-            return Path(download_artifacts(artifact_uri=source)) / "model.onnx"
+            return ModelFiles.in_folder(Path(download_artifacts(artifact_uri=source)), REGISTERED_FILES)
         except MlflowException as e:
             raise LookupError(f"{source}: {e.message}") from None
-    if not Path(source).is_file():
+    path = Path(source)
+    if path.is_dir():
+        if not (path / FOLDER_FILES[0]).is_file():
+            raise FileNotFoundError(f"{source}: no {FOLDER_FILES[0]} in this folder (run `make repro` to export one)")
+        return ModelFiles.in_folder(path)
+    if not path.is_file():
         raise FileNotFoundError(f"{source}: no such ONNX model (run `make repro` to export one)")
-    return Path(source)
+    return ModelFiles.in_folder(path.parent, (path.name, *FOLDER_FILES[1:]))

@@ -1,5 +1,6 @@
 """`vae serve`: the real server process on 127.0.0.1, decoding with onnxruntime."""
 import io
+import json
 import subprocess
 import time
 
@@ -8,29 +9,34 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.export import export_decoder
+from pipeline.export import export_decoder, export_encoder, export_score
 from pipeline.serve.ray_serve import replica_gpus
 from pipeline.serve.session import CUDA_FROM_BATCH, BySize, open_session
-from vae.model import VAE, ImageDecoder, VAEConfig
+from vae.model import VAE, ImageDecoder, ImageEncoder, ImageScore, VAEConfig
 
 from helpers import BIN, free_port, vae_serve
 
-LATENT = 4
+LATENT, K = 4, 5  # the latent size; the score's importance samples
 
 
 @pytest.fixture(scope="module")
 def decoder_and_onnx(tmp_path_factory):
+    """A small random VAE's decoder and its ONNX file, with the encoder and the score graph
+    (K samples) beside it, as the export stage writes them; and the VAE."""
     torch.manual_seed(0)
-    decoder = ImageDecoder(VAE(VAEConfig(latent_dim=LATENT, hidden_dims=(32,)))).eval()
-    path = tmp_path_factory.mktemp("serve") / "decoder.onnx"
-    export_decoder(decoder, LATENT, path, opset=18)
-    return decoder, path
+    model = VAE(VAEConfig(latent_dim=LATENT, hidden_dims=(32,))).eval()
+    decoder, folder = ImageDecoder(model).eval(), tmp_path_factory.mktemp("serve")
+    export_decoder(decoder, LATENT, folder / "decoder.onnx", opset=18)
+    export_encoder(model, folder / "encoder.onnx", opset=18)
+    export_score(model, K, folder / "score.onnx", opset=18)
+    return decoder, folder / "decoder.onnx", model
 
 
 @pytest.fixture(scope="module")
 def server(decoder_and_onnx, tmp_path_factory):
+    """`vae serve` on the export folder: the three graphs."""
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    with vae_serve(str(decoder_and_onnx[1]), log_path, "--max-batch", "16") as url:
+    with vae_serve(str(decoder_and_onnx[1].parent), log_path, "--max-batch", "16") as url:
         yield url
 
 
@@ -62,7 +68,7 @@ def test_decode_matches_torch(server, decoder_and_onnx):
 
 
 @pytest.mark.parametrize("body, message", [
-    ({"z": [[0.0] * (LATENT + 1)]}, f"z: shape [1, {LATENT + 1}]; the decoder takes [N, {LATENT}] with 1 <= N <= 16"),
+    ({"z": [[0.0] * (LATENT + 1)]}, f"z: shape [1, {LATENT + 1}]; vae-decoder takes [N, {LATENT}] with 1 <= N <= 16"),
     ({"z": [[0.0] * LATENT, [0.0] * (LATENT - 1)]}, "z: rows of different lengths"),
     ({"z": [[0.0] * LATENT] * 17}, "z: batch of 17; between 1 and 16 allowed"),
     ({"z": []}, "z: batch of 0; between 1 and 16 allowed"),
@@ -81,7 +87,7 @@ def infer_body(z, **tensor):
 
 @pytest.mark.parametrize("body, status, message", [
     (infer_body(np.zeros((1, LATENT)), datatype="FP64"), 400, "z: datatype FP64; FP32 required"),
-    (infer_body(np.zeros((1, LATENT + 1))), 400, f"the decoder takes [N, {LATENT}]"),
+    (infer_body(np.zeros((1, LATENT + 1))), 400, f"vae-decoder takes [N, {LATENT}]"),
     (infer_body(np.zeros((17, LATENT))), 400, "with 1 <= N <= 16"),
     (infer_body(np.zeros((1, LATENT)), name="x"), 400, "exactly one input named 'z'"),
     (infer_body(np.zeros((2, LATENT)), shape=[1, LATENT]), 400, f"needs {LATENT} values, got {2 * LATENT}"),
@@ -112,6 +118,124 @@ def test_nan_malformed_and_oversized_bodies(server):
     assert infer_nan.status_code == 400 and "NaN or infinite" in infer_nan.json()["error"]
     assert post(b"0" * 2_000_000).status_code == 413
     assert httpx.get(f"{server}/v2/health/ready").status_code == 200  # still serving
+
+
+def grey_images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 784), dtype=np.float32)
+
+
+def png_bytes(image) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_the_server_lists_its_three_graphs_with_their_shapes(server):
+    assert httpx.get(f"{server}/v2").json()["models"] == ["vae-decoder", "vae-encoder", "vae-score"]
+    encoder, score = (httpx.get(f"{server}/v2/models/{name}").json() for name in ("vae-encoder", "vae-score"))
+    assert encoder["inputs"] == score["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 784]}]
+    assert [(o["name"], o["shape"]) for o in encoder["outputs"]] == [("mu", [-1, LATENT]), ("logvar", [-1, LATENT])]
+    assert score["outputs"] == [{"name": "score", "datatype": "FP32", "shape": [-1]}]
+    assert score["parameters"]["k"] == K and encoder["parameters"]["latent_dim"] == LATENT
+
+
+def test_encode_reconstruct_and_score_match_torch(server, decoder_and_onnx):
+    """JSON in, through both APIs; the score with the noise numpy draws from the request's seed."""
+    decoder, _, model = decoder_and_onnx
+    x = grey_images(3)
+    with torch.no_grad():
+        mu, logvar = (t.numpy() for t in ImageEncoder(model)(torch.from_numpy(x)))
+        eps = np.random.default_rng(9).standard_normal((3, K, model.config.noise_dim), dtype=np.float32)
+        score = ImageScore(model)(torch.from_numpy(x), torch.from_numpy(eps)).numpy()
+        reconstruction = decoder(torch.from_numpy(mu)).numpy()
+    encoded = httpx.post(f"{server}/v1/encode", json={"x": x.tolist()}).json()
+    np.testing.assert_allclose(encoded["mu"], mu, atol=1e-5)
+    np.testing.assert_allclose(encoded["logvar"], logvar, atol=1e-5)
+    rebuilt = httpx.post(f"{server}/v1/reconstruct", json={"x": x.tolist()}).json()
+    assert rebuilt["shape"] == [3, 1, 28, 28]
+    np.testing.assert_allclose(rebuilt["images"], reconstruction, atol=1e-5)
+    scored = httpx.post(f"{server}/v1/score", params={"seed": 9}, json={"x": x.tolist()}).json()
+    assert scored["k"] == K and scored["seed"] == 9
+    np.testing.assert_allclose(scored["score"], score, rtol=1e-5)
+    infer = httpx.post(f"{server}/v2/models/vae-score/infer", json={
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [3, 784], "data": x.ravel().tolist()}],
+        "parameters": {"seed": 9}}).json()
+    np.testing.assert_allclose(infer["outputs"][0]["data"], score, rtol=1e-5)
+
+
+def test_a_score_depends_on_the_seed_and_the_images_row_not_on_the_batch(server):
+    x = grey_images(4, seed=1)
+
+    def scores(rows, seed):
+        response = httpx.post(f"{server}/v1/score", params={"seed": seed}, json={"x": rows.tolist()})
+        return np.array(response.json()["score"])
+
+    whole, again, alone, other = scores(x, 3), scores(x, 3), scores(x[:1], 3), scores(x, 4)
+    assert (whole == again).all() and whole[0] == alone[0] and (whole != other).all()
+
+
+def test_a_png_is_one_image_and_one_not_28x28_grey_is_converted_and_said_so(server):
+    from PIL import Image
+
+    digit = np.zeros((28, 28), dtype=np.uint8)
+    digit[6:22, 12:16] = 255  # a "1"
+    exact = httpx.post(f"{server}/v1/encode", content=png_bytes(digit), headers={"content-type": "image/png"}).json()
+    as_json = httpx.post(f"{server}/v1/encode", json={"x": [(digit.ravel() / 255).tolist()]}).json()
+    np.testing.assert_allclose(exact["mu"], as_json["mu"], atol=1e-6)
+    assert "note" not in exact
+    big = Image.fromarray(digit).resize((56, 56), Image.Resampling.NEAREST).convert("RGB")
+    converted = httpx.post(f"{server}/v1/score", content=png_bytes(big), headers={"content-type": "image/png"}).json()
+    assert converted["note"] == "converted from a 56x56 RGB PNG to 28x28 grey" and len(converted["score"]) == 1
+
+
+@pytest.mark.parametrize("content, content_type, message", [
+    ('{"x": [[0.5, 0.5]]}', "application/json", "x: shape [1, 2]; vae-"),  # vae-encoder or vae-score
+    ('{"x": [[NaN]]}', "application/json", "x.0.0: Input should be a finite number"),
+    ('{"x": [' + ", ".join(["[1.5" + ", 0" * 783 + "]"]) + "]}", "application/json",
+     "x: values from 0 to 1.5; images are grey levels in [0, 1]"),
+    ('{"x": [' + ", ".join(["[-0.1" + ", 0" * 783 + "]"]) + "]}", "application/json", "values from -0.1 to 0"),
+    ('{"x": []}', "application/json", "x: batch of 0; between 1 and 16 allowed"),
+    ('{"z": [[0]]}', "application/json", "x: Field required"),
+    (b"GIF89a not a png", "image/png", "the body is not a PNG image"),
+    (png_bytes(np.zeros((28, 28), dtype=np.uint8))[:45], "image/png", "the body is not a readable PNG image"),
+], ids=["shape", "nan", "above-1", "below-0", "empty", "no-x", "not-png", "cut-png"])
+def test_bad_images_get_400_naming_the_problem(server, content, content_type, message):
+    for path in ("/v1/encode", "/v1/reconstruct", "/v1/score"):
+        response = httpx.post(f"{server}{path}", content=content, headers={"content-type": content_type})
+        assert response.status_code == 400 and message in response.json()["error"], (path, response.text)
+
+
+def test_huge_pngs_infinite_binary_tensors_and_bad_seeds_are_refused(server):
+    from PIL import Image
+
+    huge = png_bytes(Image.new("1", (5000, 4000)))  # 20 megapixels in a few kilobytes
+    response = httpx.post(f"{server}/v1/score", content=huge, headers={"content-type": "image/png"})
+    assert response.status_code == 400 and "PNG of 5000x4000 pixels" in response.json()["error"]
+    x = grey_images(1)
+    x[0, 5] = np.inf
+    header = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 784],
+                                     "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+    infinite = httpx.post(f"{server}/v2/models/vae-encoder/infer", content=header + x.tobytes(),
+                          headers={"inference-header-content-length": str(len(header))})
+    assert infinite.status_code == 400 and "x: NaN or infinite values" in infinite.json()["error"]
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 784], "data": grey_images(1).ravel().tolist()}]}
+    for seed in (-1, 2**32, "7", 1.5):
+        bad = httpx.post(f"{server}/v2/models/vae-score/infer", json=body | {"parameters": {"seed": seed}})
+        assert bad.status_code == 400 and "parameters.seed" in bad.json()["error"], seed
+    assert httpx.post(f"{server}/v1/score", params={"seed": -1}, json={"x": grey_images(1).tolist()}).status_code == 400
+
+
+@pytest.mark.integration  # starts `vae serve`
+def test_a_decoder_alone_serves_and_says_where_the_encoder_is(decoder_and_onnx, tmp_path):
+    (tmp_path / "decoder.onnx").write_bytes(decoder_and_onnx[1].read_bytes())
+    with vae_serve(str(tmp_path / "decoder.onnx"), tmp_path / "server.log") as url:
+        assert httpx.get(f"{url}/v2").json()["models"] == ["vae-decoder"]
+        response = httpx.post(f"{url}/v1/encode", json={"x": grey_images(1).tolist()})
+        assert response.status_code == 404
+        assert "unknown model 'vae-encoder'; this server has 'vae-decoder' (serve the export stage's folder, " \
+               "models/)" == response.json()["error"]
 
 
 @pytest.mark.integration  # starts `vae serve`
@@ -154,17 +278,18 @@ def test_prometheus_metrics_count_requests_and_batches(server):
     text = httpx.get(f"{server}/metrics").text
     assert 'vae_requests_total{code="200",route="/v2/models/{name}/infer"}' in text
     assert 'vae_errors_total{route="/v2/models/{name}/infer"}' in text
-    assert 'vae_batch_size_bucket{le="4.0"}' in text and "vae_request_seconds_bucket" in text
+    assert 'vae_batch_size_bucket{le="4.0",model="vae-decoder"}' in text and "vae_request_seconds_bucket" in text
 
 
 def test_openapi_fuzzing_never_gets_a_5xx(server):
-    """At least 1000 requests generated from our OpenAPI spec, valid and invalid ones."""
+    """At least 1000 requests generated from our OpenAPI spec, valid and invalid ones, over
+    every endpoint, the encoder's and the score's (JSON and PNG bodies) among them."""
     import schemathesis
     from hypothesis import HealthCheck, given, settings
     from schemathesis import GenerationMode
 
     schema = schemathesis.openapi.from_url(f"{server}/openapi.json")
-    sent, failures = [0], []
+    sent, failures, seen = [0], [], set()
 
     for mode, examples in ((GenerationMode.POSITIVE, 600), (GenerationMode.NEGATIVE, 600)):
         @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
@@ -173,11 +298,14 @@ def test_openapi_fuzzing_never_gets_a_5xx(server):
         def send(case):
             response = case.call(base_url=server, timeout=30)
             sent[0] += 1
+            seen.add((case.path, case.media_type))
             if response.status_code >= 500:
                 failures.append(f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:200]}")
 
         send()
     assert sent[0] >= 1000 and not failures, failures[:5]
+    for path in ("/v1/encode", "/v1/reconstruct", "/v1/score"):
+        assert {(path, "application/json"), (path, "image/png")} <= seen, seen
     assert httpx.get(f"{server}/v2/health/ready").status_code == 200
 
 

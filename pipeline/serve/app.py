@@ -1,18 +1,25 @@
-"""`vae serve`: the ONNX decoder over HTTP on onnxruntime (CUDA when usable, else CPU).
+"""`vae serve`: the exported graphs over HTTP on onnxruntime (CUDA when usable, else CPU).
 
 Open Inference Protocol v2 (the KServe / Triton HTTP API), so their clients work unchanged:
   GET  /v2, /v2/health/live, /v2/health/ready
-  GET  /v2/models/vae-decoder, /v2/models/vae-decoder/ready     metadata: shapes, latent size, providers
-  POST /v2/models/vae-decoder/infer    input `z` FP32 [N, latent_dim] as JSON data or binary tensor data
+  GET  /v2/models/{name}, /v2/models/{name}/ready     metadata: shapes, sizes, providers
+  POST /v2/models/{name}/infer    one input as JSON data or binary tensor data:
+       vae-decoder  z FP32 [N, latent_dim]   -> image [N, 1, 28, 28]
+       vae-encoder  x FP32 [N, 784] in [0, 1] -> mu, logvar [N, latent_dim]
+       vae-score    x FP32 [N, 784] in [0, 1] -> score [N], -L_k in nats (parameters: {"seed": 0})
 The latent-space page, a worked example of the protocol above (static/, no CDN):
-  GET  /                               sliders over the latent dimensions, most used first
+  GET  /                               sliders over the latent dimensions, and a canvas to draw on
   GET  /v1/latent_map.png              the evaluate stage's latent map, when the export recorded it
-Plain endpoints:
+Plain endpoints (the image ones take a PNG body, or JSON {"x": [[784 numbers], ...]}):
   GET  /v1/samples.png?n=64&seed=7     a PNG grid of digits decoded from prior samples
   POST /v1/decode {"z": [[...], ...]}  images (N, 1, 28, 28) of pixel probabilities
+  POST /v1/encode                      mu and logvar of q(z|x), (N, latent_dim) each
+  POST /v1/reconstruct                 the decoded posterior means, images (N, 1, 28, 28)
+  POST /v1/score?seed=0                -L_k per image in nats: the larger, the less likely
   GET  /metrics                        Prometheus: requests, errors, latency, batch sizes
-One onnxruntime session serves every request. A bad request gets a 4xx whose JSON body
-{"error": ...} names the problem; bodies above the size limit get 413.
+The encoder and score endpoints exist when the graphs were exported (`vae serve models/`).
+One onnxruntime session per graph serves every request. A bad request gets a 4xx whose JSON
+body {"error": ...} names the problem; bodies above the size limit get 413.
 """
 from __future__ import annotations
 
@@ -32,23 +39,26 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from pipeline.registry import MODEL_NAME
+from pipeline.registry import ENCODER_NAME, MODEL_NAME, SCORE_NAME, ModelFiles
 from pipeline.serve.observability import Metrics, Observe
 from pipeline.serve.protocol import (
     HEADER_LENGTH,
     ApiError,
     DecodeRequest,
+    ImagesRequest,
     InferRequest,
-    decode_array,
     inline_schema,
     input_array,
+    json_images,
     parse_infer,
+    png_image,
     problems,
+    rows_array,
 )
-from pipeline.serve.session import MODEL_VERSION, DecoderModel
+from pipeline.serve.session import MODEL_VERSION, OnnxModel, open_models
 
 STATIC = Path(__file__).parent / "static"  # the latent-space page's HTML, script and style
-INLINE_BATCH = 64  # decode smaller batches on the event loop: a thread hop costs more than they do
+INLINE_BATCH = 64  # run batches up to 64 latent vectors' size on the event loop: a thread hop costs more
 BYTES_PER_FLOAT = 24  # generous JSON size of one float, for the body limit
 
 
@@ -79,30 +89,56 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(onnx_model: Path | str | bytes, max_batch: int = 1024) -> FastAPI:
-    model, metrics = DecoderModel(onnx_model, max_batch), Metrics()
+# How the image endpoints' bodies are documented in the OpenAPI spec (and fuzzed from it).
+IMAGES_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": inline_schema(ImagesRequest.model_json_schema())},
+    "image/png": {"schema": {"type": "string", "format": "binary"}}}}}
+SEED = Query(0, ge=0, le=2**32 - 1, description="the score's noise: the same seed, the same score")
+
+
+def create_app(files: ModelFiles | Path | str | bytes, max_batch: int = 1024) -> FastAPI:
+    files = files if isinstance(files, ModelFiles) else ModelFiles(files)
+    models, metrics = open_models(files, max_batch), Metrics()
+    decoder = models[MODEL_NAME]
     # A body limit that still admits the largest allowed batch (FastAPI answers 413 past it).
-    app = FastAPI(title="VAE decoder", description=__doc__,
-                  max_body_size=max_batch * model.latent_dim * BYTES_PER_FLOAT + 4096)
+    widest = max(model.width for model in models.values())
+    app = FastAPI(title="VAE", description=__doc__, max_body_size=max_batch * widest * BYTES_PER_FLOAT + 4096)
     app.add_exception_handler(ApiError, lambda request, e: _error(e.status, e.message))
     app.add_exception_handler(HTTPException, lambda request, e: _error(e.status_code, str(e.detail)))
     app.add_exception_handler(RequestValidationError, lambda request, e: _error(400, problems(e.errors())))
 
     app.add_middleware(Observe, metrics=metrics)
 
-    def decode(z: np.ndarray) -> np.ndarray:  # z checked by protocol.check_z
-        images = model.decode(z)
-        metrics.batch.observe(len(z))
-        return images
+    def infer_with(model: OnnxModel, batch: np.ndarray, parameters: dict) -> dict[str, np.ndarray]:
+        outputs = model.infer(batch, parameters)  # batch checked by protocol.check_batch
+        metrics.batch.labels(model.name).observe(len(batch))
+        return outputs
 
-    def named(name: str) -> DecoderModel:
-        if name != MODEL_NAME:
-            raise ApiError(404, f"unknown model {name!r}; this server has {MODEL_NAME!r}")
-        return model
+    async def infer_sized(model: OnnxModel, batch: np.ndarray, parameters: dict | None = None):
+        parameters = parameters or {}
+        if len(batch) * model.width <= INLINE_BATCH * decoder.width:
+            return infer_with(model, batch, parameters)
+        return await run_in_threadpool(infer_with, model, batch, parameters)
+
+    def named(name: str) -> OnnxModel:
+        if name not in models:
+            known = ", ".join(map(repr, models))
+            hint = "" if name not in (ENCODER_NAME, SCORE_NAME) else " (serve the export stage's folder, models/)"
+            raise ApiError(404, f"unknown model {name!r}; this server has {known}{hint}")
+        return models[name]
+
+    async def images(request: Request, model: OnnxModel) -> tuple[np.ndarray, dict]:
+        """The images of a plain endpoint's body, a PNG or JSON, and a note on a converted PNG."""
+        body = await request.body()
+        if request.headers.get("content-type", "").split(";")[0].strip() == "image/png":
+            x, note = png_image(body, model)
+            return x, {"note": note} if note else {}
+        return json_images(body, model), {}
 
     @app.get("/v2")
     def server_metadata():
-        return {"name": "vae-serve", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+        # `models` is ours, not the protocol's: which graphs this server has (the page asks).
+        return {"name": "vae-serve", "version": "0.1.0", "extensions": ["binary_tensor_data"], "models": list(models)}
 
     @app.get("/v2/health/live")
     def live():
@@ -124,24 +160,46 @@ def create_app(onnx_model: Path | str | bytes, max_batch: int = 1024) -> FastAPI
     @app.post("/v2/models/{name}/infer", openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": inline_schema(InferRequest.model_json_schema())}}}})
     async def infer(name: str, request: Request):
-        named(name)
+        model = named(name)
         body, binary = parse_infer(await request.body(), request.headers.get(HEADER_LENGTH))
-        z = input_array(body, binary, model)
-        images = decode(z) if len(z) <= INLINE_BATCH else await run_in_threadpool(decode, z)
-        response = {"model_name": MODEL_NAME, "model_version": MODEL_VERSION,
-                    "outputs": [{"name": model.output, "datatype": "FP32", "shape": list(images.shape),
-                                 "data": images.ravel()}]}
+        batch = input_array(body, binary, model)
+        outputs = await infer_sized(model, batch, request_parameters(body, model))
+        wanted = [o.name for o in body.outputs] if body.outputs else list(outputs)
+        response = {"model_name": model.name, "model_version": MODEL_VERSION,
+                    "outputs": [{"name": name, "datatype": "FP32", "shape": list(outputs[name].shape),
+                                 "data": outputs[name].ravel()} for name in wanted]}
         return NumpyJSON(response | ({"id": body.id} if body.id is not None else {}))
 
     @app.get("/v1/samples.png", response_class=Response, responses={200: {"content": {"image/png": {}}}})
     def samples(n: int = Query(64, ge=1, le=256), seed: int = Query(0, ge=0, le=2**32 - 1)):
-        z = np.random.default_rng(seed).standard_normal((n, model.latent_dim), dtype=np.float32)
-        return Response(png_grid(decode(z)), media_type="image/png")  # n is bounded by the query's check
+        z = np.random.default_rng(seed).standard_normal((n, decoder.latent_dim), dtype=np.float32)
+        return Response(png_grid(decoder.decode(z)), media_type="image/png")  # n is bounded by the query's check
 
     @app.post("/v1/decode")
-    def decode_json(request: DecodeRequest):
-        images = decode(decode_array(request, model))
+    async def decode_json(request: DecodeRequest):
+        images = (await infer_sized(decoder, rows_array(request.z, decoder)))[decoder.output]
         return NumpyJSON({"shape": list(images.shape), "images": images})
+
+    @app.post("/v1/encode", openapi_extra=IMAGES_BODY)
+    async def encode(request: Request):
+        encoder = named(ENCODER_NAME)
+        x, note = await images(request, encoder)
+        return NumpyJSON(await infer_sized(encoder, x) | note)
+
+    @app.post("/v1/reconstruct", openapi_extra=IMAGES_BODY)
+    async def reconstruct(request: Request):
+        encoder = named(ENCODER_NAME)
+        x, note = await images(request, encoder)
+        mu = (await infer_sized(encoder, x))["mu"]
+        reconstructions = (await infer_sized(decoder, mu))[decoder.output]
+        return NumpyJSON({"shape": list(reconstructions.shape), "images": reconstructions, "mu": mu} | note)
+
+    @app.post("/v1/score", openapi_extra=IMAGES_BODY)
+    async def score(request: Request, seed: int = SEED):
+        scorer = named(SCORE_NAME)
+        x, note = await images(request, scorer)
+        scores = (await infer_sized(scorer, x, {"seed": seed}))["score"]
+        return NumpyJSON({"score": scores, "k": scorer.k, "seed": seed, "unit": "nats"} | note)
 
     @app.get("/", response_class=FileResponse, include_in_schema=False)
     def latent_page():
@@ -149,9 +207,9 @@ def create_app(onnx_model: Path | str | bytes, max_batch: int = 1024) -> FastAPI
 
     @app.get("/v1/latent_map.png", response_class=Response, responses={200: {"content": {"image/png": {}}}})
     def latent_map():
-        if model.latent_map is None:
+        if decoder.latent_map is None:
             raise ApiError(404, "this decoder was exported without a latent map")
-        return Response(model.latent_map, media_type="image/png")
+        return Response(decoder.latent_map, media_type="image/png")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -162,6 +220,15 @@ def create_app(onnx_model: Path | str | bytes, max_batch: int = 1024) -> FastAPI
     return app
 
 
+def request_parameters(body: InferRequest, model: OnnxModel) -> dict:
+    """The request's parameters the model uses: the score's noise seed, an integer in [0, 2^32)."""
+    parameters = body.parameters or {}
+    if model.name != SCORE_NAME or "seed" not in parameters:
+        return {}
+    seed = parameters["seed"]
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise ApiError(400, f"parameters.seed: {seed!r}; an integer from 0 to 2^32 - 1 required")
+    return {"seed": seed}
 
 
 def run(source: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 1024) -> None:

@@ -14,8 +14,8 @@ class Metrics:
         self.errors = Counter("vae_errors", "HTTP requests answered with 4xx or 5xx", ["route"], registry=self.registry)
         self.latency = Histogram("vae_request_seconds", "request latency", ["route"], registry=self.registry,
                                  buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0))
-        self.batch = Histogram("vae_batch_size", "latent vectors per decode", registry=self.registry,
-                               buckets=tuple(2**i for i in range(11)))
+        self.batch = Histogram("vae_batch_size", "latent vectors or images per model call", ["model"],
+                               registry=self.registry, buckets=tuple(2**i for i in range(11)))
 
     def observe(self, route: str, code: int, seconds: float) -> None:
         self.requests.labels(route, str(code)).inc()

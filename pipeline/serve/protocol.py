@@ -1,17 +1,19 @@
-"""The Open Inference Protocol's requests and `/v1/decode`'s, parsed into one checked array.
+"""The Open Inference Protocol's requests and the plain endpoints', parsed into one checked array.
 
-A bad request raises ApiError with a 4xx and a message naming the problem; check_z is the
-one place a latent batch is validated, whatever the endpoint it came through.
+A bad request raises ApiError with a 4xx and a message naming the problem; check_batch is the
+one place a batch of latent vectors or images is validated, whatever the endpoint it came
+through, and image_array the one place a PNG becomes an image.
 """
 from __future__ import annotations
 
+import io
 import math
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.serve.session import DecoderModel
+from pipeline.serve.session import OnnxModel
 
 HEADER_LENGTH = "inference-header-content-length"  # OIP binary tensor data extension
 
@@ -22,16 +24,20 @@ class ApiError(Exception):
         self.status, self.message = status, message
 
 
-def check_z(z: np.ndarray, model: DecoderModel) -> np.ndarray:
-    """z as the decoder takes it: [N, latent_dim] finite FP32 numbers, 1 <= N <= max_batch."""
-    takes = f"the decoder takes [N, {model.latent_dim}] with 1 <= N <= {model.max_batch}"
-    if not 1 <= len(z) <= model.max_batch:
-        raise ApiError(400, f"{model.input}: batch of {len(z)}; between 1 and {model.max_batch} allowed ({takes})")
-    if z.ndim != 2 or z.shape[1] != model.latent_dim:
-        raise ApiError(400, f"{model.input}: shape {list(z.shape)}; {takes}")
-    if not np.isfinite(z).all():
+def check_batch(batch: np.ndarray, model: OnnxModel) -> np.ndarray:
+    """A batch as the model takes it: [N, width] finite FP32 numbers, 1 <= N <= max_batch,
+    and for images grey levels in [0, 1]."""
+    takes = f"{model.name} takes [N, {model.width}] with 1 <= N <= {model.max_batch}"
+    if not 1 <= len(batch) <= model.max_batch:
+        raise ApiError(400, f"{model.input}: batch of {len(batch)}; between 1 and {model.max_batch} allowed ({takes})")
+    if batch.ndim != 2 or batch.shape[1] != model.width:
+        raise ApiError(400, f"{model.input}: shape {list(batch.shape)}; {takes}")
+    if not np.isfinite(batch).all():
         raise ApiError(400, f"{model.input}: NaN or infinite values")
-    return z
+    if model.images and (batch.min() < 0 or batch.max() > 1):
+        raise ApiError(400, f"{model.input}: values from {batch.min():g} to {batch.max():g}; images are grey "
+                            f"levels in [0, 1]")
+    return batch
 
 
 class InferTensor(BaseModel):
@@ -75,13 +81,13 @@ def parse_infer(body: bytes, header_length: str | None) -> tuple[InferRequest, b
         raise ApiError(400, problems(e.errors())) from None
 
 
-def input_array(request: InferRequest, binary: bytes, model: DecoderModel) -> np.ndarray:
+def input_array(request: InferRequest, binary: bytes, model: OnnxModel) -> np.ndarray:
     if [t.name for t in request.inputs] != [model.input]:
         raise ApiError(400, f"inputs: expected exactly one input named {model.input!r}, "
                             f"got {[t.name for t in request.inputs]}")
     for output in request.outputs or []:
-        if output.name != model.output:
-            raise ApiError(400, f"outputs: unknown output {output.name!r} (the model has {model.output!r})")
+        if output.name not in model.outputs:
+            raise ApiError(400, f"outputs: unknown output {output.name!r} (the model has {list(model.outputs)})")
     tensor = request.inputs[0]
     if tensor.datatype != "FP32":
         raise ApiError(400, f"{tensor.name}: datatype {tensor.datatype}; FP32 required")
@@ -100,7 +106,7 @@ def input_array(request: InferRequest, binary: bytes, model: DecoderModel) -> np
     if values.size != math.prod(tensor.shape):
         raise ApiError(400, f"{tensor.name}: shape {tensor.shape} needs {math.prod(tensor.shape)} values, "
                             f"got {values.size}")
-    return check_z(values.reshape(tensor.shape), model)
+    return check_batch(values.reshape(tensor.shape), model)
 
 
 class DecodeRequest(BaseModel):
@@ -108,12 +114,52 @@ class DecodeRequest(BaseModel):
     z: list[list[float]]
 
 
-def decode_array(request: DecodeRequest, model: DecoderModel) -> np.ndarray:
+class ImagesRequest(BaseModel):
+    """`/v1/encode`, `/v1/reconstruct` and `/v1/score` as JSON: rows of 784 grey levels in [0, 1]."""
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    x: list[list[float]]
+
+
+def rows_array(rows: list[list[float]], model: OnnxModel) -> np.ndarray:
     try:
-        z = np.asarray(request.z, dtype=np.float32)
+        batch = np.asarray(rows, dtype=np.float32)
     except ValueError:
         raise ApiError(400, f"{model.input}: rows of different lengths") from None
-    return check_z(z, model)
+    return check_batch(batch, model)
+
+
+def json_images(body: bytes, model: OnnxModel) -> np.ndarray:
+    try:
+        return rows_array(ImagesRequest.model_validate_json(body).x, model)
+    except ValidationError as e:
+        raise ApiError(400, problems(e.errors())) from None
+
+
+# A PNG larger than this is refused before it is decompressed (a small file can hold a huge image).
+MAX_PNG_PIXELS = 4096 * 4096
+
+
+def png_image(body: bytes, model: OnnxModel) -> tuple[np.ndarray, str | None]:
+    """A PNG body as one image x (1, 784) in [0, 1]; one that is not 28x28 grey is converted to
+    grey and resized (bilinear) to 28x28, and the note returned says from what. MNIST's digits
+    are light on dark: a dark digit on white is taken as drawn, and scores as unlikely."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(body), formats=["PNG"])
+        if image.width * image.height > MAX_PNG_PIXELS:
+            raise ApiError(400, f"PNG of {image.width}x{image.height} pixels; at most {MAX_PNG_PIXELS} allowed")
+        image.load()
+    except UnidentifiedImageError:
+        raise ApiError(400, "the body is not a PNG image (send a PNG as image/png, or JSON {\"x\": [[...]]})") from None
+    except (OSError, SyntaxError, ValueError) as e:  # a PNG cut short or corrupt
+        raise ApiError(400, f"the body is not a readable PNG image: {e}") from None
+    note = None
+    if image.size != (28, 28) or image.mode != "L":
+        note = f"converted from a {image.width}x{image.height} {image.mode} PNG to 28x28 grey"
+        image = image.convert("L").resize((28, 28), Image.Resampling.BILINEAR)
+    x = np.asarray(image, dtype=np.float32).reshape(1, 784) / 255
+    return check_batch(x, model), note
 
 
 def inline_schema(schema: dict) -> dict:

@@ -2,17 +2,16 @@
 as N replicas, each with its own onnxruntime session, behind Ray Serve's HTTP proxy.
 
 It joins $RAY_ADDRESS when set (replicas then spread over the cluster's nodes), else starts
-a local Ray. The model travels to the replicas as bytes, so no node needs the driver's disk.
+a local Ray. The graphs travel to the replicas as bytes, so no node needs the driver's disk.
 /metrics is per replica: each answers for the requests it served.
 """
 from __future__ import annotations
 
 import signal
 import time
-from pathlib import Path
 
 from pipeline.ray_connect import connect_ray
-from pipeline.registry import MODEL_NAME
+from pipeline.registry import MODEL_NAME, ModelFiles
 
 DEPLOYMENT = MODEL_NAME
 
@@ -23,36 +22,37 @@ def replica_gpus(cluster_gpus: float, replicas: int) -> float:
     return min(1.0, cluster_gpus / replicas) if cluster_gpus else 0.0
 
 
-def deployment(onnx_bytes: bytes, max_batch: int, replicas: int, replica_cpus: float, gpus: float = 0.0):
+def deployment(graphs: ModelFiles, max_batch: int, replicas: int, replica_cpus: float, gpus: float = 0.0):
     """The Ray Serve application: replicas building the FastAPI app when they start."""
     from ray import serve
 
     @serve.deployment(name=DEPLOYMENT, num_replicas=replicas,
                       ray_actor_options={"num_cpus": replica_cpus, "num_gpus": gpus})
     @serve.ingress()
-    class Decoder:
-        def __init__(self, model: bytes, batch: int):
-            self.model, self.batch = model, batch
+    class Graphs:
+        def __init__(self, graphs: ModelFiles, batch: int):
+            self.graphs, self.batch = graphs, batch
 
         def __serve_build_asgi_app__(self):
             from pipeline.serve.app import create_app
 
-            return create_app(self.model, self.batch)
+            return create_app(self.graphs, self.batch)
 
-    return Decoder.bind(onnx_bytes, max_batch)
+    return Graphs.bind(graphs, max_batch)
 
 
-def run(model_path: Path, host: str, port: int, max_batch: int, replicas: int, replica_cpus: float = 1.0) -> None:
+def run(files: ModelFiles, source: str, host: str, port: int, max_batch: int, replicas: int,
+        replica_cpus: float = 1.0) -> None:
     connect_ray(num_workers=replicas)  # first: it decides the local Ray's auth before ray is imported
     import ray
     from ray import serve
 
     gpus = replica_gpus(ray.cluster_resources().get("GPU", 0), replicas)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(deployment(model_path.read_bytes(), max_batch, replicas, replica_cpus, gpus), name=DEPLOYMENT,
+    serve.run(deployment(files.read(), max_batch, replicas, replica_cpus, gpus), name=DEPLOYMENT,
               route_prefix="/")
     held = f", {gpus:g} GPU each" if gpus else ""
-    print(f"serve: {replicas} Ray Serve replicas of {model_path} on http://{host}:{port}{held}", flush=True)
+    print(f"serve: {replicas} Ray Serve replicas of {source} on http://{host}:{port}{held}", flush=True)
     # Serve outlives its driver on a cluster: on Ctrl-C or SIGTERM, take the replicas down.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

@@ -1,4 +1,4 @@
-"""The decoder's onnxruntime sessions, on the best provider that actually works here.
+"""The served graphs' onnxruntime sessions, on the best provider that actually works here.
 
 onnxruntime-gpu lists CUDAExecutionProvider whether or not a GPU is present, and on a
 machine without one it falls back to CPU with only an error line in the log. So CUDA is
@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from pipeline.registry import MODEL_NAME
+from pipeline.registry import ENCODER_NAME, MODEL_NAME, SCORE_NAME, ModelFiles
 
 # The smallest batch sent to the CUDA session; below it, the CPU's (see the module's note).
 CUDA_FROM_BATCH = 32
-MODEL_VERSION = "1"  # the version the protocol reports: one model per server
+MODEL_VERSION = "1"  # the version the protocol reports: one version of each model per server
+IMAGE_PIXELS = 784  # what the encoder and the score graph take per image (28 x 28 grey levels)
 # What the export stage records in the decoder's ONNX metadata about its latent space, for
 # the page `vae serve` shows: the dimensions most used first and the spread of each (JSON
 # lists), and the evaluate stage's latent map (a base64 PNG). A decoder without them works.
@@ -74,31 +75,116 @@ class BySize:
                 "cpu_below_batch": self.from_batch if self.small is not self.large else None}
 
 
-class DecoderModel:
-    """The onnxruntime sessions every request shares (see BySize), and what clients need to know of them."""
+class OnnxModel:
+    """One served ONNX graph: its sessions (see BySize), shared by every request, and the
+    Open Inference Protocol's view of it (`name`, one input `input` of `width` numbers an
+    image or latent vector, its outputs by name)."""
+    name = ""
+    platform = "onnxruntime_onnx"
+    images = False  # whether the input is images, grey levels in [0, 1] (else latent vectors)
 
     def __init__(self, model: Path | str | bytes, max_batch: int, cuda_from_batch: int = CUDA_FROM_BATCH):
-        self.sessions = BySize.open(model, cuda_from_batch)
+        self.sessions, self.max_batch = BySize.open(model, cuda_from_batch), max_batch
         session = self.sessions.large  # both sessions hold the same graph: its names and metadata
-        (model_input,), (model_output,) = session.get_inputs(), session.get_outputs()
-        self.input, self.output = model_input.name, model_output.name
-        self.latent_dim, self.max_batch = model_input.shape[1], max_batch
-        recorded = session.get_modelmeta().custom_metadata_map
-        self.latent_order, self.latent_spread = latent_order(recorded, self.latent_dim)
-        self.latent_map = base64.b64decode(recorded[LATENT_MAP]) if LATENT_MAP in recorded else None
+        first = session.get_inputs()[0]
+        self.input, self.width = first.name, first.shape[1]
+        self.outputs = {o.name: [-1, *o.shape[1:]] for o in session.get_outputs()}
+        self.recorded = session.get_modelmeta().custom_metadata_map
 
-    def decode(self, z: np.ndarray) -> np.ndarray:
-        """Images (N, 1, 28, 28) for z (N, latent_dim) FP32, checked by the caller (protocol.check_z)."""
-        (images,) = self.sessions(len(z)).run([self.output], {self.input: z})
-        return images
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every output for a checked feed (protocol.check_batch), on the session for its size."""
+        batch = len(next(iter(feed.values())))
+        return dict(zip(self.outputs, self.sessions(batch).run(list(self.outputs), feed)))
+
+    def infer(self, batch: np.ndarray, parameters: dict) -> dict[str, np.ndarray]:
+        return self.run({self.input: batch})
+
+    def parameters(self) -> dict:
+        return {"max_batch": self.max_batch, **self.sessions.describe()}
 
     def metadata(self) -> dict:
-        return {"name": MODEL_NAME, "versions": [MODEL_VERSION], "platform": "onnxruntime_onnx",
-                "inputs": [{"name": self.input, "datatype": "FP32", "shape": [-1, self.latent_dim]}],
-                "outputs": [{"name": self.output, "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
-                "parameters": {"latent_dim": self.latent_dim, "max_batch": self.max_batch,
-                               **self.sessions.describe(), "latent_order": self.latent_order,
-                               "latent_spread": self.latent_spread, "latent_map": self.latent_map is not None}}
+        return {"name": self.name, "versions": [MODEL_VERSION], "platform": self.platform,
+                "inputs": [{"name": self.input, "datatype": "FP32", "shape": [-1, self.width]}],
+                "outputs": [{"name": name, "datatype": "FP32", "shape": shape} for name, shape in self.outputs.items()],
+                "parameters": self.parameters()}
+
+
+class DecoderModel(OnnxModel):
+    """z (N, latent_dim) -> images (N, 1, 28, 28), and what the latent-space page needs to know."""
+    name = MODEL_NAME
+
+    def __init__(self, model: Path | str | bytes, max_batch: int, cuda_from_batch: int = CUDA_FROM_BATCH):
+        super().__init__(model, max_batch, cuda_from_batch)
+        (self.output,), self.latent_dim = self.outputs, self.width
+        self.latent_order, self.latent_spread = latent_order(self.recorded, self.latent_dim)
+        self.latent_map = base64.b64decode(self.recorded[LATENT_MAP]) if LATENT_MAP in self.recorded else None
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        """Images (N, 1, 28, 28) for z (N, latent_dim) FP32, checked by the caller (protocol.check_batch)."""
+        return self.run({self.input: z})[self.output]
+
+    def parameters(self) -> dict:
+        return {"latent_dim": self.latent_dim, **super().parameters(), "latent_order": self.latent_order,
+                "latent_spread": self.latent_spread, "latent_map": self.latent_map is not None}
+
+
+class EncoderModel(OnnxModel):
+    """Images x (N, 784) in [0, 1] -> mu and logvar (N, latent_dim) of q(z|x)."""
+    name, images = ENCODER_NAME, True
+
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        outputs = self.run({self.input: x})
+        return outputs["mu"], outputs["logvar"]
+
+    def parameters(self) -> dict:
+        return {"latent_dim": self.outputs["mu"][1], **super().parameters()}
+
+
+class ScoreModel(OnnxModel):
+    """Images x (N, 784) in [0, 1] -> score (N,): -L_k in nats, the importance-weighted bound
+    with the graph's k samples. Its second input, the noise eps (N, k, noise_dim), is drawn
+    here from a seed (score_noise), so clients send images only and a seed gives the same score."""
+    name, images = SCORE_NAME, True
+
+    def __init__(self, model: Path | str | bytes, max_batch: int, cuda_from_batch: int = CUDA_FROM_BATCH):
+        super().__init__(model, max_batch, cuda_from_batch)
+        (_, self.k, self.noise_dim) = self.sessions.large.get_inputs()[1].shape
+
+    def score(self, x: np.ndarray, noise: np.random.Generator) -> np.ndarray:
+        """The scores of x, with the next len(x) images' noise from `noise` (see score_noise)."""
+        eps = noise.standard_normal((len(x), self.k, self.noise_dim), dtype=np.float32)
+        return self.run({self.input: x, "eps": eps})["score"]
+
+    def infer(self, batch: np.ndarray, parameters: dict) -> dict[str, np.ndarray]:
+        return {"score": self.score(batch, score_noise(parameters.get("seed", 0)))}
+
+    def parameters(self) -> dict:
+        return {"k": self.k, "noise": "numpy.random.default_rng(seed).standard_normal((N, k, noise_dim)), "
+                                      "seed a request parameter (default 0)", **super().parameters()}
+
+
+def score_noise(seed: int) -> np.random.Generator:
+    """Where a score's noise comes from: image i of a request (or of `vae encode`'s input) gets
+    the i-th (k, noise_dim) block of this generator's draws, the same whatever the batch."""
+    return np.random.default_rng(seed)
+
+
+def open_models(files: ModelFiles, max_batch: int) -> dict[str, OnnxModel]:
+    """The served models by their protocol names; an encoder or score graph whose latent or
+    image size does not fit the decoder's is an error naming both."""
+    models = {MODEL_NAME: DecoderModel(files.decoder, max_batch)}
+    if files.encoder is not None:
+        models[ENCODER_NAME] = EncoderModel(files.encoder, max_batch)
+    if files.score is not None:
+        models[SCORE_NAME] = ScoreModel(files.score, max_batch)
+    latent = models[MODEL_NAME].latent_dim
+    if ENCODER_NAME in models and models[ENCODER_NAME].outputs["mu"][1] != latent:
+        raise ValueError(f"the encoder's latent size {models[ENCODER_NAME].outputs['mu'][1]} is not the decoder's "
+                         f"{latent}: they come from different models")
+    for model in models.values():
+        if model is not models[MODEL_NAME] and model.width != IMAGE_PIXELS:
+            raise ValueError(f"{model.name} takes {model.width} numbers an image, not {IMAGE_PIXELS}")
+    return models
 
 
 def latent_order(recorded: dict[str, str], latent_dim: int) -> tuple[list[int], list[float] | None]:

@@ -1,7 +1,8 @@
 // The latent-space page of `vae serve`: a worked example of the server's Open Inference
 // Protocol API. It reads the model's metadata (GET /v2/models/vae-decoder: the latent size,
 // and the dimensions' order and spread as the export stage recorded them) and decodes every
-// picture with POST /v2/models/vae-decoder/infer.
+// picture with POST /v2/models/vae-decoder/infer. A drawing goes to vae-encoder and vae-score
+// the same way, when the server has them.
 "use strict";
 
 const MODEL = "vae-decoder";
@@ -12,6 +13,8 @@ const page = {
   inFlight: false, again: false,  // one slider request at a time; the newest z goes next
   latencies: [],  // ms from a slider request to its painted image (read by the tests)
   drawn: [],  // ms from the same request to the image drawn into the canvas, before its frame
+  drawing: null,  // the last drawing sent, 784 grey levels; then its score (read by the tests)
+  score: null, encoded: 0,
 };
 window.latentPage = page;
 
@@ -25,12 +28,18 @@ async function call(path, body) {
   return answer;
 }
 
+// One input's rows through a model's infer endpoint -> its outputs by name, flat.
+async function infer(model, input, rows, parameters = {}) {
+  const answer = await call(`/v2/models/${model}/infer`, {
+    inputs: [{ name: input, datatype: "FP32", shape: [rows.length, rows[0].length], data: rows.flat() }],
+    parameters,
+  });
+  return Object.fromEntries(answer.outputs.map((output) => [output.name, output.data]));
+}
+
 // rows of z (arrays of page.dim numbers) -> their images, flat: 784 probabilities each.
 async function decode(rows) {
-  const answer = await call(`/v2/models/${MODEL}/infer`, {
-    inputs: [{ name: page.input, datatype: "FP32", shape: [rows.length, page.dim], data: rows.flat() }],
-  });
-  return answer.outputs[0].data;
+  return Object.values(await infer(MODEL, page.input, rows))[0];
 }
 
 // The prior, reproducibly from a seed: mulberry32 uniforms, Box-Muller normals. (The page's
@@ -132,6 +141,62 @@ async function interpolate() {
   rows.forEach((_, i) => paint(strip, pixels, i, i));
 }
 
+// The drawing pad: strokes in white on black, 8 canvas pixels to an image pixel.
+function setUpPad() {
+  const pad = document.getElementById("pad");
+  const context = pad.getContext("2d");
+  const clear = () => { context.fillStyle = "#000"; context.fillRect(0, 0, pad.width, pad.height); };
+  clear();
+  Object.assign(context, { strokeStyle: "#fff", lineWidth: 18, lineCap: "round", lineJoin: "round" });
+  let last = null;
+  const at = (event) => {
+    const box = pad.getBoundingClientRect();
+    return [(event.clientX - box.left) * pad.width / box.width, (event.clientY - box.top) * pad.height / box.height];
+  };
+  const stroke = (event) => {
+    const point = at(event);
+    context.beginPath();
+    context.moveTo(...(last || point));
+    context.lineTo(...point);
+    context.stroke();
+    last = point;
+  };
+  pad.addEventListener("pointerdown", (event) => { pad.setPointerCapture(event.pointerId); last = null; stroke(event); });
+  pad.addEventListener("pointermove", (event) => { if (last) stroke(event); });
+  const release = () => { if (last) { last = null; encodeDrawing().catch(showError); } };
+  pad.addEventListener("pointerup", release);
+  pad.addEventListener("pointercancel", release);
+  document.getElementById("clear").addEventListener("click", clear);
+}
+
+// The pad as an image: each 8x8 block's mean grey level, 784 numbers in [0, 1].
+function padImage() {
+  const pad = document.getElementById("pad");
+  const scale = pad.width / SIDE;
+  const rgba = pad.getContext("2d").getImageData(0, 0, pad.width, pad.height).data;
+  const x = new Array(SIDE * SIDE).fill(0);
+  for (let row = 0; row < pad.height; row++) {
+    for (let col = 0; col < pad.width; col++) {
+      x[Math.floor(row / scale) * SIDE + Math.floor(col / scale)] += rgba[4 * (row * pad.width + col)];
+    }
+  }
+  return x.map((sum) => sum / (255 * scale * scale));
+}
+
+// Encode the drawing: the sliders jump to its latent mean, its decoding is the reconstruction.
+async function encodeDrawing() {
+  const x = padImage();
+  page.drawing = x;
+  const [{ mu }, { score }] = await Promise.all([
+    infer("vae-encoder", "x", [x]), infer("vae-score", "x", [x], { seed: 0 })]);
+  const pixels = await decode([mu]);
+  paint(document.getElementById("reconstruction"), pixels);
+  setZ(Array.from(mu));
+  page.score = score[0];
+  document.getElementById("score").textContent = `${score[0].toFixed(1)} nats (−L_k, seed 0: the larger, the less likely)`;
+  page.encoded += 1;
+}
+
 async function start() {
   const meta = await call(`/v2/models/${MODEL}`);
   const { latent_dim: dim, latent_order: order, latent_spread: spread, latent_map: hasMap } = meta.parameters;
@@ -152,6 +217,11 @@ async function start() {
   if (hasMap) {
     document.getElementById("latent-map").src = "/v1/latent_map.png";
     document.getElementById("map-section").hidden = false;
+  }
+  const served = (await call("/v2")).models;
+  if (served.includes("vae-encoder") && served.includes("vae-score")) {
+    setUpPad();
+    document.getElementById("draw-section").hidden = false;
   }
   setZ(new Array(dim).fill(0));
   await interpolate();
