@@ -13,11 +13,16 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 import yaml
 from PIL import Image
 
 from pipeline import environment
+from pipeline.evaluate import test_set as evaluated_test_images
+from pipeline.files import Layout
+from pipeline.params import load_params
 from vae.model import VAE
+from vae.objectives import iwae_log_lik
 
 from helpers import (
     ROOT,
@@ -39,6 +44,7 @@ TINY = {
     # Two points, a loss curve; DReG's gradient hook through DDP on two Ray workers.
     "train": {"epochs": 2, "num_workers": 2, "batch_size": 64, "iwae_k": 2, "grad_estimator": "dreg"},
     "eval": {"max_test_images": 200, "iwae_k": 5, "grid_images": 16},
+    "export": {"score_k": 5},  # the served score with the evaluate stage's k
 }
 
 
@@ -290,8 +296,17 @@ def test_unknown_params_key_fails_naming_it(repro, tmp_path):
 
 
 def test_serve_from_the_registry(repro):
+    """The champion's three graphs served: the decoder with its latent record, and the score
+    of the test images equal to the evaluate stage's per-image -L_k for the same k and noise;
+    the same images inverted (an obvious outlier set) score worse."""
     repo, env, _ = repro
     with vae_serve("models:/vae-decoder@champion", repo / "serve.log", env=env, cwd=repo) as url:
+        assert httpx.get(f"{url}/v2").json()["models"] == ["vae-decoder", "vae-encoder", "vae-score"]
+        params = load_params(repo / "params.yaml")
+        x, _ = evaluated_test_images(Layout(repo), params)
+        x = x[:16].reshape(16, -1)
+        served = httpx.post(f"{url}/v1/score", params={"seed": 3}, json={"x": x.tolist()}).json()
+        inverted = httpx.post(f"{url}/v1/score", params={"seed": 3}, json={"x": (1 - x).tolist()}).json()
         meta = httpx.get(f"{url}/v2/models/vae-decoder").json()
         assert meta["inputs"][0]["shape"] == [-1, 20]
         # The export stage recorded the evaluate stage's latent order, spread and map in the decoder.
@@ -300,6 +315,12 @@ def test_serve_from_the_registry(repro):
         assert meta["parameters"]["latent_spread"] == pytest.approx(latent["spread"])
         assert httpx.get(f"{url}/v1/latent_map.png").content == (repo / "plots/latent_map.png").read_bytes()
         assert "latent.js" in httpx.get(f"{url}/").text
+    eps = np.random.default_rng(3).standard_normal((16, params.export.score_k, 20), dtype=np.float32)
+    model, noise = VAE.load(repo / "models/vae.pt"), torch.from_numpy(eps).transpose(0, 1)  # (k, N, noise_dim)
+    evaluated = -iwae_log_lik(model, x, params.eval.iwae_k, noise)
+    assert served["k"] == params.eval.iwae_k == 5
+    np.testing.assert_allclose(served["score"], evaluated.numpy(), rtol=1e-5)
+    assert np.mean(inverted["score"]) > np.mean(served["score"])
     missing = run(["vae", "serve", "models:/vae-decoder@nope"], repo, env=env, check=False)
     assert missing.returncode == 2 and "models:/vae-decoder@nope" in missing.stderr
 

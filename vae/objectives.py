@@ -39,13 +39,13 @@ def iwae_terms(model: VAE, x: torch.Tensor, eps: torch.Tensor, dreg: bool = Fals
     return {"loss": bound, "neg_elbo": recon + kl, "recon": recon, "kl": kl}
 
 
-Noise = torch.Generator | list[torch.Generator] | rng.ImageBlocks
+Noise = torch.Generator | list[torch.Generator] | rng.ImageBlocks | torch.Tensor
 
 
 def draw_noise(generator: Noise, samples: int, images: int, dim: int, device: torch.device) -> torch.Tensor:
     """Standard normal noise (samples, images, dim) on `device`: from one generator, from one
     generator per image (each image's column from its own), or from blocks of images
-    (rng.ImageBlocks), drawn where the generators live."""
+    (rng.ImageBlocks), drawn where the generators live. (A tensor of noise is sliced by the caller.)"""
     if isinstance(generator, torch.Generator):
         return torch.randn((samples, images, dim), generator=generator, device=generator.device).to(device)
     if isinstance(generator, rng.ImageBlocks):
@@ -59,12 +59,16 @@ def iwae_log_lik(model: VAE, x: torch.Tensor, k: int, generator: Noise, chunk: i
 
     The k samples are drawn `chunk` at a time and combined with a running logsumexp, so
     memory stays at (N, chunk) whatever k is. The noise comes from one generator, one per
-    image, or blocks of images (see draw_noise).
+    image, or blocks of images (see draw_noise); or is given, (k, N, noise_dim), as a served
+    score's noise is (to check one against the other).
     """
     mu, logvar = model.encoder(x)
     total = torch.full((len(x),), -math.inf, device=x.device)
     for start in range(0, k, chunk):
-        eps = draw_noise(generator, min(chunk, k - start), len(x), model.config.noise_dim, x.device)
+        if isinstance(generator, torch.Tensor):
+            eps = generator[start:start + chunk].to(x.device)
+        else:
+            eps = draw_noise(generator, min(chunk, k - start), len(x), model.config.noise_dim, x.device)
         log_px_z, log_ratio, _ = model.sample_terms(x, mu, logvar, eps)
         total = torch.logaddexp(total, torch.logsumexp(log_px_z + log_ratio, dim=0))
     return total - math.log(k)
