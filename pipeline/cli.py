@@ -1,4 +1,5 @@
-"""The `vae` command: one subcommand per pipeline stage (as dvc.yaml runs them), plus `serve`."""
+"""The `vae` command: one subcommand per pipeline stage (as dvc.yaml runs them), plus `serve`,
+`encode` and `sample` (the exported graphs over HTTP, or over files)."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +10,7 @@ import importlib.metadata
 import logging
 import os
 import sys
+from pathlib import Path
 
 from pipeline.params import ParamsError
 from pipeline.sweep import SweepError
@@ -40,16 +42,35 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("env", help="the project version, uv.lock's hash, and whether the environment matches it")
     sweep = sub.add_parser("sweep", help="run the queued experiments (`dvc exp run --queue`), N at a time")
     sweep.add_argument("-j", "--jobs", type=int, default=1, help="experiments at once (default: 1)")
-    serve = sub.add_parser("serve", help="serve the ONNX decoder over HTTP with onnxruntime")
-    serve.add_argument("model", help="the ONNX decoder: a path (models/decoder.onnx) or a registry URI "
-                                     "(models:/vae-decoder@champion)")
+    serve = sub.add_parser("serve", help="serve the exported graphs over HTTP with onnxruntime")
+    serve.add_argument("model", help="the export stage's folder (models/: decoder, encoder and score), a "
+                                     "decoder file, or a registry URI (models:/vae-decoder@champion)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-batch", type=int, default=1024, help="largest batch of latent vectors per request")
+    serve.add_argument("--max-batch", type=int, default=1024,
+                       help="largest batch of latent vectors or images per request")
     serve.add_argument("--ray", action="store_true", help="deploy on Ray Serve ($RAY_ADDRESS, else a local Ray)")
     serve.add_argument("--replicas", type=int, default=2, help="with --ray: replicas, each its own session")
     serve.add_argument("--replica-cpus", type=float, default=1.0, help="with --ray: CPUs reserved per replica")
+    batch_parsers(sub)
     return p
+
+
+def batch_parsers(sub: argparse._SubParsersAction) -> None:
+    """`vae encode` and `vae sample` (pipeline/batch.py)."""
+    model_help = "the export stage's folder, a decoder file, or a registry URI (default: models/)"
+    enc = sub.add_parser("encode", help="latent means and scores of image files (IDX, .npy, PNG), via onnxruntime")
+    enc.add_argument("inputs", nargs="+", type=Path, help="IDX image files, .npy arrays or PNG images")
+    enc.add_argument("--out", type=Path, required=True, help="latents.npy or latents.csv")
+    enc.add_argument("--model", default="models/", help=model_help)
+    enc.add_argument("--seed", type=int, default=0, help="the scores' noise, as /v1/score?seed= (default: 0)")
+    enc.add_argument("--batch-size", type=int, default=1024)
+    smp = sub.add_parser("sample", help="digits decoded from prior samples: a PNG grid or .npy, via onnxruntime")
+    smp.add_argument("--n", type=int, default=64, help="how many (default: 64)")
+    smp.add_argument("--seed", type=int, default=0, help="as /v1/samples.png?seed= (default: 0)")
+    smp.add_argument("--out", type=Path, required=True, help="samples.png (a grid) or samples.npy")
+    smp.add_argument("--model", default="models/", help=model_help)
+    smp.add_argument("--batch-size", type=int, default=1024)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.serve import app
 
             app.run(args.model, host=args.host, port=args.port, max_batch=args.max_batch)
+        elif args.command in ("encode", "sample"):
+            from pipeline import batch
+
+            batch.main(args)
         elif args.command == "sweep":
             from pipeline import sweep
 
