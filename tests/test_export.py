@@ -93,6 +93,31 @@ def test_the_encoder_and_the_score_export_with_a_dynamic_batch_and_match_torch(t
         np.testing.assert_allclose(got, expected.numpy(), rtol=1e-6, atol=ExportParams().tolerance)
 
 
+def test_the_score_of_a_confident_decoder_stays_finite_and_matches_torch(tmp_path):
+    """A trained decoder is confident: pixel logits of hundreds. The exporter's own form of
+    the Bernoulli log-likelihood, log(sigmoid(logits)), gives -inf in onnxruntime below -88
+    (it did for the first trained model exported); the exported form must not."""
+    import numpy as np
+
+    from pipeline.export import export_score
+    from pipeline.serve.session import open_session
+    from vae.model import ImageScore
+
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(latent_dim=LATENT, hidden_dims=(32,))).eval()
+    with torch.no_grad():
+        model.decoder.net[-1].weight.mul_(300)  # logits far beyond +-88
+    export_score(model, 3, tmp_path / "score.onnx", opset=18)
+    x = torch.rand(64, 784, generator=torch.Generator().manual_seed(1))
+    eps = torch.randn(64, 3, model.config.noise_dim, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert model.decode(eps[:, 0, :LATENT]).abs().max() > 200
+        expected = ImageScore(model)(x, eps).numpy()
+    (got,) = open_session(tmp_path / "score.onnx").run(["score"], {"x": x.numpy(), "eps": eps.numpy()})
+    assert np.isfinite(got).all() and np.isfinite(expected).all()
+    np.testing.assert_allclose(got, expected, rtol=ExportParams().tolerance)
+
+
 def test_a_graph_off_by_more_than_the_tolerance_is_named_and_nothing_is_written(tmp_path):
     """With a tolerance no float32 graph meets, the stage's encoder-and-score step raises
     naming the graph, and leaves no models/encoder.onnx or models/score.onnx behind."""

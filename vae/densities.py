@@ -10,7 +10,14 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 def bernoulli_log_lik(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """log p(x|z) summed over pixels, per image. x may be grayscale in [0, 1]."""
+    """log p(x|z) summed over pixels, per image. x may be grayscale in [0, 1].
+
+    Exported to ONNX (the score graph), the same value as x * logits - softplus(logits): the
+    exporter decomposes binary_cross_entropy_with_logits into log(sigmoid(logits)), which
+    onnxruntime computes as written, so a confident pixel (logits below -88) gives -inf
+    there. PyTorch's own kernel stays for training and evaluation (their figures unchanged)."""
+    if torch.compiler.is_exporting():
+        return (x * logits - F.softplus(logits)).sum(-1)
     return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
 
 
