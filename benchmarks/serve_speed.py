@@ -1,10 +1,13 @@
 """Serving speed, side by side in one invocation, on this machine and 127.0.0.1 only:
 
-  1. decoding in-process: onnxruntime vs torch eager, at batch 1 and 1024;
+  1. in-process, each graph (decode, encode, score) on onnxruntime vs torch eager, at batch 1
+     and 1024, and its images per second;
   2. HTTP at batch 1 over concurrent connections, for a bounded time each, driven by wrk:
      `vae serve` (Open Inference Protocol) vs `mlflow models serve` of the same registered
      ONNX model, flat out; then `vae serve` paced at --rate requests/s, for its latency;
-  3. a soak of `vae serve`: errors and the server's resident memory over --soak seconds.
+  3. a soak of `vae serve`: errors and the server's resident memory over --soak seconds;
+  4. the three graphs over HTTP from one `vae serve models/`, batch 1 and 64: images per
+     second of encode and score beside decode's.
 
 Needs `wrk` (apt-get install wrk): a Python load generator would take the CPU the server
 needs on a small machine, and measure itself.
@@ -34,7 +37,7 @@ import torch
 from pipeline.files import Layout
 from pipeline.serve.session import open_session
 from pipeline.tracking import tracking_uri
-from vae.model import VAE, ImageDecoder
+from vae.model import VAE, ImageDecoder, ImageEncoder, ImageScore
 
 BIN = Path(sys.executable).parent
 WRK_SCRIPT = Path(__file__).with_name("post.lua")
@@ -51,17 +54,28 @@ def per_call_ms(fn, repeats: int) -> float:
 
 
 def in_process(layout: Layout) -> None:
-    decoder = ImageDecoder(VAE.load(layout.model)).eval()
-    session = open_session(layout.decoder_onnx)
-    latent = session.get_inputs()[0].shape[1]
-    print(f"\n1. decode in-process, median ms per call (torch threads {torch.get_num_threads()})")
-    print(f"{'batch':>7}{'torch eager':>14}{'onnxruntime':>14}{'speed-up':>10}")
-    for batch, repeats in ((1, 2000), (1024, 50)):
-        z = np.random.default_rng(0).standard_normal((batch, latent)).astype(np.float32)
-        with torch.no_grad():
-            eager = per_call_ms(lambda z=z: decoder(torch.from_numpy(z)), repeats)
-        ort = per_call_ms(lambda z=z: session.run(None, {"z": z}), repeats)
-        print(f"{batch:>7}{eager:>14.3f}{ort:>14.3f}{eager / ort:>9.2f}x")
+    model = VAE.load(layout.model)
+    k, noise_dim = open_session(layout.score_onnx).get_inputs()[1].shape[1:]
+    rng = np.random.default_rng(0)
+    graphs = {  # name: (torch module, ONNX file, inputs for a batch)
+        "decode": (ImageDecoder(model), layout.decoder_onnx,
+                   lambda n: {"z": rng.standard_normal((n, model.config.latent_dim), dtype=np.float32)}),
+        "encode": (ImageEncoder(model), layout.encoder_onnx, lambda n: {"x": rng.random((n, 784), dtype=np.float32)}),
+        f"score (k={k})": (ImageScore(model), layout.score_onnx,
+                           lambda n: {"x": rng.random((n, 784), dtype=np.float32),
+                                      "eps": rng.standard_normal((n, k, noise_dim), dtype=np.float32)}),
+    }
+    print(f"\n1. in-process, median ms per call (torch threads {torch.get_num_threads()})")
+    print(f"{'graph':>14}{'batch':>7}{'torch eager':>14}{'onnxruntime':>14}{'speed-up':>10}{'images/s':>12}")
+    for name, (module, path, inputs) in graphs.items():
+        session, module = open_session(path), module.eval()
+        for batch in (1, 1024):
+            feed = inputs(batch)
+            repeats = max(5, min(2000, int(2000 / batch / (k if name.startswith("score") else 1)) + 5))
+            with torch.no_grad():
+                eager = per_call_ms(lambda f=feed, m=module: m(*map(torch.from_numpy, f.values())), repeats)
+            ort = per_call_ms(lambda f=feed, s=session: s.run(None, f), repeats)
+            print(f"{name:>14}{batch:>7}{eager:>14.3f}{ort:>14.3f}{eager / ort:>9.2f}x{1000 * batch / ort:>12.0f}")
 
 
 def free_port() -> int:
@@ -172,6 +186,34 @@ def soak(layout: Layout, seconds: float, clients: int) -> None:
           f"({(end - warm) / warm:+.1%}), {max(r['rss']):.0f} at most")
 
 
+def graphs_over_http(layout: Layout, seconds: float, clients: int) -> None:
+    """Decode, encode and score, OIP infer on one `vae serve models/`, each flat out."""
+    port = free_port()
+    process = start([str(BIN / "vae"), "serve", str(layout.decoder_onnx.parent), "--port", str(port)],
+                    f"http://127.0.0.1:{port}/v2/health/ready", dict(os.environ))
+    latent = open_session(layout.decoder_onnx).get_inputs()[0].shape[1]
+    rng = np.random.default_rng(0)
+    print(f"\n4. the three graphs over HTTP, one `vae serve models/`, {clients} connections, {seconds:g} s each")
+    print(f"{'model':14}{'batch':>6}{'req/s':>9}{'images/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+          f"{'vs decode':>11}")
+    try:
+        for batch in (1, 64):
+            decoded = None
+            graphs = (("vae-decoder", "z", latent), ("vae-encoder", "x", 784), ("vae-score", "x", 784))
+            for name, tensor, width in graphs:
+                values = rng.standard_normal((batch, width)) if tensor == "z" else rng.random((batch, width))
+                body = {"inputs": [{"name": tensor, "datatype": "FP32", "shape": [batch, width],
+                                    "data": np.round(values, 4).ravel().tolist()}]}
+                r = wrk(f"http://127.0.0.1:{port}/v2/models/{name}/infer", body, seconds, clients)
+                images = r["rps"] * batch
+                decoded = decoded or images
+                print(f"{name:14}{batch:>6}{r['rps']:>9.0f}{images:>10.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+                      f"{r['errors']:>8}{images / decoded:>10.2f}x")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10)
@@ -184,6 +226,7 @@ def main() -> None:
     over_http(layout, args.seconds, args.clients, args.rate)
     if args.soak:
         soak(layout, args.soak, args.clients)
+    graphs_over_http(layout, args.seconds, args.clients)
 
 
 if __name__ == "__main__":

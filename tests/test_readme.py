@@ -87,7 +87,10 @@ EXERCISED = {
     ("dvc", "params", "diff"): RUN + "test_pipeline_dvc.py, on the repro fixture's state",
     ("dvc", "plots", "show"): RUN + "test_pipeline_dvc.py, on the repro fixture's state",
     ("dvc", "queue", "status"): RUN + "test_pipeline_dvc.py, on the repro fixture's state",
-    ("vae", "serve"): "its own tests serve a file, a models:/ URI and --ray (test_serve.py, test_pipeline_dvc.py)",
+    ("vae", "encode"): RUN + "test_the_serve_commands_answer, in a folder holding models/ and data/mnist/",
+    ("vae", "sample"): RUN + "test_the_serve_commands_answer, in a folder holding models/ and data/mnist/",
+    ("vae", "serve"): "its own tests serve a folder, a file, a models:/ URI and --ray (test_serve.py, "
+                      "test_pipeline_dvc.py)",
     ("dvc", "exp", "run"): "slow: full runs of 10 to 250 epochs; test_pipeline_dvc.py runs experiments on tiny params",
     ("vae", "sweep"): "slow: a sweep of full runs; test_local_stack.py sweeps tiny ones against `make up`",
     ("dvc", "queue", "logs"): "names a placeholder experiment",
@@ -186,25 +189,38 @@ def test_every_command_parses(command):
 
 
 @pytest.mark.integration  # starts `vae serve`
-def test_the_serve_commands_answer(tmp_path):
-    """Every curl line of the README against `vae serve` of a decoder with params.yaml's
-    latent size (the model `make repro` serves): each gets a 2xx. Catches a request the
-    server refuses, e.g. an infer body shaped for another latent size."""
-    from pipeline.export import export_decoder
+def test_the_serve_commands_answer(tmp_path, mnist_dir):
+    """Every `vae encode`, `vae sample` and curl line of the docs, as written, in a folder
+    holding what `make repro` leaves (models/ with the three graphs at params.yaml's sizes,
+    data/mnist/), the curl lines against `vae serve models/`: each succeeds. Catches a
+    request the server refuses, e.g. an infer body shaped for another latent size."""
+    from pipeline.export import export_decoder, export_encoder, export_score
     from vae.model import VAE, ImageDecoder
 
-    config = Params().model.vae_config()
-    decoder = ImageDecoder(VAE(config)).eval()
-    export_decoder(decoder, config.latent_dim, tmp_path / "decoder.onnx", opset=18)
+    params = Params()
+    model = VAE(params.model.vae_config()).eval()
+    (tmp_path / "models").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mnist").symlink_to(mnist_dir)
+    export_decoder(ImageDecoder(model), model.config.latent_dim, tmp_path / "models/decoder.onnx", opset=18)
+    export_encoder(model, tmp_path / "models/encoder.onnx", opset=18)
+    export_score(model, params.export.score_k, tmp_path / "models/score.onnx", opset=18)
+    batch = [words for _, words in COMMANDS if words[0] == "vae" and words[1] in ("encode", "sample")]
+    assert len(batch) >= 2
+    for words in [*batch, ["vae", "sample", "--n", "1", "--out", "digit.png"]]:  # digit.png: as the docs say
+        done = subprocess.run([str(BIN / "vae"), *words[1:]], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, f"`{shlex.join(words)}`: {done.stdout[-500:]} {done.stderr[-2000:]}"
     curls = [words for _, words in COMMANDS if words[0] == "curl"]
-    assert len(curls) >= 3
-    with vae_serve(str(tmp_path / "decoder.onnx"), tmp_path / "serve.log") as url:
+    assert len(curls) >= 5
+    with vae_serve(str(tmp_path / "models"), tmp_path / "serve.log") as url:
         for words in curls:
             args = [re.sub(r"^(http://127\.0\.0\.1|localhost):8000", url, a) for a in words[1:]]
             done = subprocess.run(["curl", "--fail-with-body", *args], cwd=tmp_path, capture_output=True, text=True,
                                   timeout=60)
             assert done.returncode == 0, f"`{shlex.join(words)}`: {done.stdout[:500]} {done.stderr}"
     assert (tmp_path / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((tmp_path / "latents.csv").read_text().splitlines()) == 10_001  # a header and the test set
 
 
 @pytest.mark.integration  # starts `vae`
