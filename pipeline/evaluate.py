@@ -146,8 +146,7 @@ def save_grids(model: VAE, x: torch.Tensor, layout: Layout, params: Params) -> N
     for start in range(0, n, per_row):
         rows += [inputs[start:start + per_row], outputs[start:start + per_row]]
     save_png(layout.recon_plot, torch.cat(rows).reshape(-1, *IMAGE_SHAPE), per_row)
-    z = torch.randn((params.eval.grid_images, model.config.latent_dim),
-                    generator=rng.eval_generator(params.eval.seed, "samples"))
+    z = model.sample_prior(params.eval.grid_images, rng.eval_generator(params.eval.seed, "samples"))
     save_png(layout.samples_plot, torch.sigmoid(model.decode(z)).reshape(-1, *IMAGE_SHAPE), per_row)
 
 

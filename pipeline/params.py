@@ -11,7 +11,7 @@ from typing import Annotated, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from vae.model import ACTIVATIONS, ARCHS, VAEConfig
+from vae.model import ACTIVATIONS, ARCHS, PRIORS, VAEConfig
 from vae.training import TrainConfig
 
 MNIST_TRAIN_IMAGES = 60_000
@@ -53,11 +53,14 @@ class ModelParams(Section):
     mid_hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: list(_MODEL.mid_hidden_dims),
                                                                min_length=1)
     activation: Literal[tuple(ACTIVATIONS)] = _MODEL.activation  # the hidden layers' nonlinearity
+    # p(z): standard normal, or a VampPrior over `pseudo_inputs` learned inputs (one stochastic layer).
+    prior: Literal[PRIORS] = _MODEL.prior
+    pseudo_inputs: int = Field(_MODEL.pseudo_inputs, ge=1, le=10_000)
 
     def vae_config(self) -> VAEConfig:
         return VAEConfig(latent_dim=self.latent_dim, hidden_dims=tuple(self.hidden_dims), arch=self.arch,
                          mid_latent_dim=self.mid_latent_dim, mid_hidden_dims=tuple(self.mid_hidden_dims),
-                         activation=self.activation)
+                         activation=self.activation, prior=self.prior, pseudo_inputs=self.pseudo_inputs)
 
 
 class TrainParams(Section):
@@ -123,6 +126,13 @@ class Params(Section):
     @model_validator(mode="after")
     def _check_combinations(self) -> "Params":
         """Values that are valid alone but not together; the message names the keys."""
+        if self.model.prior == "vamp" and self.model.mid_latent_dim:
+            raise ValueError("model.prior: vamp is implemented for one stochastic layer "
+                             f"(got model.mid_latent_dim: {self.model.mid_latent_dim})")
+        if self.model.prior == "vamp" and self.data.max_train_images is not None \
+                and self.model.pseudo_inputs > self.data.max_train_images:
+            raise ValueError(f"model.pseudo_inputs: {self.model.pseudo_inputs} pseudo-inputs start as training "
+                             f"images, but data.max_train_images is {self.data.max_train_images}")
         if self.train.grad_estimator == "dreg":
             if self.train.iwae_k < 2:
                 raise ValueError(f"train.grad_estimator: dreg needs train.iwae_k > 1 (got {self.train.iwae_k})")

@@ -20,6 +20,7 @@ from torch.torch_version import TorchVersion
 from pipeline import compat, tracking
 from pipeline.params import Params
 from vae.cuda_graph import GraphedTrainer
+from vae.data import to_float
 from vae.model import VAE
 from vae.training import Shard, Trainer, to_host, validate, validation_set
 
@@ -87,6 +88,16 @@ def compile_model(model, device, dreg: bool = False):
     return torch.compile(model, dynamic=False)
 
 
+def pseudo_inputs(train_images: torch.Tensor, params: Params) -> torch.Tensor:
+    """The training images a VampPrior's pseudo-inputs start as: model.pseudo_inputs of them,
+    drawn from train.seed alone (the same on every worker), as grey levels."""
+    if params.model.prior != "vamp":
+        return train_images[:0]
+    generator = torch.Generator().manual_seed(params.train.seed)
+    chosen = torch.randperm(len(train_images), generator=generator)[:params.model.pseudo_inputs]
+    return to_float(train_images[chosen])
+
+
 def uses_cuda_graph(device: torch.device, world: int) -> bool:
     """Whether a worker replays its step as a CUDA graph (vae/cuda_graph.py): alone on a GPU.
     Several GPU workers train eagerly: DDP's all-reduce is not captured."""
@@ -134,11 +145,13 @@ class Worker:
         device = ray.train.torch.get_device()
         graphed = uses_cuda_graph(device, shard.world)
         torch.manual_seed(params.train.seed)  # same initial weights on every rank
-        # On the device before the optimiser exists: a restored Adam state then lands there too.
-        model = VAE(params.model.vae_config()).to(device)
         with warnings.catch_warnings():  # zero-copy, read-only views of the object store: never written
             warnings.simplefilter("ignore", UserWarning)
             train_images, val_images = (torch.from_numpy(ray.get(ref)) for ref in context.data)
+        model = VAE(params.model.vae_config())
+        model.init_pseudo_inputs(pseudo_inputs(train_images, params))
+        # On the device before the optimiser exists: a restored Adam state then lands there too.
+        model = model.to(device)
         trainer = Trainer.create(model, params.train_config(), len(train_images), capturable=graphed, device=device,
                                  shard=shard, reduce=_all_reduce)
         state = _restore(trainer)

@@ -223,3 +223,81 @@ def test_served_encoder_and_score_are_the_models_own_maths(layers, request):
         noise = draw_noise(rng.image_generators(0, "iwae", 0, 6), k, 6, model.config.noise_dim, torch.device("cpu"))
         expected = -iwae_log_lik(model, x, k, rng.image_generators(0, "iwae", 0, 6), chunk=k)
         torch.testing.assert_close(ImageScore(model)(x, noise.transpose(0, 1)), expected, atol=1e-4, rtol=0)
+
+
+@pytest.fixture
+def vamp():
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(latent_dim=2, hidden_dims=(32,), prior="vamp", pseudo_inputs=7))
+    model.init_pseudo_inputs(torch.rand(7, 784, generator=torch.Generator().manual_seed(3)))
+    return model
+
+
+def test_mixture_log_prob_is_the_brute_force_mixture():
+    """The matrix-product form against log (1/K) sum_k N(z; m_k, v_k) written out, in float64."""
+    from vae.densities import mixture_log_prob
+
+    g = torch.Generator().manual_seed(0)
+    means, logvars = 2 * torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    z = 3 * torch.randn(4, 6, 3, generator=g)
+    brute = torch.logsumexp(gaussian_log_prob(z[..., None, :].double(), means.double(), logvars.double()), -1)
+    expected = brute - math.log(5)
+    assert mixture_log_prob(z, means, logvars).shape == (4, 6)
+    torch.testing.assert_close(mixture_log_prob(z, means, logvars).double(), expected, atol=1e-4, rtol=1e-5)
+
+
+def test_the_vamp_prior_is_the_mixture_of_posteriors_at_its_pseudo_inputs_and_a_density(vamp):
+    """log p(z) is the mean of q(z|u_k) over the pseudo-inputs (brute force); it integrates to
+    1 over the latent plane (a grid sum); its samples come from it (their mean is the
+    components' mean, within Monte-Carlo error)."""
+    with torch.no_grad():
+        mu, logvar = vamp.encoder(vamp.pseudo_inputs)
+        z = torch.randn(10, 2)
+        per_component = gaussian_log_prob(z[:, None, :], mu, logvar)
+        torch.testing.assert_close(vamp.log_prior(z), torch.logsumexp(per_component, -1) - math.log(7))
+        side = torch.linspace(-12, 12, 601)
+        grid = torch.cartesian_prod(side, side)
+        mass = vamp.log_prior(grid).double().exp().sum() * (side[1] - side[0]) ** 2
+        assert mass.item() == pytest.approx(1.0, abs=2e-3)
+        draws = vamp.sample_prior(20_000, torch.Generator().manual_seed(1))
+        assert (draws.mean(0) - mu.mean(0)).abs().max() < 4 * draws.std(0).max() / math.sqrt(20_000)
+
+
+def test_the_vamp_prior_trains_with_iwae_and_dreg_and_its_pseudo_inputs_learn(vamp):
+    """Its bound is the model's with log p(z) from the mixture (the ELBO's KL the samples'
+    estimate); DReG and the plain gradient agree on the pseudo-inputs' gradient (DReG changes
+    only the encoder's path through q), and both reach them."""
+    x = (torch.rand(6, 784, generator=torch.Generator().manual_seed(2)) > 0.5).float()
+    eps = torch.randn(5, 6, 2, generator=torch.Generator().manual_seed(4))
+    log_px_z, log_ratio, kl = vamp(x, eps)
+    mu, logvar = vamp.encoder(x)
+    z = mu + torch.exp(0.5 * logvar) * eps
+    torch.testing.assert_close(log_ratio, vamp.log_prior(z) - gaussian_log_prob(z, mu, logvar))
+    torch.testing.assert_close(kl, -log_ratio.mean(0))
+    grads = []
+    for dreg in (False, True):
+        vamp.zero_grad()
+        iwae_terms(vamp, x, eps, dreg=dreg)["loss"].mean().backward()
+        grads.append(vamp.pseudo_inputs.grad.clone())
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)
+
+
+def test_a_vamp_prior_saves_loads_and_exports_its_score(vamp, tmp_path):
+    """The pseudo-inputs travel in the checkpoint; the score graph holds the prior (the
+    encoder at the pseudo-inputs) and matches torch."""
+    import numpy as np
+
+    from pipeline.export import export_score
+    from pipeline.serve.session import open_session
+
+    buffer = io.BytesIO()
+    torch.save(vamp.to_checkpoint(), buffer)
+    loaded = VAE.from_checkpoint(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)).eval()
+    torch.testing.assert_close(loaded.pseudo_inputs, vamp.pseudo_inputs)
+    export_score(loaded, 4, tmp_path / "score.onnx", opset=18)
+    x, eps = torch.rand(3, 784), torch.randn(3, 4, 2)
+    with torch.no_grad():
+        expected = ImageScore(loaded)(x, eps).numpy()
+    (got,) = open_session(tmp_path / "score.onnx").run(["score"], {"x": x.numpy(), "eps": eps.numpy()})
+    np.testing.assert_allclose(got, expected, rtol=1e-5)

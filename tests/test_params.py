@@ -60,3 +60,10 @@ def test_values_that_do_not_go_together_are_named(tmp_path):
                                           r"\(got model.mid_latent_dim: 10\)"):
         load_params(write(tmp_path, "train:\n  grad_estimator: dreg\n  iwae_k: 5\nmodel:\n  mid_latent_dim: 10\n"))
     assert load_params(write(tmp_path, "train:\n  grad_estimator: dreg\n  iwae_k: 5\n")).train.grad_estimator == "dreg"
+    with pytest.raises(ParamsError, match=r"model.prior: vamp is implemented for one stochastic layer"):
+        load_params(write(tmp_path, "model:\n  prior: vamp\n  mid_latent_dim: 10\n"))
+    with pytest.raises(ParamsError, match=r"model.pseudo_inputs: 500 pseudo-inputs start as training images, "
+                                          r"but data.max_train_images is 300"):
+        load_params(write(tmp_path, "model:\n  prior: vamp\ndata:\n  max_train_images: 300\n"))
+    with pytest.raises(ParamsError, match=r"model.prior"):
+        load_params(write(tmp_path, "model:\n  prior: gaussian\n"))

@@ -33,3 +33,15 @@ def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -
 def prior_log_prob(z: torch.Tensor) -> torch.Tensor:
     """log N(z; 0, I), per latent vector."""
     return -0.5 * (LOG_2PI + z.pow(2)).sum(-1)
+
+
+def mixture_log_prob(z: torch.Tensor, means: torch.Tensor, logvars: torch.Tensor) -> torch.Tensor:
+    """log of the equal-weight mixture (1/K) sum_k N(z; means_k, exp(logvars_k)), per latent
+    vector z (..., d), of the K diagonal Gaussians means, logvars (K, d). The squared distances
+    come from matrix products, (z - m)^2 / v = z^2 / v - 2 z m / v + m^2 / v: memory (..., K),
+    not (..., K, d), which for L_5000's 64 samples of 1,000 images and 500 components is 6 GB."""
+    precision = torch.exp(-logvars)  # (K, d)
+    flat = z.reshape(-1, z.shape[-1])
+    squared = flat.pow(2) @ precision.T - 2 * flat @ (means * precision).T + (means.pow(2) * precision).sum(-1)
+    components = -0.5 * (z.shape[-1] * LOG_2PI + logvars.sum(-1) + squared)  # (M, K)
+    return (torch.logsumexp(components, dim=-1) - math.log(len(means))).reshape(z.shape[:-1])

@@ -1,5 +1,7 @@
-"""The VAE: a Gaussian encoder q(z|x), a Bernoulli decoder p(x|z), and the standard normal prior;
-optionally a second stochastic layer between x and z (Burda et al.'s two-layer model).
+"""The VAE: a Gaussian encoder q(z|x), a Bernoulli decoder p(x|z), and a prior p(z): the
+standard normal, or a VampPrior (Tomczak & Welling 2018: the mixture of the encoder's
+posteriors at K learned pseudo-inputs); optionally a second stochastic layer between x and z
+(Burda et al.'s two-layer model).
 
 Pure PyTorch. The architecture is chosen by a small config, so a saved model is its
 state_dict plus `asdict(config)`: no pickled classes, loadable with weights_only=True.
@@ -12,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from vae.densities import bernoulli_log_lik, gaussian_kl, gaussian_log_prob, prior_log_prob
+from vae.densities import bernoulli_log_lik, gaussian_kl, gaussian_log_prob, mixture_log_prob, prior_log_prob
 
 IMAGE_SHAPE = (1, 28, 28)
 INPUT_DIM = 28 * 28
@@ -24,6 +26,8 @@ ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 # conv: two stride-2 convolutions take 28x28 to CONV_CHANNELS[-1] maps of 7x7.
 CONV_CHANNELS = (32, 64)
 CONV_FLAT = CONV_CHANNELS[-1] * 7 * 7
+# p(z): standard, N(0, I); vamp, the VampPrior (1/K) sum_k q(z | u_k) at K pseudo-inputs u_k.
+PRIORS = ("standard", "vamp")
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,8 @@ class VAEConfig:
     mid_latent_dim: int | None = None
     mid_hidden_dims: tuple[int, ...] = (100, 100)
     activation: str = "relu"
+    prior: str = "standard"
+    pseudo_inputs: int = 500  # the VampPrior's K (Tomczak & Welling used 500 on MNIST)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -44,6 +50,11 @@ class VAEConfig:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"model.activation: unknown activation {self.activation!r} "
                              f"(known: {', '.join(map(repr, ACTIVATIONS))})")
+        if self.prior not in PRIORS:
+            raise ValueError(f"model.prior: unknown prior {self.prior!r} (known: {', '.join(map(repr, PRIORS))})")
+        if self.prior == "vamp" and self.mid_latent_dim:
+            raise ValueError("model.prior: vamp is implemented for one stochastic layer "
+                             f"(got model.mid_latent_dim: {self.mid_latent_dim})")
         object.__setattr__(self, "hidden_dims", tuple(self.hidden_dims))
         object.__setattr__(self, "mid_hidden_dims", tuple(self.mid_hidden_dims))
 
@@ -157,6 +168,32 @@ class VAE(nn.Module):
             act = ACTIVATIONS[config.activation]
             self.upper_encoder = Gaussian([*mid, top], act)  # q(z|z_mid)
             self.upper_decoder = Gaussian([top, *reversed(mid)], act)  # p(z_mid|z)
+        if config.prior == "vamp":
+            # Grey levels until init_pseudo_inputs sets them to training images (train does).
+            self.pseudo_inputs = nn.Parameter(torch.full((config.pseudo_inputs, INPUT_DIM), 0.05))
+
+    @torch.no_grad()
+    def init_pseudo_inputs(self, images: torch.Tensor) -> None:
+        """The VampPrior's pseudo-inputs set to these K images (N, 784), as Tomczak & Welling
+        suggest (learning then moves them); nothing with the standard prior."""
+        if self.config.prior == "vamp":
+            self.pseudo_inputs.copy_(images[:self.config.pseudo_inputs].reshape(-1, INPUT_DIM))
+
+    def log_prior(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(z) per latent vector z (..., latent_dim)."""
+        if self.config.prior == "standard":
+            return prior_log_prob(z)
+        return mixture_log_prob(z, *self.encoder(self.pseudo_inputs))
+
+    def sample_prior(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """n draws of z from p(z), from `generator`: for the VampPrior, a component (pseudo-input)
+        uniformly, then its Gaussian."""
+        noise = torch.randn((n, self.config.latent_dim), generator=generator)
+        if self.config.prior == "standard":
+            return noise
+        mu, logvar = self.encoder(self.pseudo_inputs)
+        pick = torch.randint(len(mu), (n,), generator=generator)
+        return mu[pick] + torch.exp(0.5 * logvar[pick]) * noise
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor, dreg: bool = False):
         """k reparameterised samples of the latents per image, from the noise eps (k, N, noise_dim)
@@ -176,10 +213,12 @@ class VAE(nn.Module):
         log_px_z = bernoulli_log_lik(self.decoder(z), x.expand(len(z), *x.shape))
         if not self.config.mid_latent_dim:
             if dreg and z.requires_grad:
-                log_ratio = _doubly_reparameterised(z, mu, logvar, log_px_z)
+                log_ratio = _doubly_reparameterised(z, mu, logvar, log_px_z, self.log_prior)
             else:
-                log_ratio = prior_log_prob(z) - gaussian_log_prob(z, mu, logvar)
-            return log_px_z, log_ratio, gaussian_kl(mu, logvar)
+                log_ratio = self.log_prior(z) - gaussian_log_prob(z, mu, logvar)
+            # The KL to the standard normal in closed form; to a VampPrior, the samples' estimate.
+            kl = gaussian_kl(mu, logvar) if self.config.prior == "standard" else -log_ratio.mean(0)
+            return log_px_z, log_ratio, kl
         if dreg:
             raise ValueError("doubly reparameterised gradients are implemented for one stochastic layer only")
         top_mu, top_logvar = self.upper_encoder(z)
@@ -212,15 +251,15 @@ class VAE(nn.Module):
         return cls.from_checkpoint(torch.load(path, map_location="cpu", weights_only=True)).eval()
 
 
-def _doubly_reparameterised(z, mu, logvar, log_px_z) -> torch.Tensor:
+def _doubly_reparameterised(z, mu, logvar, log_px_z, log_prior) -> torch.Tensor:
     """log p(z) - log q(z|x) for k samples z (k, N, latent), wired for the DReG estimator
     (Tucker et al. 2019) of the IWAE bound's gradient: the encoder reaches the bound only
     through z (q's density is taken at a detached mu and logvar), and the gradient that
     reaches z from sample i is scaled by its normalised importance weight w_i, so that with
     the bound's own weight the encoder gets sum_i w_i^2 d log w_i / dz_i * dz_i / dphi.
     Unbiased like the plain gradient, and its signal-to-noise ratio does not fall as k grows,
-    as the plain estimator's does. The decoder's gradients are unchanged."""
-    log_ratio = prior_log_prob(z) - gaussian_log_prob(z, mu.detach(), logvar.detach())
+    as the plain estimator's does. The decoder's (and a VampPrior's) gradients are unchanged."""
+    log_ratio = log_prior(z) - gaussian_log_prob(z, mu.detach(), logvar.detach())
     weights = torch.softmax((log_px_z + log_ratio).detach(), dim=0)
     z.register_hook(lambda grad: grad * weights.unsqueeze(-1))
     return log_ratio
