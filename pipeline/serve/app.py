@@ -58,7 +58,7 @@ from pipeline.serve.protocol import (
 from pipeline.serve.session import MODEL_VERSION, OnnxModel, open_models
 
 STATIC = Path(__file__).parent / "static"  # the latent-space page's HTML, script and style
-INLINE_BATCH = 64  # run batches up to 64 latent vectors' size on the event loop: a thread hop costs more
+INLINE_BATCH = 64  # run up to 64 decoder passes on the event loop: a thread hop costs more than they do
 BYTES_PER_FLOAT = 24  # generous JSON size of one float, for the body limit
 
 
@@ -116,7 +116,7 @@ def create_app(files: ModelFiles | Path | str | bytes, max_batch: int = 1024) ->
 
     async def infer_sized(model: OnnxModel, batch: np.ndarray, parameters: dict | None = None):
         parameters = parameters or {}
-        if len(batch) * model.width <= INLINE_BATCH * decoder.width:
+        if len(batch) * model.cost <= INLINE_BATCH:
             return infer_with(model, batch, parameters)
         return await run_in_threadpool(infer_with, model, batch, parameters)
 

@@ -82,6 +82,7 @@ class OnnxModel:
     name = ""
     platform = "onnxruntime_onnx"
     images = False  # whether the input is images, grey levels in [0, 1] (else latent vectors)
+    cost = 1  # the work of one image or latent vector, in passes through the decoder (or encoder)
 
     def __init__(self, model: Path | str | bytes, max_batch: int, cuda_from_batch: int = CUDA_FROM_BATCH):
         self.sessions, self.max_batch = BySize.open(model, cuda_from_batch), max_batch
@@ -149,6 +150,7 @@ class ScoreModel(OnnxModel):
     def __init__(self, model: Path | str | bytes, max_batch: int, cuda_from_batch: int = CUDA_FROM_BATCH):
         super().__init__(model, max_batch, cuda_from_batch)
         (_, self.k, self.noise_dim) = self.sessions.large.get_inputs()[1].shape
+        self.cost = self.k  # k decoder passes an image
 
     def score(self, x: np.ndarray, noise: np.random.Generator) -> np.ndarray:
         """The scores of x, with the next len(x) images' noise from `noise` (see score_noise)."""
