@@ -24,7 +24,8 @@ def summary(layout: Layout) -> str:
     if run:
         lines.append(f"  {'MLflow run:':14}{run['run_id']} (experiment {run['experiment']})")
     lines += ["Browse the run:", f"  {tracking.browse_hint(layout)}",
-              "Serve the decoder:", f"  vae serve {layout.decoder_onnx.relative_to(layout.root)}"]
+              "Serve the model (decoder, encoder, score):",
+              f"  vae serve {layout.decoder_onnx.parent.relative_to(layout.root)}/"]
     return "\n".join(lines)
 
 
