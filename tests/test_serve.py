@@ -311,12 +311,13 @@ def test_openapi_fuzzing_never_gets_a_5xx(server):
 
 def test_ray_serve_with_two_replicas(decoder_and_onnx, ray_address, tmp_path):
     """`vae serve --ray --replicas 2` on the test's 2-node Ray cluster: both replicas run
-    (one per node: each node has one CPU), and requests through Serve's proxy decode right."""
+    (one per node: each node has one CPU), and requests through Serve's proxy decode right and
+    reach the encoder that travelled with the decoder."""
     from ray import serve
 
     from helpers import git_env
 
-    decoder, onnx_path = decoder_and_onnx
+    decoder, onnx_path, _ = decoder_and_onnx  # the encoder and score graphs beside it go too
     port = free_port()
     with open(tmp_path / "serve.log", "w") as log:
         process = subprocess.Popen([str(BIN / "vae"), "serve", str(onnx_path), "--ray", "--replicas", "2",
@@ -343,6 +344,8 @@ def test_ray_serve_with_two_replicas(decoder_and_onnx, ray_address, tmp_path):
                 assert response.status_code == 200, response.text
                 np.testing.assert_allclose(np.array(response.json()["images"]), want, atol=1e-5)
             assert client.post(f"{url}/v1/decode", json={"z": [[0.0]]}).status_code == 400  # still our errors
+            encoded = client.post(f"{url}/v1/encode", json={"x": grey_images(2).tolist()})
+            assert encoded.status_code == 200 and np.shape(encoded.json()["mu"]) == (2, LATENT)
     finally:
         process.terminate()
         returncode = process.wait(timeout=60)
