@@ -227,6 +227,15 @@ def test_huge_pngs_infinite_binary_tensors_and_bad_seeds_are_refused(server):
     assert httpx.post(f"{server}/v1/score", params={"seed": -1}, json={"x": grey_images(1).tolist()}).status_code == 400
 
 
+def test_graphs_of_different_models_are_refused_naming_the_sizes(decoder_and_onnx, tmp_path):
+    from pipeline.registry import ModelFiles
+    from pipeline.serve.session import open_models
+
+    export_encoder(VAE(VAEConfig(latent_dim=LATENT + 1, hidden_dims=(8,))), tmp_path / "encoder.onnx", opset=18)
+    with pytest.raises(LookupError, match=f"the encoder's latent size {LATENT + 1} is not the decoder's {LATENT}"):
+        open_models(ModelFiles(decoder_and_onnx[1], tmp_path / "encoder.onnx"), max_batch=4)
+
+
 @pytest.mark.integration  # starts `vae serve`
 def test_a_decoder_alone_serves_and_says_where_the_encoder_is(decoder_and_onnx, tmp_path):
     (tmp_path / "decoder.onnx").write_bytes(decoder_and_onnx[1].read_bytes())

@@ -173,7 +173,7 @@ def score_noise(seed: int) -> np.random.Generator:
 
 def open_models(files: ModelFiles, max_batch: int) -> dict[str, OnnxModel]:
     """The served models by their protocol names; an encoder or score graph whose latent or
-    image size does not fit the decoder's is an error naming both."""
+    image size does not fit the decoder's is a LookupError (`vae serve` reports it) naming both."""
     models = {MODEL_NAME: DecoderModel(files.decoder, max_batch)}
     if files.encoder is not None:
         models[ENCODER_NAME] = EncoderModel(files.encoder, max_batch)
@@ -181,11 +181,11 @@ def open_models(files: ModelFiles, max_batch: int) -> dict[str, OnnxModel]:
         models[SCORE_NAME] = ScoreModel(files.score, max_batch)
     latent = models[MODEL_NAME].latent_dim
     if ENCODER_NAME in models and models[ENCODER_NAME].outputs["mu"][1] != latent:
-        raise ValueError(f"the encoder's latent size {models[ENCODER_NAME].outputs['mu'][1]} is not the decoder's "
-                         f"{latent}: they come from different models")
+        raise LookupError(f"the encoder's latent size {models[ENCODER_NAME].outputs['mu'][1]} is not the decoder's "
+                          f"{latent}: they come from different models")
     for model in models.values():
         if model is not models[MODEL_NAME] and model.width != IMAGE_PIXELS:
-            raise ValueError(f"{model.name} takes {model.width} numbers an image, not {IMAGE_PIXELS}")
+            raise LookupError(f"{model.name} takes {model.width} numbers an image, not {IMAGE_PIXELS}")
     return models
 
 
