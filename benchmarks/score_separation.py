@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline.files import Layout
 from pipeline.registry import SCORE_NAME, resolve
-from pipeline.serve.session import open_models
+from pipeline.serve.session import open_models, score_noise
 from vae.data import read_idx
 
 
@@ -49,7 +49,7 @@ def main() -> None:
             "shuffled": rng.permuted(test, axis=1), "noise": rng.random(test.shape, dtype=np.float32)}
     start, scores = time.perf_counter(), {}
     for name, x in sets.items():
-        noise = np.random.default_rng(args.seed)  # every set gets the same noise, row for row
+        noise = score_noise(args.seed)  # every set gets the same noise, row for row, as the server draws it
         scores[name] = np.concatenate([scorer.score(x[i:i + 1024], noise) for i in range(0, len(x), 1024)])
     seconds = time.perf_counter() - start
     print(f"-L_{scorer.k} per image in nats, {args.images} images a set ({seconds:.1f} s to score "

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from tqdm import tqdm
 from pipeline.files import atomic_path
 from pipeline.registry import ENCODER_NAME, MODEL_NAME, SCORE_NAME, resolve
 from pipeline.serve.protocol import ApiError, check_batch, png_image
-from pipeline.serve.session import IMAGE_PIXELS, OnnxModel, open_models
+from pipeline.serve.session import IMAGE_PIXELS, OnnxModel, open_models, score_noise
 from vae.data import DataError, read_idx
 
 OUTPUTS = (".npy", ".csv")
@@ -86,7 +85,7 @@ def encode(paths: list[Path], source: str, out: Path, seed: int, batch: int) -> 
         images.append(x)
         sources += [f"{path}:{i}" for i in range(len(x))]
     x = np.concatenate(images)
-    noise, mu, scores = np.random.default_rng(seed), [], []
+    noise, mu, scores = score_noise(seed), [], []
     with tqdm(total=len(x), desc="encode", unit="image", disable=len(x) <= batch) as bar:
         for start in range(0, len(x), batch):
             rows = x[start:start + batch]
@@ -99,13 +98,18 @@ def encode(paths: list[Path], source: str, out: Path, seed: int, batch: int) -> 
     return len(x)
 
 
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """np.save to exactly this path (given a name, np.save appends .npy to a temporary one)."""
+    with open(path, "wb") as f:
+        np.save(f, array)
+
+
 def write_table(out: Path, mu: np.ndarray, scores: np.ndarray, sources: list[str]) -> None:
     """.npy: float32 (N, latent_dim + 1), the latent mean then the score; .csv: the same with
     a header and each image's file:index first."""
     with atomic_path(out) as tmp:
         if out.suffix == ".npy":
-            with open(tmp, "wb") as f:
-                np.save(f, np.column_stack([mu, scores]).astype(np.float32))
+            save_npy(tmp, np.column_stack([mu, scores]).astype(np.float32))
             return
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
@@ -124,7 +128,7 @@ def sample(source: str, n: int, seed: int, out: Path, batch: int) -> None:
     if n < 1:
         raise InputError(f"--n {n}: at least one sample")
     decoder = open_models(resolve(source), batch)[MODEL_NAME]
-    z = np.random.default_rng(seed).standard_normal((n, decoder.latent_dim), dtype=np.float32)
+    z = decoder.prior_samples(n, seed)
     images = []
     for start in tqdm(range(0, n, batch), desc="sample", unit="batch", disable=n <= batch):
         images.append(decoder.decode(z[start:start + batch]))
@@ -133,9 +137,7 @@ def sample(source: str, n: int, seed: int, out: Path, batch: int) -> None:
         if out.suffix == ".png":
             tmp.write_bytes(png_grid(images))
         else:
-            buffer = io.BytesIO()
-            np.save(buffer, images)
-            tmp.write_bytes(buffer.getvalue())
+            save_npy(tmp, images)
     print(f"sample: {n} images (seed {seed}) -> {out}", flush=True)
 
 

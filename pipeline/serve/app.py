@@ -172,7 +172,7 @@ def create_app(files: ModelFiles | Path | str | bytes, max_batch: int = 1024) ->
 
     @app.get("/v1/samples.png", response_class=Response, responses={200: {"content": {"image/png": {}}}})
     def samples(n: int = Query(64, ge=1, le=256), seed: int = Query(0, ge=0, le=2**32 - 1)):
-        z = np.random.default_rng(seed).standard_normal((n, decoder.latent_dim), dtype=np.float32)
+        z = decoder.prior_samples(n, seed)
         return Response(png_grid(decoder.decode(z)), media_type="image/png")  # n is bounded by the query's check
 
     @app.post("/v1/decode")

@@ -124,6 +124,10 @@ class DecoderModel(OnnxModel):
         """Images (N, 1, 28, 28) for z (N, latent_dim) FP32, checked by the caller (protocol.check_batch)."""
         return self.run({self.input: z})[self.output]
 
+    def prior_samples(self, n: int, seed: int) -> np.ndarray:
+        """n latent vectors from N(0, I), as /v1/samples.png and `vae sample` draw them from a seed."""
+        return np.random.default_rng(seed).standard_normal((n, self.latent_dim), dtype=np.float32)
+
     def parameters(self) -> dict:
         return {"latent_dim": self.latent_dim, **super().parameters(), "latent_order": self.latent_order,
                 "latent_spread": self.latent_spread, "latent_map": self.latent_map is not None}
