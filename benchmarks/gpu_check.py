@@ -45,7 +45,7 @@ from vae.training import TrainConfig, Trainer, validate, validation_set  # noqa:
 # params.yaml's model and train section, and the README's paper preset (784-512-256-50 SiLU,
 # dynamically binarised, IWAE k=5 with DReG, 250 epochs).
 DEFAULT = (VAEConfig(), TrainConfig(seed=0, epochs=30, batch_size=128, lr=2e-3, lr_schedule="onecycle", iwae_k=1,
-                                    dreg=False, binarize=False, bf16=False))
+                                    dreg=False, binarize=False, bf16=False, kl_warmup_epochs=0))
 PAPER = (VAEConfig(latent_dim=50, activation="silu"),
          replace(DEFAULT[1], epochs=250, iwae_k=5, dreg=True, binarize=True))
 VAL_SIZE = 10_000

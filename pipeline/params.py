@@ -11,7 +11,7 @@ from typing import Annotated, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from vae.model import ACTIVATIONS, ARCHS, PRIORS, VAEConfig
+from vae.model import ACTIVATIONS, ARCHS, MID_LAYOUTS, PRIORS, VAEConfig
 from vae.training import TrainConfig
 
 MNIST_TRAIN_IMAGES = 60_000
@@ -47,20 +47,24 @@ class ModelParams(Section):
     latent_dim: int = Field(_MODEL.latent_dim, ge=1, le=1024)
     hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: list(_MODEL.hidden_dims),
                                                            min_length=1)
-    # A second stochastic layer z_mid between x and z (null: none), and the hidden layers
-    # between z_mid and z (Burda et al.'s two-layer model: 100 and [100, 100]).
+    # A second stochastic layer z_mid below z (null: none), the hidden layers of the networks
+    # between z_mid and z (Burda et al.'s two-layer model: 100 and [100, 100]), and the layout:
+    # chain (Burda et al.) or top_down (Tomczak & Welling; see vae/model.py).
     mid_latent_dim: int | None = Field(_MODEL.mid_latent_dim, ge=1, le=1024)
     mid_hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: list(_MODEL.mid_hidden_dims),
                                                                min_length=1)
+    mid_layout: Literal[MID_LAYOUTS] = _MODEL.mid_layout
     activation: Literal[tuple(ACTIVATIONS)] = _MODEL.activation  # the hidden layers' nonlinearity
-    # p(z): standard normal, or a VampPrior over `pseudo_inputs` learned inputs (one stochastic layer).
+    # p(z): standard normal, or a VampPrior over `pseudo_inputs` learned inputs (on z, the top
+    # latent: one stochastic layer or the top_down layout).
     prior: Literal[PRIORS] = _MODEL.prior
     pseudo_inputs: int = Field(_MODEL.pseudo_inputs, ge=1, le=10_000)
 
     def vae_config(self) -> VAEConfig:
         return VAEConfig(latent_dim=self.latent_dim, hidden_dims=tuple(self.hidden_dims), arch=self.arch,
                          mid_latent_dim=self.mid_latent_dim, mid_hidden_dims=tuple(self.mid_hidden_dims),
-                         activation=self.activation, prior=self.prior, pseudo_inputs=self.pseudo_inputs)
+                         mid_layout=self.mid_layout, activation=self.activation, prior=self.prior,
+                         pseudo_inputs=self.pseudo_inputs)
 
 
 class TrainParams(Section):
@@ -72,6 +76,10 @@ class TrainParams(Section):
     # The training bound's gradient: iwae, the plain reparameterised one; dreg, the doubly
     # reparameterised one (Tucker et al. 2019): lower-variance encoder gradients, same cost, iwae_k > 1.
     grad_estimator: Literal["iwae", "dreg"] = "iwae"
+    # KL warm-up: the weight of log p(z) - log q(z|x) in the bound rises linearly from
+    # 1/kl_warmup_epochs to 1 over that many epochs (0: none), which keeps latents from
+    # collapsing to the prior early (Tomczak & Welling used 100).
+    kl_warmup_epochs: int = Field(0, ge=0)
     seed: int = Field(0, ge=0)
     # Training workers (auto: one per GPU when the cluster has GPUs, else one per node, each
     # holding all its CPUs; on one machine, one worker: a Gloo all-reduce every step costs
@@ -126,9 +134,10 @@ class Params(Section):
     @model_validator(mode="after")
     def _check_combinations(self) -> "Params":
         """Values that are valid alone but not together; the message names the keys."""
-        if self.model.prior == "vamp" and self.model.mid_latent_dim:
-            raise ValueError("model.prior: vamp is implemented for one stochastic layer "
-                             f"(got model.mid_latent_dim: {self.model.mid_latent_dim})")
+        chain = self.model.mid_latent_dim and self.model.mid_layout == "chain"
+        if self.model.prior == "vamp" and chain:
+            raise ValueError("model.prior: vamp takes one stochastic layer or model.mid_layout: top_down "
+                             f"(got model.mid_latent_dim: {self.model.mid_latent_dim} with the chain layout)")
         if self.model.prior == "vamp" and self.data.max_train_images is not None \
                 and self.model.pseudo_inputs > self.data.max_train_images:
             raise ValueError(f"model.pseudo_inputs: {self.model.pseudo_inputs} pseudo-inputs start as training "
@@ -136,9 +145,12 @@ class Params(Section):
         if self.train.grad_estimator == "dreg":
             if self.train.iwae_k < 2:
                 raise ValueError(f"train.grad_estimator: dreg needs train.iwae_k > 1 (got {self.train.iwae_k})")
-            if self.model.mid_latent_dim:
-                raise ValueError("train.grad_estimator: dreg is implemented for one stochastic layer "
-                                 f"(got model.mid_latent_dim: {self.model.mid_latent_dim})")
+            if chain:
+                raise ValueError("train.grad_estimator: dreg takes one stochastic layer or model.mid_layout: top_down "
+                                 f"(got model.mid_latent_dim: {self.model.mid_latent_dim} with the chain layout)")
+        if self.train.kl_warmup_epochs > self.train.epochs:
+            raise ValueError(f"train.kl_warmup_epochs: {self.train.kl_warmup_epochs} is more than train.epochs "
+                             f"({self.train.epochs}): the bound would never reach full weight")
         return self
 
     def train_config(self) -> TrainConfig:
@@ -146,7 +158,7 @@ class Params(Section):
         t = self.train
         return TrainConfig(seed=t.seed, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, lr_schedule=t.lr_schedule,
                            iwae_k=t.iwae_k, dreg=t.grad_estimator == "dreg", binarize=self.data.binarize == "dynamic",
-                           bf16=t.bf16)
+                           bf16=t.bf16, kl_warmup_epochs=t.kl_warmup_epochs)
 
     def flat(self) -> dict[str, object]:
         """{'section.key': value}, as logged to MLflow."""

@@ -208,7 +208,144 @@ def test_dreg_is_unbiased_with_less_variance(model):
     assert dreg.var(0).sum() < 0.5 * plain.var(0).sum()
 
 
-@pytest.mark.parametrize("layers", ["model", "two_layer"])
+@pytest.fixture
+def top_down():
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(latent_dim=3, hidden_dims=(48,), mid_latent_dim=5, mid_hidden_dims=(16, 12),
+                          mid_layout="top_down", prior="vamp", pseudo_inputs=4))
+    model.init_pseudo_inputs(torch.rand(4, 784, generator=torch.Generator().manual_seed(3)))
+    return model
+
+
+def test_top_down_weights_are_tomczak_and_wellings_conditionals(top_down):
+    """log p(x|z_mid, z) and log p(z) p(z_mid|z) - log q(z|x) q(z_mid|x, z), written out with
+    torch.distributions from the model's parts: z from x's encoder, z_mid from x's features and
+    z, the decoder reading both, the VampPrior on z. The served decoder goes through z_mid's
+    mean given z, the served encoder is q(z|x)."""
+    model, x = top_down, (torch.rand(5, 784, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    eps = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        log_px_z, log_ratio, kl = model(x, eps)
+        q_top = Normal(*_loc_scale(model.encoder(x)))
+        top = q_top.loc + q_top.scale * eps[..., 5:]
+        hidden = model.encoder.body(x)
+        h = model.mid_encoder.act(model.mid_encoder.from_x(hidden) + model.mid_encoder.from_z(top))
+        q_mid = Normal(*_loc_scale(model.mid_encoder.out(h)))
+        mid = q_mid.loc + q_mid.scale * eps[..., :5]
+        p_mid = Normal(*_loc_scale(model.upper_decoder(top)))
+        u_mu, u_logvar = model.encoder(model.pseudo_inputs)
+        components = Normal(u_mu, torch.exp(0.5 * u_logvar)).log_prob(top[..., None, :]).sum(-1)
+        vamp = torch.logsumexp(components, -1) - math.log(4)
+        expected = vamp + p_mid.log_prob(mid).sum(-1) - q_top.log_prob(top).sum(-1) - q_mid.log_prob(mid).sum(-1)
+        torch.testing.assert_close(log_ratio, expected)
+        logits = model.decoder(torch.cat([mid, top], -1))
+        torch.testing.assert_close(log_px_z, Bernoulli(logits=logits).log_prob(x).sum(-1))
+        torch.testing.assert_close(kl, -expected.mean(0))
+        z = torch.randn(2, 3)
+        through_mean = torch.sigmoid(model.decoder(torch.cat([model.upper_decoder(z)[0], z], -1)))
+        torch.testing.assert_close(ImageDecoder(model)(z).flatten(1), through_mean)
+        torch.testing.assert_close(ImageEncoder(model)(x), model.encoder(x))
+        assert model.posterior_mean(x).shape == (5, 3)
+
+
+def _loc_scale(gaussian):
+    mu, logvar = gaussian
+    return mu, torch.exp(0.5 * logvar)
+
+
+@pytest.mark.parametrize("kl_weight", [None, 0.3])
+def test_top_down_dreg_is_the_estimator_written_out(top_down, kl_weight):
+    """dreg on the top-down layout, with and without KL warm-up's weight b, against the
+    estimator written out without hooks: q's densities from a frozen copy of the model at the
+    live samples (z and z_mid, z_mid's sampling depending on z), the samples' path to the
+    encoder weighted by c_i = w_i ((1 - b) + b w_i), where log w = log p(x|z_mid, z) + b (log p -
+    log q); the generative side (decoder, p(z_mid|z), the VampPrior's pseudo-inputs and its
+    use of the encoder) weighted by w_i. The same loss as without dreg."""
+    model = top_down
+    x = (torch.rand(6, 784, generator=torch.Generator().manual_seed(3)) > 0.5).float()
+    eps = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(4))
+    b = None if kl_weight is None else torch.tensor(kl_weight)
+    encoder = list(model.encoder.parameters()) + list(model.mid_encoder.parameters())
+    generative = [*model.decoder.parameters(), *model.upper_decoder.parameters(), model.pseudo_inputs]
+    frozen = VAE(model.config)
+    frozen.load_state_dict(model.state_dict())
+    frozen.requires_grad_(False)
+
+    mu, logvar = model.encoder(x)
+    top = mu + torch.exp(0.5 * logvar) * eps[..., 5:]
+    mid_mu, mid_logvar = model.mid_encoder(model.mid_encoder.from_x(model.encoder.body(x)), top)
+    mid = mid_mu + torch.exp(0.5 * mid_logvar) * eps[..., :5]
+    log_px = Bernoulli(logits=model.decoder(torch.cat([mid, top], -1))).log_prob(x).sum(-1)
+    log_q = (gaussian_log_prob(top, *frozen.encoder(x))
+             + gaussian_log_prob(mid, *frozen.mid_encoder(frozen.mid_encoder.from_x(frozen.encoder.body(x)), top)))
+    beta = 1.0 if b is None else b
+    # The samples' path: the prior with frozen pseudo-inputs and encoder.
+    log_w = log_px + beta * (frozen.log_prior(top) + gaussian_log_prob(mid, *model.upper_decoder(top)) - log_q)
+    w = torch.softmax(log_w.detach(), dim=0)
+    prior_params = beta * model.log_prior(top.detach())  # the VampPrior's own parameters at fixed samples
+    c = w * ((1 - beta) + beta * w)
+    expected = [*torch.autograd.grad(-(c * log_w).sum() - (w * prior_params).sum(), encoder, retain_graph=True),
+                *torch.autograd.grad(-(w * log_w).sum() - (w * prior_params).sum(), generative, allow_unused=True)]
+
+    terms = iwae_terms(model, x, eps, dreg=True, kl_weight=b)
+    torch.testing.assert_close(terms["loss"], iwae_terms(model, x, eps, kl_weight=b)["loss"], atol=1e-4, rtol=0)
+    terms["loss"].sum().backward()
+    for got, want in zip([p.grad for p in encoder + generative], expected):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
+    assert model.mid_encoder.from_x.weight.grad.abs().sum() > 0 and model.pseudo_inputs.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("layout, kl_weight", [("model", 0.4), ("top_down", None), ("top_down", 0.4)])
+def test_dreg_stays_unbiased_on_the_top_down_layout_and_under_kl_warmup(layout, kl_weight, request):
+    """As test_dreg_is_unbiased_with_less_variance, for what DReG was extended to: per-draw
+    gradients of the (warm-up weighted) IWAE loss, k = 8, with respect to one image's
+    posterior mean and log-variance of z and, top-down, its features that q(z_mid|x, z) reads.
+    The means agree with the plain estimator's: reweighting z's gradient twice (once through
+    z_mid's sampling) or a warm-up scale of w_i instead of (1 - b) + b w_i would move them."""
+    model, draws = request.getfixturevalue(layout), 3000
+    x = (torch.rand(1, 784, generator=torch.Generator().manual_seed(3)) > 0.5).float().expand(draws, 784)
+    with torch.no_grad():
+        features0 = model.encoder.body(x[:1])
+        mu0, logvar0 = model.encoder.gaussian(features0)
+    eps = torch.randn(8, draws, model.config.noise_dim, generator=torch.Generator().manual_seed(5))
+    b = None if kl_weight is None else torch.tensor(kl_weight)
+
+    def per_draw_grads(dreg: bool) -> torch.Tensor:
+        # One leaf row per draw, so each row's gradient is that draw's alone.
+        leaves = [t.expand(draws, t.shape[-1]).clone().requires_grad_() for t in (mu0, logvar0, features0)]
+        mu, logvar, features = leaves
+        log_px_z, log_ratio, _ = model.sample_terms(x, mu, logvar, eps, dreg, b, features=features)
+        weighted = log_ratio if b is None else b * log_ratio
+        (-torch.logsumexp(log_px_z + weighted, dim=0)).sum().backward()
+        return torch.cat([leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves], dim=1)
+
+    plain, dreg = per_draw_grads(False), per_draw_grads(True)
+    stderr = ((plain.var(0) + dreg.var(0)) / len(plain)).sqrt()
+    assert ((plain.mean(0) - dreg.mean(0)).abs() <= 4.5 * stderr + 1e-6).all()
+    assert dreg.var(0).sum() < plain.var(0).sum()
+
+
+def test_kl_warmup_weights_the_bound_and_one_is_none():
+    """iwae_terms' loss with KL warm-up's b: log k - logsumexp(log p(x|z) + b log_ratio), the
+    ELBO's reconstruction plus b KL with k = 1; b = 1 is the unweighted loss to the bit; the
+    logged terms stay unweighted."""
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(latent_dim=4, hidden_dims=(32,)))
+    x = (torch.rand(5, 784, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    eps = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        log_px_z, log_ratio, kl = model(x, eps)
+        b = torch.tensor(0.25)
+        terms = iwae_terms(model, x, eps, kl_weight=b)
+        torch.testing.assert_close(terms["loss"], math.log(3) - torch.logsumexp(log_px_z + 0.25 * log_ratio, 0))
+        torch.testing.assert_close(terms["kl"], kl)
+        one = iwae_terms(model, x, eps[:1], kl_weight=b)
+        torch.testing.assert_close(one["loss"], one["recon"] + 0.25 * one["kl"])
+        assert torch.equal(iwae_terms(model, x, eps, kl_weight=torch.tensor(1.0))["loss"],
+                           iwae_terms(model, x, eps)["loss"])
+
+
+@pytest.mark.parametrize("layers", ["model", "two_layer", "top_down"])
 def test_served_encoder_and_score_are_the_models_own_maths(layers, request):
     """ImageEncoder's mean is posterior_mean's (what the page's sliders and embeddings use);
     ImageScore with the evaluate stage's per-image noise is its -L_k to the float, so a served
@@ -283,21 +420,28 @@ def test_the_vamp_prior_trains_with_iwae_and_dreg_and_its_pseudo_inputs_learn(va
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)
 
 
-def test_a_vamp_prior_saves_loads_and_exports_its_score(vamp, tmp_path):
-    """The pseudo-inputs travel in the checkpoint; the score graph holds the prior (the
-    encoder at the pseudo-inputs) and matches torch."""
+@pytest.mark.parametrize("layout", ["vamp", "top_down"])
+def test_a_vamp_prior_saves_loads_and_exports_its_graphs(layout, tmp_path, request):
+    """The pseudo-inputs (and the top-down layout's networks) travel in the checkpoint; the
+    score graph holds the prior (the encoder at the pseudo-inputs) and the decoder graph z's
+    path through z_mid's mean, each matching torch."""
     import numpy as np
 
-    from pipeline.export import export_score
+    from pipeline.export import export_decoder, export_score
     from pipeline.serve.session import open_session
 
+    model = request.getfixturevalue(layout)
     buffer = io.BytesIO()
-    torch.save(vamp.to_checkpoint(), buffer)
+    torch.save(model.to_checkpoint(), buffer)
     loaded = VAE.from_checkpoint(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)).eval()
-    torch.testing.assert_close(loaded.pseudo_inputs, vamp.pseudo_inputs)
+    torch.testing.assert_close(loaded.pseudo_inputs, model.pseudo_inputs)
     export_score(loaded, 4, tmp_path / "score.onnx", opset=18)
-    x, eps = torch.rand(3, 784), torch.randn(3, 4, 2)
+    export_decoder(ImageDecoder(loaded), loaded.config.latent_dim, tmp_path / "decoder.onnx", opset=18)
+    x, eps = torch.rand(3, 784), torch.randn(3, 4, loaded.config.noise_dim)
+    z = torch.randn(5, loaded.config.latent_dim)
     with torch.no_grad():
-        expected = ImageScore(loaded)(x, eps).numpy()
+        expected, images = ImageScore(loaded)(x, eps).numpy(), ImageDecoder(loaded)(z).numpy()
     (got,) = open_session(tmp_path / "score.onnx").run(["score"], {"x": x.numpy(), "eps": eps.numpy()})
     np.testing.assert_allclose(got, expected, rtol=1e-5)
+    (got,) = open_session(tmp_path / "decoder.onnx").run(None, {"z": z.numpy()})
+    np.testing.assert_allclose(got, images, atol=1e-6)

@@ -56,12 +56,21 @@ def test_malformed_yaml_and_missing_file(tmp_path):
 def test_values_that_do_not_go_together_are_named(tmp_path):
     with pytest.raises(ParamsError, match=r"params.yaml: train.grad_estimator: dreg needs train.iwae_k > 1 \(got 1\)"):
         load_params(write(tmp_path, "train:\n  grad_estimator: dreg\n"))
-    with pytest.raises(ParamsError, match=r"train.grad_estimator: dreg is implemented for one stochastic layer "
-                                          r"\(got model.mid_latent_dim: 10\)"):
+    with pytest.raises(ParamsError, match=r"train.grad_estimator: dreg takes one stochastic layer or "
+                                          r"model.mid_layout: top_down \(got model.mid_latent_dim: 10 with the chain"):
         load_params(write(tmp_path, "train:\n  grad_estimator: dreg\n  iwae_k: 5\nmodel:\n  mid_latent_dim: 10\n"))
     assert load_params(write(tmp_path, "train:\n  grad_estimator: dreg\n  iwae_k: 5\n")).train.grad_estimator == "dreg"
-    with pytest.raises(ParamsError, match=r"model.prior: vamp is implemented for one stochastic layer"):
+    with pytest.raises(ParamsError, match=r"model.prior: vamp takes one stochastic layer or model.mid_layout: "):
         load_params(write(tmp_path, "model:\n  prior: vamp\n  mid_latent_dim: 10\n"))
+    top_down = load_params(write(tmp_path, "train:\n  grad_estimator: dreg\n  iwae_k: 5\nmodel:\n  prior: vamp\n"
+                                           "  mid_latent_dim: 10\n  mid_layout: top_down\n"))
+    assert top_down.model.vae_config().top_down and top_down.train_config().dreg
+    with pytest.raises(ParamsError, match=r"model.mid_layout: Input should be 'chain' or 'top_down'"):
+        load_params(write(tmp_path, "model:\n  mid_layout: ladder\n"))
+    with pytest.raises(ParamsError, match=r"train.kl_warmup_epochs: 40 is more than train.epochs \(30\)"):
+        load_params(write(tmp_path, "train:\n  kl_warmup_epochs: 40\n"))
+    with pytest.raises(ParamsError, match=r"train.kl_warmup_epochs: Input should be greater than or equal to 0"):
+        load_params(write(tmp_path, "train:\n  kl_warmup_epochs: -1\n"))
     with pytest.raises(ParamsError, match=r"model.pseudo_inputs: 500 pseudo-inputs start as training images, "
                                           r"but data.max_train_images is 300"):
         load_params(write(tmp_path, "model:\n  prior: vamp\ndata:\n  max_train_images: 300\n"))

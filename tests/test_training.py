@@ -14,7 +14,7 @@ from vae.training import Shard, TrainConfig, Trainer, learning_rate_schedule, va
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 
 CONFIG = TrainConfig(seed=0, epochs=2, batch_size=32, lr=2e-3, lr_schedule="onecycle", iwae_k=2, dreg=True,
-                     binarize=True, bf16=False)
+                     binarize=True, bf16=False, kl_warmup_epochs=0)
 
 
 def make_trainer(images: torch.Tensor, config: TrainConfig = CONFIG, graphed: bool = False,
@@ -55,7 +55,7 @@ def test_a_script_trains_the_model_with_torch_alone(mnist_dir):
 @pytest.mark.parametrize("epochs, images", [(30, 50_000), (2, 300), (1, 64)])
 def test_learning_rate_schedule_peaks_at_train_lr_and_survives_tiny_runs(epochs, images):
     config = TrainConfig(seed=0, epochs=epochs, batch_size=128, lr=2e-3, lr_schedule="onecycle", iwae_k=1,
-                         dreg=False, binarize=False, bf16=False)
+                         dreg=False, binarize=False, bf16=False, kl_warmup_epochs=0)
     optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=config.lr)
     schedule = learning_rate_schedule(optimizer, config, images)
     rates = []
@@ -74,13 +74,15 @@ def test_learning_rate_schedule_peaks_at_train_lr_and_survives_tiny_runs(epochs,
 WALK = 330
 
 
-@pytest.mark.parametrize("config", [CONFIG, replace(CONFIG, iwae_k=1, dreg=False, binarize=False)],
-                         ids=["iwae-dreg-binarized", "elbo"])
+@pytest.mark.parametrize("config", [CONFIG, replace(CONFIG, iwae_k=1, dreg=False, binarize=False),
+                                    replace(CONFIG, kl_warmup_epochs=2)],
+                         ids=["iwae-dreg-binarized", "elbo", "kl-warmup"])
 def test_the_graphed_walk_trains_as_trainer_epoch_does(mnist_dir, config):
     """GraphedTrainer on the CPU, where each "replay" runs the captured step eagerly: its static
     buffers, warm-up, last batch and schedule give Trainer.epoch's model. Catches buffers filled
     with the wrong draws or rows, a warm-up that leaves its steps in the weights (0.02 off), a
-    learning rate or momentum the schedule no longer reaches, a last batch dropped."""
+    learning rate or momentum the schedule no longer reaches, a last batch dropped, a KL
+    warm-up weight the graphs do not see change."""
     images = load_split(mnist_dir, "train")[0][:WALK]
     eager, eager_history = trained(images, config)
     graphed, graphed_history = trained(images, config, graphed=True)
@@ -154,3 +156,18 @@ def test_on_a_gpu_the_captured_graph_trains_as_the_eager_step_does(mnist_dir):
     assert graphed_history[-1]["neg_elbo"] == pytest.approx(eager_history[-1]["neg_elbo"], rel=1e-4)
     again, _ = trained(images, graphed=True, device="cuda")
     assert max_abs_diff(graphed, again) == 0  # replays are deterministic from the seed
+
+
+def test_kl_warmup_ramps_the_weight_the_trainer_trains_with(mnist_dir):
+    """Tomczak & Welling's linear ramp, per epoch from 0; the trainer's weight tensor follows
+    it, and training with it is not training without it."""
+    config = replace(CONFIG, epochs=5, kl_warmup_epochs=4)
+    assert [config.kl_weight(e) for e in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert CONFIG.kl_weight(0) is None
+    images = load_split(mnist_dir, "train")[0][:64]
+    warm, trainer, epoch = make_trainer(images, replace(config, epochs=2))
+    epoch(0)
+    assert trainer.kl_weight.item() == 0.25
+    cold, _, cold_epoch = make_trainer(images, replace(config, epochs=2, kl_warmup_epochs=0))
+    cold_epoch(0)
+    assert max_abs_diff(warm, cold) > 1e-4

@@ -65,6 +65,7 @@ class GraphedTrainer:
         """One pass over the training images: the mean terms, as Trainer.epoch returns them."""
         trainer, config = self.trainer, self.trainer.config
         trainer.model.train()
+        trainer.start_epoch(epoch)
         self.sums.zero_()
         order = rng.epoch_order(config.seed, epoch, len(self.images), trainer.device)
         for step, batch in enumerate(order.split(config.batch_size)):

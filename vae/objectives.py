@@ -24,18 +24,26 @@ def elbo_terms(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> dict[str, torc
     return {"neg_elbo": recon + kl, "recon": recon, "kl": kl}
 
 
-def iwae_terms(model: VAE, x: torch.Tensor, eps: torch.Tensor, dreg: bool = False) -> dict[str, torch.Tensor]:
+def iwae_terms(model: VAE, x: torch.Tensor, eps: torch.Tensor, dreg: bool = False,
+               kl_weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Training terms with k = len(eps) importance samples per image (eps: (k, N, noise_dim)):
     `loss`, the negative IWAE bound (Burda et al. 2015), and the ELBO's terms averaged over
     the k samples, for the logs. With k = 1 the loss is the negative ELBO itself.
-    dreg: the loss's encoder gradients are the doubly reparameterised ones (k > 1)."""
+    dreg: the loss's encoder gradients are the doubly reparameterised ones (k > 1).
+    kl_weight: KL warm-up's b in [0, 1] (a tensor, so a CUDA graph reads it): the loss's
+    log-weights are log p(x|z) + b (log p(z) - log q(z|x)), with k = 1 the reconstruction plus
+    b KL; None, as 1, with no multiplication. The logged terms are the unweighted ones."""
     if dreg and len(eps) == 1:
         raise ValueError("doubly reparameterised gradients need k > 1 importance samples")
     # One call of the model's forward: under DDP only that forward's parameters get their
     # gradients averaged across workers.
-    log_px_z, log_ratio, kl = model(x, eps, dreg)
+    log_px_z, log_ratio, kl = model(x, eps, dreg, kl_weight)
     recon = -log_px_z.mean(0)
-    bound = recon + kl if len(eps) == 1 else math.log(len(eps)) - torch.logsumexp(log_px_z + log_ratio, dim=0)
+    if kl_weight is not None:
+        weighted_kl, log_ratio = kl_weight * kl, kl_weight * log_ratio
+    else:
+        weighted_kl = kl
+    bound = recon + weighted_kl if len(eps) == 1 else math.log(len(eps)) - torch.logsumexp(log_px_z + log_ratio, dim=0)
     return {"loss": bound, "neg_elbo": recon + kl, "recon": recon, "kl": kl}
 
 
@@ -62,13 +70,14 @@ def iwae_log_lik(model: VAE, x: torch.Tensor, k: int, generator: Noise, chunk: i
     image, or blocks of images (see draw_noise); or is given, (k, N, noise_dim), as a served
     score's noise is (to check one against the other).
     """
-    mu, logvar = model.encoder(x)
+    features = model.encoder.body(x)
+    mu, logvar = model.encoder.gaussian(features)
     total = torch.full((len(x),), -math.inf, device=x.device)
     for start in range(0, k, chunk):
         if isinstance(generator, torch.Tensor):
             eps = generator[start:start + chunk].to(x.device)
         else:
             eps = draw_noise(generator, min(chunk, k - start), len(x), model.config.noise_dim, x.device)
-        log_px_z, log_ratio, _ = model.sample_terms(x, mu, logvar, eps)
+        log_px_z, log_ratio, _ = model.sample_terms(x, mu, logvar, eps, features=features)
         total = torch.logaddexp(total, torch.logsumexp(log_px_z + log_ratio, dim=0))
     return total - math.log(k)

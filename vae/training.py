@@ -40,6 +40,12 @@ class TrainConfig:
     dreg: bool  # doubly reparameterised encoder gradients (see VAE.forward)
     binarize: bool  # each batch resampled as Bernoulli(pixel)
     bf16: bool  # bf16 autocast, on CUDA only
+    kl_warmup_epochs: int  # KL warm-up: the KL weight rises linearly to 1 over these epochs (0: none)
+
+    def kl_weight(self, epoch: int) -> float | None:
+        """KL warm-up's weight in epoch `epoch` (from 0): (epoch + 1) / kl_warmup_epochs up to 1,
+        Tomczak & Welling's linear ramp; None without warm-up."""
+        return min(1.0, (epoch + 1) / self.kl_warmup_epochs) if self.kl_warmup_epochs else None
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,18 @@ class Trainer:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     shard: Shard = Shard()
     reduce: Callable[[torch.Tensor], None] | None = None  # in-place sum across workers
+    # KL warm-up's weight (TrainConfig.kl_weight) as a device tensor, filled in place each
+    # epoch (a CUDA graph reads it); None without warm-up.
+    kl_weight: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.config.kl_warmup_epochs and self.kl_weight is None:
+            self.kl_weight = torch.ones((), device=self.device)
+
+    def start_epoch(self, epoch: int) -> None:
+        """What changes per epoch and not per step: the KL weight under warm-up."""
+        if self.kl_weight is not None:
+            self.kl_weight.fill_(self.config.kl_weight(epoch))
 
     @classmethod
     def create(cls, model: VAE, config: TrainConfig, train_images: int, capturable: bool = False,
@@ -121,7 +139,7 @@ class Trainer:
         # casts each weight once anyway).
         with torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False,
                             enabled=self.config.bf16 and self.device.type == "cuda"):
-            terms = iwae_terms(self.model, x, eps, dreg=self.config.dreg)
+            terms = iwae_terms(self.model, x, eps, dreg=self.config.dreg, kl_weight=self.kl_weight)
         # DDP averages over workers: scaling by world/global_batch makes that the global mean.
         loss = terms["loss"].sum() * self.shard.world / global_batch
         loss.backward()
@@ -148,6 +166,7 @@ class Trainer:
     def epoch(self, images: torch.Tensor, epoch: int) -> dict[str, float]:
         """One pass over the uint8 training images (on self.device); the mean terms over all workers."""
         self.model.train()
+        self.start_epoch(epoch)
         config, shard, device = self.config, self.shard, self.device
         sums = torch.zeros(len(TERMS) + 1, dtype=torch.float64, device=device)
         order = rng.epoch_order(config.seed, epoch, len(images), device)
