@@ -22,7 +22,7 @@ from filelock import FileLock
 from pipeline import registry, tracking
 from pipeline.files import Layout, atomic_dir, atomic_path, write_json
 from pipeline.params import ExportParams, load_params
-from pipeline.serve.session import LATENT_MAP, LATENT_ORDER, LATENT_SPREAD, open_session
+from pipeline.serve.session import LATENT_MAP, LATENT_ORDER, LATENT_SPREAD, PRIOR_MIXTURE, open_session
 from pipeline.summary import summary
 from vae.model import INPUT_DIM, VAE, ImageDecoder, ImageEncoder, ImageScore
 
@@ -70,6 +70,16 @@ def latent_metadata(layout: Layout) -> dict[str, str]:
     if layout.latent_plot.exists():
         recorded[LATENT_MAP] = base64.b64encode(layout.latent_plot.read_bytes()).decode()
     return recorded
+
+
+def prior_metadata(model: VAE) -> dict[str, str]:
+    """A VampPrior's mixture (q(z|u_k)'s mean and log-variance at each pseudo-input), so that
+    `vae serve` and `vae sample` draw z from the model's own prior; nothing for N(0, I)."""
+    if model.config.prior != "vamp":
+        return {}
+    with torch.no_grad():
+        means, logvars = model.encoder(model.pseudo_inputs)
+    return {PRIOR_MIXTURE: json.dumps({"means": means.tolist(), "logvars": logvars.tolist()})}
 
 
 def record_metadata(path: Path, recorded: dict[str, str]) -> None:
@@ -172,7 +182,7 @@ def main() -> None:
         decoder, latent_dim = ImageDecoder(model), model.config.latent_dim
         with atomic_path(layout.decoder_onnx) as tmp:
             export_decoder(decoder, latent_dim, tmp, params.export.opset)
-            record_metadata(tmp, latent_metadata(layout))
+            record_metadata(tmp, latent_metadata(layout) | prior_metadata(model))
             report = check_parity(decoder, latent_dim, tmp, params.export)
             # Inside: should either graph fail its check, the new decoder is not written either.
             graphs = export_encoder_and_score(model, layout, params.export)

@@ -133,3 +133,42 @@ def test_a_graph_off_by_more_than_the_tolerance_is_named_and_nothing_is_written(
     assert list((tmp_path / "models").iterdir()) == []
     report = export_encoder_and_score(model, layout, ExportParams(score_k=3))
     assert layout.encoder_onnx.is_file() and layout.score_onnx.is_file() and set(report) == {"encoder", "score"}
+
+
+def test_a_vamp_priors_mixture_travels_in_the_decoder_and_the_server_draws_from_it(tmp_path):
+    """Export records a VampPrior's components in the decoder; the served decoder's prior
+    samples (what /v1/samples.png and `vae sample` decode) come from that mixture, not N(0, I):
+    their mean and variance are the mixture's, the same for a seed. A standard prior records
+    nothing; a record that does not fit the decoder warns and falls back to N(0, I)."""
+    import json
+
+    import numpy as np
+
+    from pipeline.export import prior_metadata, record_metadata
+    from pipeline.serve.session import PRIOR_MIXTURE, DecoderModel
+
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(latent_dim=3, hidden_dims=(16,), prior="vamp", pseudo_inputs=5)).eval()
+    model.init_pseudo_inputs(torch.rand(5, 784, generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        model.encoder.head.weight.mul_(30)  # components far apart, and far from N(0, I)
+        means, logvars = (t.double().numpy() for t in model.encoder(model.pseudo_inputs))
+    path = tmp_path / "decoder.onnx"
+    export_decoder(ImageDecoder(model), 3, path, opset=18)
+    record_metadata(path, prior_metadata(model))
+    served = DecoderModel(path, max_batch=8)
+    assert served.parameters()["prior"] == "VampPrior of 5 components"
+    draws = served.prior_samples(40_000, seed=1)
+    mixture_mean = means.mean(0)
+    mixture_var = (np.exp(logvars) + means ** 2).mean(0) - mixture_mean ** 2
+    assert (np.abs(mixture_var - 1) > 0.5).all()  # N(0, I) draws would fail what follows
+    assert (np.abs(draws.mean(0) - mixture_mean) < 4 * np.sqrt(mixture_var / len(draws))).all()
+    np.testing.assert_allclose(draws.var(0), mixture_var, rtol=0.05)
+    assert draws.dtype == np.float32 and np.array_equal(served.prior_samples(8, 2), served.prior_samples(8, 2))
+
+    assert prior_metadata(VAE(VAEConfig(latent_dim=3, hidden_dims=(16,)))) == {}
+    export_decoder(ImageDecoder(model), 3, path, opset=18)
+    record_metadata(path, {PRIOR_MIXTURE: json.dumps({"means": [[0.0, 1.0]], "logvars": [[0.0, 0.0]]})})
+    with pytest.warns(UserWarning, match=r"recorded prior mixture is unusable .*not \(K, 3\)"):
+        served = DecoderModel(path, max_batch=8)
+    assert served.mixture is None and served.parameters()["prior"] == "standard normal"

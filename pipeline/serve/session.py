@@ -30,6 +30,10 @@ IMAGE_PIXELS = 784  # what the encoder and the score graph take per image (28 x 
 # the page `vae serve` shows: the dimensions most used first and the spread of each (JSON
 # lists), and the evaluate stage's latent map (a base64 PNG). A decoder without them works.
 LATENT_ORDER, LATENT_SPREAD, LATENT_MAP = "vae.latent_order", "vae.latent_spread", "vae.latent_map_png"
+# A VampPrior's mixture, for drawing z from the model's own prior: the mean and log-variance
+# of q(z|u_k) at each pseudo-input u_k (JSON {"means": K x d, "logvars": K x d}). Without it,
+# the prior is N(0, I).
+PRIOR_MIXTURE = "vae.prior_mixture"
 
 
 def cuda_usable() -> bool:
@@ -119,18 +123,27 @@ class DecoderModel(OnnxModel):
         (self.output,), self.latent_dim = self.outputs, self.width
         self.latent_order, self.latent_spread = latent_order(self.recorded, self.latent_dim)
         self.latent_map = base64.b64decode(self.recorded[LATENT_MAP]) if LATENT_MAP in self.recorded else None
+        self.mixture = prior_mixture(self.recorded, self.latent_dim)
 
     def decode(self, z: np.ndarray) -> np.ndarray:
         """Images (N, 1, 28, 28) for z (N, latent_dim) FP32, checked by the caller (protocol.check_batch)."""
         return self.run({self.input: z})[self.output]
 
     def prior_samples(self, n: int, seed: int) -> np.ndarray:
-        """n latent vectors from N(0, I), as /v1/samples.png and `vae sample` draw them from a seed."""
-        return np.random.default_rng(seed).standard_normal((n, self.latent_dim), dtype=np.float32)
+        """n latent vectors from the model's prior, as /v1/samples.png and `vae sample` draw them
+        from a seed: N(0, I), or under a VampPrior a component picked uniformly, then its Gaussian."""
+        rng = np.random.default_rng(seed)
+        if self.mixture is None:
+            return rng.standard_normal((n, self.latent_dim), dtype=np.float32)
+        means, stds = self.mixture
+        pick = rng.integers(len(means), size=n)
+        return means[pick] + stds[pick] * rng.standard_normal((n, self.latent_dim), dtype=np.float32)
 
     def parameters(self) -> dict:
-        return {"latent_dim": self.latent_dim, **super().parameters(), "latent_order": self.latent_order,
-                "latent_spread": self.latent_spread, "latent_map": self.latent_map is not None}
+        prior = "standard normal" if self.mixture is None else f"VampPrior of {len(self.mixture[0])} components"
+        return {"latent_dim": self.latent_dim, "prior": prior, **super().parameters(),
+                "latent_order": self.latent_order, "latent_spread": self.latent_spread,
+                "latent_map": self.latent_map is not None}
 
 
 class EncoderModel(OnnxModel):
@@ -191,6 +204,22 @@ def open_models(files: ModelFiles, max_batch: int) -> dict[str, OnnxModel]:
         if model is not models[MODEL_NAME] and model.width != IMAGE_PIXELS:
             raise LookupError(f"{model.name} takes {model.width} numbers an image, not {IMAGE_PIXELS}")
     return models
+
+
+def prior_mixture(recorded: dict[str, str], latent_dim: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """A VampPrior's component means and standard deviations (K, latent_dim) as export recorded
+    them; None for the standard normal (or a record that does not fit this decoder, warned about)."""
+    if PRIOR_MIXTURE not in recorded:
+        return None
+    try:
+        mixture = json.loads(recorded[PRIOR_MIXTURE])
+        means, logvars = (np.asarray(mixture[key], dtype=np.float32) for key in ("means", "logvars"))
+        if means.ndim != 2 or means.shape[1:] != (latent_dim,) or logvars.shape != means.shape or not len(means):
+            raise ValueError(f"means {means.shape} and log-variances {logvars.shape}, not (K, {latent_dim}) each")
+    except (KeyError, TypeError, ValueError) as e:
+        warnings.warn(f"the decoder's recorded prior mixture is unusable ({e}): N(0, I) instead", stacklevel=2)
+        return None
+    return means, np.exp(0.5 * logvars)
 
 
 def latent_order(recorded: dict[str, str], latent_dim: int) -> tuple[list[int], list[float] | None]:
