@@ -134,10 +134,8 @@ class Params(Section):
     @model_validator(mode="after")
     def _check_combinations(self) -> "Params":
         """Values that are valid alone but not together; the message names the keys."""
-        chain = self.model.mid_latent_dim and self.model.mid_layout == "chain"
-        if self.model.prior == "vamp" and chain:
-            raise ValueError("model.prior: vamp takes one stochastic layer or model.mid_layout: top_down "
-                             f"(got model.mid_latent_dim: {self.model.mid_latent_dim} with the chain layout)")
+        # The model's own combinations (a VampPrior on the chain) are VAEConfig's to refuse.
+        model = self.model.vae_config()
         if self.model.prior == "vamp" and self.data.max_train_images is not None \
                 and self.model.pseudo_inputs > self.data.max_train_images:
             raise ValueError(f"model.pseudo_inputs: {self.model.pseudo_inputs} pseudo-inputs start as training "
@@ -145,7 +143,7 @@ class Params(Section):
         if self.train.grad_estimator == "dreg":
             if self.train.iwae_k < 2:
                 raise ValueError(f"train.grad_estimator: dreg needs train.iwae_k > 1 (got {self.train.iwae_k})")
-            if chain:
+            if model.chain:
                 raise ValueError("train.grad_estimator: dreg takes one stochastic layer or model.mid_layout: top_down "
                                  f"(got model.mid_latent_dim: {self.model.mid_latent_dim} with the chain layout)")
         if self.train.kl_warmup_epochs > self.train.epochs:

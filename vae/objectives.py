@@ -39,11 +39,11 @@ def iwae_terms(model: VAE, x: torch.Tensor, eps: torch.Tensor, dreg: bool = Fals
     # gradients averaged across workers.
     log_px_z, log_ratio, kl = model(x, eps, dreg, kl_weight)
     recon = -log_px_z.mean(0)
-    if kl_weight is not None:
-        weighted_kl, log_ratio = kl_weight * kl, kl_weight * log_ratio
-    else:
-        weighted_kl = kl
-    bound = recon + weighted_kl if len(eps) == 1 else math.log(len(eps)) - torch.logsumexp(log_px_z + log_ratio, dim=0)
+    if kl_weight is None:
+        bound_kl, bound_ratio = kl, log_ratio
+    else:  # KL warm-up: the bound's prior-to-posterior part weighted by b; the logged terms unweighted
+        bound_kl, bound_ratio = kl_weight * kl, kl_weight * log_ratio
+    bound = recon + bound_kl if len(eps) == 1 else math.log(len(eps)) - torch.logsumexp(log_px_z + bound_ratio, dim=0)
     return {"loss": bound, "neg_elbo": recon + kl, "recon": recon, "kl": kl}
 
 
