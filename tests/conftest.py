@@ -84,7 +84,7 @@ def ray_address(s3):
     finally:
         ray.shutdown()
         for node in reversed(nodes):
-            stack.stop(node)
+            stack.stop_ray_node(node)
         for temp_dir in temp_dirs:
             shutil.rmtree(temp_dir, ignore_errors=True)
 
@@ -110,7 +110,8 @@ def local_stack(tmp_path_factory) -> dict:
     started, exported = {}, {}
     try:
         run([*make, "up", f"STACK={state}"], ROOT)
-        started = stack_listeners(json.loads((state / "state.json").read_text())["pids"])
+        recorded = json.loads((state / "state.json").read_text())
+        started = stack_listeners(recorded["pids"] + recorded["ray"])
         exported = dict(line.removeprefix("export ").split("=", 1) for line in (state / "env").read_text().split("\n")
                         if line)
         yield {**exported, "VAE_STACK_STATE": str(state)}

@@ -162,7 +162,7 @@ def test_a_lost_node_is_survived_to_the_same_model(tmp_path, mnist_dir, uninterr
         assert train.wait(timeout=600) == 0, (tmp_path / "train.log").read_text()
     finally:
         for node in reversed(nodes):
-            stack.stop(node)
+            stack.stop_ray_node(node)
         for temp_dir in dirs:
             shutil.rmtree(temp_dir, ignore_errors=True)
     log = (tmp_path / "train.log").read_text()

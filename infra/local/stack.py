@@ -65,12 +65,14 @@ def _session(leader: int) -> list[int]:
     return members
 
 
-def stop(process: subprocess.Popen | int, first: int = signal.SIGTERM, timeout_s: float = 10) -> None:
+def stop(process: subprocess.Popen | int, first: int = signal.SIGTERM, timeout_s: float = 10,
+         group: bool = True) -> None:
     """Stop a process started by start(), with everything it spawned: `first` to its process
-    group, then SIGKILL to whatever of its session is left."""
+    group (or, with group=False, to it alone, for a leader that stops its own children), then
+    SIGKILL to whatever of its session is left after timeout_s."""
     pid = process.pid if isinstance(process, subprocess.Popen) else process
     try:
-        os.killpg(pid, first)
+        os.killpg(pid, first) if group else os.kill(pid, first)
     except ProcessLookupError:
         pass
     for last_try in (False, True):
@@ -84,6 +86,15 @@ def stop(process: subprocess.Popen | int, first: int = signal.SIGTERM, timeout_s
                 os.kill(member, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def stop_ray_node(process: subprocess.Popen | int) -> None:
+    """Stop a `ray start --block` node. Signalled alone, it shuts its node down itself, its
+    processes in order: 2.7 s for a fresh head node here (signalled with its process group,
+    the GCS and raylet each begin a shutdown of their own and outlast 10 s). A head that ran
+    Ray Train jobs still took over 10 s, so what is left after 3 s is killed, as `ray stop
+    --force` would: nothing of a node outlives the stack, whose state is in S3 and MLflow."""
+    stop(process, timeout_s=3, group=False)
 
 
 def wait_until(ready: Callable[[], bool], process: subprocess.Popen, log: Path, what: str,
@@ -265,7 +276,7 @@ def up(state: Path) -> None:
     state.mkdir(parents=True, exist_ok=True)
     if (state / "state.json").exists():
         sys.exit(f"{state}/state.json exists: the stack is up (make down first)")
-    pids, dirs = [], []
+    pids, ray_pids, dirs = [], [], []
     try:
         uri, db, db_dir = postgres()
         pids.append(db.pid)
@@ -282,10 +293,10 @@ def up(state: Path) -> None:
         # 0 logs each epoch) and the S3 keys to whatever writes checkpoints: not a
         # runtime_env, which Ray keeps in its job table.
         address, nodes, ray_dirs = ray_cluster(max(1, (os.cpu_count() or 2) // 2), auth, env={**credentials, **s3})
-        pids += [n.pid for n in nodes]
+        ray_pids += [n.pid for n in nodes]
         dirs += [str(d) for d in ray_dirs]
     finally:  # what started is recorded even if a later piece failed, so `make down` stops it
-        (state / "state.json").write_text(json.dumps({"pids": pids, "dirs": dirs}))
+        (state / "state.json").write_text(json.dumps({"pids": pids, "ray": ray_pids, "dirs": dirs}))
     exported = {"MLFLOW_TRACKING_URI": url, "RAY_ADDRESS": address, "VAE_STACK_POSTGRES": uri, **auth,
                 **credentials, **s3}
     # It holds the cluster's token, MLflow's password and the S3 keys: its owner's alone.
@@ -299,7 +310,9 @@ def down(state: Path) -> None:
     if recorded is None:
         print(f"down: nothing recorded in {state}")
         return
-    for pid in reversed(recorded["pids"]):  # Ray nodes, MLflow, then PostgreSQL (fast shutdown)
+    for pid in reversed(recorded.get("ray", [])):  # worker nodes, then the head
+        stop_ray_node(pid)
+    for pid in reversed(recorded["pids"]):  # MLflow, S3, then PostgreSQL (fast shutdown)
         stop(pid, first=signal.SIGINT if pid == recorded["pids"][0] else signal.SIGTERM)
     for path in recorded["dirs"]:
         shutil.rmtree(path, ignore_errors=True)
