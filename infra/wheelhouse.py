@@ -14,6 +14,11 @@ checkout with the wheelhouse copied beside it:
     .venv/bin/pip install --no-index --find-links wheelhouse -r wheelhouse/requirements.txt
     .venv/bin/pip install --no-index --find-links wheelhouse --no-deps --no-build-isolation -e .
     .venv/bin/vae env                              # names the node's torch as the one difference
+
+A GPU image often brings much more than torch (numpy, pyarrow, scipy...). `--node-has FILE`
+(`pip list --format=freeze` run on the node, or one name a line) leaves those out too, at
+whatever version the node has, and what only they need: a smaller folder to carry, and `vae
+env` names each version the node's own.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import tomllib
 from pathlib import Path
 
 from packaging.markers import Marker
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = "vae-mnist"
@@ -49,6 +55,13 @@ def needed_without(node_own: tuple[str, ...], lock: Path = ROOT / "uv.lock") -> 
     return seen - {PROJECT}
 
 
+def node_packages(listing: str) -> tuple[str, ...]:
+    """The package names in a `pip list --format=freeze` (or `pip freeze`, or one name a line)
+    of the node, normalised as uv.lock writes them."""
+    lines = (line.split("#")[0].strip() for line in listing.splitlines())
+    return tuple(canonicalize_name(line.split("==")[0].split(" @ ")[0].strip()) for line in lines if line)
+
+
 def target_environment(python: str) -> dict[str, str]:
     """The marker environment of CPython `python` on Linux x86-64. pip download applies its
     --python-version to wheel tags only and evaluates markers for the interpreter it runs on:
@@ -72,7 +85,8 @@ def requirements(python: str, node_own: tuple[str, ...] = NODE_OWN) -> list[str]
             pins.append(pin)
     # The project's build backend, and wheel, which pip's build of a setup.py archive asks for.
     build = [*tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"], "wheel"]
-    return pins + [r for r in build if r.split(">")[0].split("=")[0].strip() not in keep]  # unless locked
+    names = {r: canonicalize_name(r.split(">")[0].split("=")[0].strip()) for r in build}
+    return pins + [r for r in build if names[r] not in keep and names[r] not in node_own]  # unless locked or there
 
 
 def main() -> int:
@@ -80,10 +94,13 @@ def main() -> int:
     p.add_argument("target", type=Path, help="the wheelhouse folder")
     p.add_argument("--python", default="3.12", help="the node's CPython version (default: 3.12)")
     p.add_argument("--pip", default=sys.executable, help="an interpreter with pip (default: this one)")
+    p.add_argument("--node-has", type=Path, metavar="FILE",
+                   help="the node's `pip list --format=freeze`: leave out what it already has")
     args = p.parse_args()
+    node_own = NODE_OWN + (node_packages(args.node_has.read_text()) if args.node_has else ())
     args.target.mkdir(parents=True, exist_ok=True)
     listed = args.target / "requirements.txt"
-    listed.write_text("\n".join(requirements(args.python)) + "\n")
+    listed.write_text("\n".join(requirements(args.python, node_own)) + "\n")
     abi = "cp" + args.python.replace(".", "")
     command = [args.pip, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
                "--prefer-binary", "--implementation", "cp", "--python-version", args.python,

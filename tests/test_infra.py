@@ -1,6 +1,7 @@
 """infra/: the manifests parse, the Ray cluster YAML passes Ray's own schema, and every
 image, version and command they name exists in this repository or its environment."""
 import re
+import runpy
 from pathlib import Path
 
 import httpx
@@ -156,7 +157,6 @@ def test_the_wheelhouse_lists_the_lock_for_the_node_less_its_own_torch():
     """infra/wheelhouse.py's requirements (what `make wheelhouse` downloads): uv.lock's versions
     for the node's Python, markers already applied (pip would apply its own interpreter's),
     nothing that only torch needs, and what installs the project itself."""
-    import runpy
     import tomllib
 
     from pipeline.environment import locked_packages
@@ -173,3 +173,20 @@ def test_the_wheelhouse_lists_the_lock_for_the_node_less_its_own_torch():
     assert pins["3.11"]["numpy"] == locked_packages()["numpy"]
     numpys = {p["version"] for p in tomllib.loads((ROOT / "uv.lock").read_text())["package"] if p["name"] == "numpy"}
     assert pins["3.12"]["numpy"] in numpys and (len(numpys) == 1) == (pins["3.12"]["numpy"] == pins["3.11"]["numpy"])
+
+
+def test_the_wheelhouse_leaves_out_what_the_node_lists_at_its_own_versions():
+    """`--node-has`: a node's `pip list --format=freeze` (any spelling of the names) leaves
+    those packages out of the wheelhouse, with what only they need; the rest stays pinned."""
+    wheelhouse = runpy.run_path(str(INFRA / "wheelhouse.py"))
+    listing = "PyYAML==6.0.2\nnumpy==1.26.4\n# a comment\n\nsetuptools==80.0\nmlflow @ file:///wheels/mlflow.whl\n"
+    node_own = wheelhouse["node_packages"](listing)
+    assert node_own == ("pyyaml", "numpy", "setuptools", "mlflow")
+    full = wheelhouse["requirements"]("3.12")
+    smaller = wheelhouse["requirements"]("3.12", wheelhouse["NODE_OWN"] + node_own)
+    names = {re.split("[=<>]", r)[0] for r in smaller}
+    assert not names & {"pyyaml", "numpy", "setuptools", "mlflow"} and {"ray", "onnxruntime-gpu", "wheel"} <= names
+    only_mlflow = wheelhouse["needed_without"](wheelhouse["NODE_OWN"]) - wheelhouse["needed_without"](
+        wheelhouse["NODE_OWN"] + ("mlflow",)) - {"mlflow"}
+    assert "mlflow-skinny" in only_mlflow and not only_mlflow & names  # reached only through mlflow
+    assert set(smaller) < set(full)
