@@ -2,8 +2,9 @@
 `vae fetch` from a local copy of MNIST, `vae train` under a local Ray (GPU workers where there
 is a GPU: `train.use_gpu: auto`) killed once its first checkpoint exists and run again to
 resume, `vae evaluate`, `vae export`, the trained model loaded on the CPU alone, `vae serve`
-under load (its providers and its answers per second at batches 1, 64 and 1,024), and `dvc
-repro` in a fresh git repository where DVC is installed. benchmarks/gpu_check.py is the GPU
+and `vae serve --ray` (one Ray Serve replica, a GPU share where there is a GPU) under load
+(their providers, answers per second and latency at batches 1, 64 and 1,024), and `dvc repro`
+twice in a fresh git repository where DVC is installed. benchmarks/gpu_check.py is the GPU
 table; this is the pipeline around it.
 
     python benchmarks/gpu_pipeline.py --data DIR [--params small.yaml] [--out DIR]
@@ -128,32 +129,35 @@ print("loaded on", next(model.parameters()).device, "decoded", tuple(images.shap
 """
 
 
-def served(stages: Stages, seconds: float, clients: int) -> None:
-    """`vae serve models` on a free port: the decoder's providers, then /v1/decode flat out
-    from `clients` threads for `seconds` at each batch size."""
-    port = _free_port()
-    with open(stages.out / "serve.log", "w") as sink:
-        server = subprocess.Popen([str(BIN / "vae"), "serve", "models", "--port", str(port)], cwd=stages.project,
-                                  env=stages.env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+def served(stages: Stages, label: str, options: list[str], seconds: float, clients: int) -> None:
+    """`vae serve models OPTIONS` on a free port: the decoder's providers, then /v1/decode flat
+    out from `clients` threads for `seconds` at each batch size; then stopped, all it started."""
+    port, log = _free_port(), stages.out / f"{label}.log"
+    with open(log, "w") as sink:
+        server = subprocess.Popen([str(BIN / "vae"), "serve", "models", "--port", str(port), *options],
+                                  cwd=stages.project, env=stages.env, stdout=sink, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
     url, start = f"http://127.0.0.1:{port}", time.monotonic()
     try:
         while not _answers(f"{url}/v2/health/ready"):
-            if server.poll() is not None or time.monotonic() - start > 120:
-                stages.row("serve", time.monotonic() - start, "FAILED: did not start (serve.log)")
+            if server.poll() is not None or time.monotonic() - start > 180:
+                stages.row(label, time.monotonic() - start, f"FAILED: did not start ({log.name})")
                 return
             time.sleep(0.2)
         parameters = httpx.get(f"{url}/v2/models/{MODEL_NAME}").json()["parameters"]
-        stages.row("serve, started", time.monotonic() - start, f"providers {parameters['providers']}, CPU below "
-                   f"batch {parameters['cpu_below_batch']}")
+        stages.row(f"{label}, started", time.monotonic() - start, f"providers {parameters['providers']}, "
+                   f"CPU below batch {parameters['cpu_below_batch']}")
         latent = yaml.safe_load((stages.project / "params.yaml").read_text())["model"]["latent_dim"]
         for batch in (1, 64, 1024):
-            stages.row(f"serve, batch {batch}", seconds, _load(f"{url}/v1/decode", batch, latent, seconds, clients))
+            stages.row(f"{label}, batch {batch}", seconds, _load(f"{url}/v1/decode", batch, latent, seconds, clients))
     finally:
         server.send_signal(signal.SIGINT)
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            server.kill()
+            pass
+        for process in [p for p in psutil.process_iter() if _sid(p.pid) == server.pid]:  # a local Ray's too
+            process.kill()
 
 
 def _load(url: str, batch: int, latent: int, seconds: float, clients: int) -> str:
@@ -213,7 +217,8 @@ def main() -> int:
         stages.run("evaluate", str(BIN / "vae"), "evaluate")
         stages.run("export", str(BIN / "vae"), "export")
         stages.run("model on the CPU alone", sys.executable, "-c", LOAD_ON_CPU, env={**env, "CUDA_VISIBLE_DEVICES": ""})
-        served(stages, args.seconds, args.clients)
+        served(stages, "serve", [], args.seconds, args.clients)
+        served(stages, "serve --ray", ["--ray", "--replicas", "1"], args.seconds, args.clients)
         if shutil.which("dvc", path=env["PATH"]):
             # The stages above ran outside DVC: a repository of its own for dvc repro.
             dvc = Stages(project_copy(Path(tmp) / "dvc", args.data.resolve(), overrides), stages.out, env)

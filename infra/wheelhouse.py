@@ -18,7 +18,11 @@ checkout with the wheelhouse copied beside it:
 A GPU image often brings much more than torch (numpy, pyarrow, scipy...). `--node-has FILE`
 (`pip list --format=freeze` run on the node, or one name a line) leaves those out too, at
 whatever version the node has, and what only they need: a smaller folder to carry, and `vae
-env` names each version the node's own.
+env` names each version the node's own. Where the node is reached only by copies of limited
+size, in parts:
+
+    tar -cf - wheelhouse | zstd -19 --long=27 -T0 | split -b 60M - kit.part.   # here
+    cat kit.part.* | zstd -d --long=27 | tar -xf -                           # there
 """
 from __future__ import annotations
 

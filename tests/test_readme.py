@@ -104,6 +104,8 @@ EXERCISED = {
     ("source",): "a shell builtin: the file it reads is checked to be one make writes",
     ("mlflow", "ui"): "a server; test_pipeline_dvc.py opens the UI of a real `mlflow server`",
     ("python", "benchmarks/gpu_check.py"): "needs a GPU to mean anything; test_gpu_check.py runs it with --quick",
+    ("python", "benchmarks/gpu_pipeline.py"): "minutes of the whole pipeline, for a GPU node; run by hand on "
+                                              "this CPU (benchmarks/RESULTS.md), its stages tested one by one",
 }
 
 
