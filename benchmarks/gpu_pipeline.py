@@ -57,8 +57,9 @@ class Stages:
         result = subprocess.run(cmd, cwd=self.project, env=env or self.env, capture_output=True, text=True)
         output = result.stdout + result.stderr
         (self.out / f"{name}.log").write_text(f"$ {' '.join(cmd)}\n{output}")
+        last = output.strip().splitlines()[-1] if output.strip() else ""
         self.row(name, time.monotonic() - start, "ok" if result.returncode == 0 else
-                 f"FAILED (exit {result.returncode}): {output.strip().splitlines()[-1:] or ''}")
+                 f"FAILED (exit {result.returncode}): {last}")
         return output if result.returncode == 0 else None
 
     @property
@@ -94,8 +95,9 @@ def train_killed_then_resumed(stages: Stages) -> None:
                                  stderr=subprocess.STDOUT, start_new_session=True)
     # Ray's record of the checkpoint (written after its files) is what a rerun resumes from.
     while not list((stages.project / ".ray_results").rglob("checkpoint_manager_snapshot.json")):
-        if train.poll() is not None:
-            stages.row("train, killed", time.monotonic() - start, f"FAILED: ended before its first checkpoint ({log})")
+        if train.poll() is not None:  # failed, or (a fast GPU, few epochs) done before the poll saw it
+            stages.row("train, killed", time.monotonic() - start, f"FAILED: exited {train.returncode} before it "
+                       f"could be killed ({log.name})")
             return
         time.sleep(0.05)
     for process in [p for p in psutil.process_iter() if _sid(p.pid) == train.pid]:
