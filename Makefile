@@ -81,6 +81,7 @@ lock-check: $(UV)
 # NODE_HAS=FILE (the node's `pip list --format=freeze`) leaves out what the node already has.
 WHEEL_PYTHON ?= 3.12
 wheelhouse: $(STAMP)
+	rm -rf wheelhouse  # no wheels of an earlier run (another Python or NODE_HAS) left beside this one's
 	$(BIN)/python infra/wheelhouse.py wheelhouse --python $(WHEEL_PYTHON) --pip $(PYTHON) $(if $(NODE_HAS),--node-has $(NODE_HAS))
 
 # The infra/ topology on this machine, 127.0.0.1 only: PostgreSQL, MLflow on it, a 2-node

@@ -117,8 +117,9 @@ def main() -> int:
         return result.returncode
     wheels = sorted(args.target.glob("*.whl"))
     size = sum(w.stat().st_size for w in wheels) / 2**20
+    own = f"torch, torchvision and what {args.node_has} lists" if args.node_has else "torch and torchvision"
     print(f"wheelhouse: {len(wheels)} wheels, {size:.0f} MiB, in {args.target} (for CPython {args.python}, "
-          f"Linux x86-64; torch and torchvision are the node's own)")
+          f"Linux x86-64; {own}: the node's own)")
     return 0
 
 
