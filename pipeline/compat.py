@@ -50,6 +50,18 @@ def require_cxx_compiler() -> None:
         raise RuntimeError(str(e)) from None
 
 
+# torch.compile of DReG's gradient hook works on the lock's torch and fails on 2.11 (a GPU image's):
+# "Node mul referenced nonexistent value logvar" (tests/test_model.py traces it where it works).
+COMPILES_DREG_FROM = (2, 14)
+
+
+def compiles_dreg() -> bool:
+    import torch
+    from torch.torch_version import TorchVersion
+
+    return TorchVersion(torch.__version__) >= COMPILES_DREG_FROM
+
+
 def quiet_dynamo() -> None:
     import torch
 

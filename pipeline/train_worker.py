@@ -15,7 +15,6 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from torch.torch_version import TorchVersion
 
 from pipeline import compat, tracking
 from pipeline.params import Params
@@ -62,19 +61,15 @@ class TrainState:
         return cls(**{f.name: checkpoint[f.name] for f in fields(cls) if f.name in checkpoint})
 
 
-# torch.compile of DReG's gradient hook works on the lock's torch and fails on 2.11 (a GPU image's):
-# "Node mul referenced nonexistent value logvar" (tests/test_model.py, run under 2.11 by hand).
-COMPILES_DREG_FROM = (2, 14)
-
-
 def compile_model(model, device, dreg: bool = False):
     """The model whose forward (the per-sample log-densities, see VAE.forward) runs as
     torch.compile's fused kernels. Checks for what it needs first (a C++ compiler on CPUs; a
     torch that compiles DReG), so a lack is named before training starts, not inside a step."""
-    if dreg and TorchVersion(torch.__version__) < COMPILES_DREG_FROM:
-        raise RuntimeError(f"train.compile: true with train.grad_estimator: dreg needs torch >= "
-                           f"{'.'.join(map(str, COMPILES_DREG_FROM))}, this worker has {torch.__version__}, whose "
-                           f"torch.compile fails on DReG's gradient hook; set train.compile: false")
+    if dreg and not compat.compiles_dreg():
+        needed = ".".join(map(str, compat.COMPILES_DREG_FROM))
+        raise RuntimeError(f"train.compile: true with train.grad_estimator: dreg needs torch >= {needed}, this "
+                           f"worker has {torch.__version__}, whose torch.compile fails on DReG's gradient hook; "
+                           f"set train.compile: false")
     if device.type == "cpu":
         try:
             compat.require_cxx_compiler()
