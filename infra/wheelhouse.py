@@ -89,8 +89,9 @@ def requirements(python: str, node_own: tuple[str, ...] = NODE_OWN) -> list[str]
             pins.append(pin)
     # The project's build backend, and wheel, which pip's build of a setup.py archive asks for.
     build = [*tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"], "wheel"]
-    names = {r: canonicalize_name(r.split(">")[0].split("=")[0].strip()) for r in build}
-    return pins + [r for r in build if names[r] not in keep and names[r] not in node_own]  # unless locked or there
+    # Even where the node has them: pip and uv build the source archive in an isolated
+    # environment, which installs them from the wheelhouse, not from the node.
+    return pins + [r for r in build if canonicalize_name(r.split(">")[0].split("=")[0].strip()) not in keep]
 
 
 def main() -> int:
