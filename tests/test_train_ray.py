@@ -12,6 +12,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
+from pipeline import compat
 from pipeline.params import Params
 from pipeline.train_worker import compile_model
 from vae.model import VAE
@@ -53,12 +54,13 @@ def test_one_and_two_workers_compiled_or_not_make_the_same_model(tmp_path, mnist
     run = {"iwae_k": 3, "grad_estimator": "dreg", "epochs": 2, "kl_warmup_epochs": 2, "model": model}
     one = train(tmp_path, mnist_dir, "one", num_workers=1, **run)  # 640 images / 32 = 20 steps an epoch
     two = train(tmp_path, mnist_dir, "two", num_workers=2, **run)
-    # train.compile fuses the forward's elementwise ops, which may also reorder float sums.
-    compiled = train(tmp_path, mnist_dir, "two-compiled", num_workers=2, compile=True, **run)
     assert max_abs_diff(one.model, two.model) <= 1e-5  # only float summation order differs
     assert abs(one.history[-1]["val_neg_elbo"] - two.history[-1]["val_neg_elbo"]) <= 0.1
-    assert max_abs_diff(two.model, compiled.model) <= 1e-4
-    assert abs(two.history[-1]["val_neg_elbo"] - compiled.history[-1]["val_neg_elbo"]) <= 0.01
+    if compat.compiles_dreg():  # else the trainer refuses, as test_compile_refuses_dreg_... checks
+        # train.compile fuses the forward's elementwise ops, which may also reorder float sums.
+        compiled = train(tmp_path, mnist_dir, "two-compiled", num_workers=2, compile=True, **run)
+        assert max_abs_diff(two.model, compiled.model) <= 1e-4
+        assert abs(two.history[-1]["val_neg_elbo"] - compiled.history[-1]["val_neg_elbo"]) <= 0.01
     torch.manual_seed(0)
     initial = VAE(Params.model_validate({"model": model}).model.vae_config()).state_dict()
     del initial["pseudo_inputs"]  # set to training images before the first step
