@@ -30,12 +30,14 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
 import yaml
 
-from pipeline.registry import MODEL_NAME
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "infra" / "local"))
+import stack  # noqa: E402  (start and stop processes with all they spawn, free ports)
+
+from pipeline.registry import MODEL_NAME  # noqa: E402
+
 BIN = Path(sys.executable).parent
 # What a copy of the project needs to run its pipeline (as tests/helpers.py's PROJECT_FILES).
 PROJECT_FILES = ["vae", "pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
@@ -100,9 +102,7 @@ def train_killed_then_resumed(stages: Stages) -> None:
                        f"could be killed ({log.name})")
             return
         time.sleep(0.05)
-    for process in [p for p in psutil.process_iter() if _sid(p.pid) == train.pid]:
-        process.kill()
-    train.wait()
+    stack.stop(train, first=signal.SIGKILL, timeout_s=0)  # all it started, at once
     stages.row("train, killed", time.monotonic() - start, "killed after the first checkpoint")
     resumed = stages.run("train, resumed", str(BIN / "vae"), "train")
     if resumed is not None and ("epoch   1/" in resumed or "best epoch" not in resumed):
@@ -110,13 +110,6 @@ def train_killed_then_resumed(stages: Stages) -> None:
     elif resumed is not None:
         metrics = json.loads((stages.project / "metrics/train.json").read_text())
         stages.row("  its device, epoch", 0, f"{metrics['device']}, {metrics['epoch_seconds']:.3f} s an epoch")
-
-
-def _sid(pid: int) -> int | None:
-    try:
-        return os.getsid(pid)
-    except ProcessLookupError:
-        return None
 
 
 LOAD_ON_CPU = """
@@ -134,14 +127,14 @@ print("loaded on", next(model.parameters()).device, "decoded", tuple(images.shap
 def served(stages: Stages, label: str, options: list[str], seconds: float, clients: int) -> None:
     """`vae serve models OPTIONS` on a free port: the decoder's providers, then /v1/decode flat
     out from `clients` threads for `seconds` at each batch size; then stopped, all it started."""
-    port, log = _free_port(), stages.out / f"{label}.log"
+    port, log = stack.free_port(), stages.out / f"{label}.log"
     with open(log, "w") as sink:
         server = subprocess.Popen([str(BIN / "vae"), "serve", "models", "--port", str(port), *options],
                                   cwd=stages.project, env=stages.env, stdout=sink, stderr=subprocess.STDOUT,
                                   start_new_session=True)
     url, start = f"http://127.0.0.1:{port}", time.monotonic()
     try:
-        while not _answers(f"{url}/v2/health/ready"):
+        while not stack.http_ok(f"{url}/v2/health/ready"):
             if server.poll() is not None or time.monotonic() - start > 180:
                 stages.row(label, time.monotonic() - start, f"FAILED: did not start ({log.name})")
                 return
@@ -153,13 +146,7 @@ def served(stages: Stages, label: str, options: list[str], seconds: float, clien
         for batch in (1, 64, 1024):
             stages.row(f"{label}, batch {batch}", seconds, _load(f"{url}/v1/decode", batch, latent, seconds, clients))
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        for process in [p for p in psutil.process_iter() if _sid(p.pid) == server.pid]:  # a local Ray's too
-            process.kill()
+        stack.stop(server, first=signal.SIGINT)  # and a local Ray it started
 
 
 def _load(url: str, batch: int, latent: int, seconds: float, clients: int) -> str:
@@ -183,20 +170,6 @@ def _load(url: str, batch: int, latent: int, seconds: float, clients: int) -> st
     ms = sorted(1e3 * s for s in latencies)
     return (f"{len(ms) / seconds:,.0f} req/s, {len(ms) * batch / seconds:,.0f} img/s, p50 "
             f"{statistics.median(ms):.1f} ms, p99 {ms[int(0.99 * (len(ms) - 1))]:.1f} ms, {len(errors)} errors")
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:
