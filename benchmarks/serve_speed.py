@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,10 +33,13 @@ import httpx
 import numpy as np
 import torch
 
-from pipeline.files import Layout
-from pipeline.serve.session import open_session
-from pipeline.tracking import tracking_uri
-from vae.model import VAE, ImageDecoder, ImageEncoder, ImageScore
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "infra" / "local"))
+import stack  # noqa: E402
+
+from pipeline.files import Layout  # noqa: E402
+from pipeline.serve.session import open_session  # noqa: E402
+from pipeline.tracking import tracking_uri  # noqa: E402
+from vae.model import VAE, ImageDecoder, ImageEncoder, ImageScore  # noqa: E402
 
 BIN = Path(sys.executable).parent
 WRK_SCRIPT = Path(__file__).with_name("post.lua")
@@ -76,12 +78,6 @@ def in_process(layout: Layout) -> None:
                 eager = per_call_ms(lambda f=feed, m=module: m(*map(torch.from_numpy, f.values())), repeats)
             ort = per_call_ms(lambda f=feed, s=session: s.run(None, f), repeats)
             print(f"{name:>14}{batch:>7}{eager:>14.3f}{ort:>14.3f}{eager / ort:>9.2f}x{1000 * batch / ort:>12.0f}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(cmd: list[str], url: str, env: dict) -> subprocess.Popen:
@@ -130,7 +126,7 @@ def contenders(layout: Layout) -> dict:
     """name -> (server command, ready URL, infer URL, body of one batch-1 request)."""
     latent = open_session(layout.decoder_onnx).get_inputs()[0].shape[1]
     z = [0.1] * latent
-    ours_port, mlflow_port = free_port(), free_port()
+    ours_port, mlflow_port = stack.free_ports(2)
     return {
         "vae serve (onnxruntime, OIP infer)": (
             [str(BIN / "vae"), "serve", str(layout.decoder_onnx), "--port", str(ours_port)],
@@ -188,7 +184,7 @@ def soak(layout: Layout, seconds: float, clients: int) -> None:
 
 def graphs_over_http(layout: Layout, seconds: float, clients: int) -> None:
     """Decode, encode and score, OIP infer on one `vae serve models/`, each flat out."""
-    port = free_port()
+    port = stack.free_port()
     process = start([str(BIN / "vae"), "serve", str(layout.decoder_onnx.parent), "--port", str(port)],
                     f"http://127.0.0.1:{port}/v2/health/ready", dict(os.environ))
     latent = open_session(layout.decoder_onnx).get_inputs()[0].shape[1]

@@ -10,6 +10,7 @@ The tests start their servers and clusters through the same functions.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -29,9 +30,18 @@ BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports on 127.0.0.1. The sockets stay bound until all are
+    chosen: closed one by one, the kernel may hand the same port out twice (CI once gave
+    a Ray node's dashboard agent and metrics exporter one port, and the node refused it)."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
@@ -198,8 +208,9 @@ def s3_server(root: Path) -> tuple[dict[str, str], subprocess.Popen]:
                                                    "secretKey": keys["AWS_SECRET_ACCESS_KEY"]}]}]}
     (root / "s3").mkdir(parents=True, exist_ok=True)
     config = secret_file(root / "s3_identities.json", json.dumps(identities))
-    ports = {f"-{service}.port{kind}={free_port()}" for service in ("master", "volume", "filer", "s3", "admin")
-             for kind in ("", ".grpc")}
+    flags = [f"-{service}.port{kind}" for service in ("master", "volume", "filer", "s3", "admin")
+             for kind in ("", ".grpc")]
+    ports = [f"{flag}={port}" for flag, port in zip(flags, free_ports(len(flags)))]
     command = [str(BIN / "weed"), "mini", f"-dir={root / 's3'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                f"-s3.config={config}", f"-bucket={','.join(S3_BUCKETS)}", "-s3.port.iceberg=0", "-s3.port.lance=0",
                "-webdav=false", "-admin.ui=false", *sorted(ports)]
@@ -244,18 +255,20 @@ def ray_cluster(cpus_per_node: int, auth: dict[str, str], count: int = 2,
     dirs. Each node has its own temp dir, as on separate machines (sharing one, the nodes'
     log monitors would stream every worker line twice); short paths, since Ray's Unix
     sockets live there. `env` adds to every node's environment (Ray's RAY_<setting>s)."""
-    address = f"127.0.0.1:{free_port()}"
     dirs = [Path(tempfile.mkdtemp(prefix="ray-")) for _ in range(count)]
     node_env = {**os.environ, **auth, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
 
-    def node(temp_dir: Path, *args: str) -> subprocess.Popen:
+    def node(temp_dir: Path, *args: str, head: bool = False) -> tuple[subprocess.Popen, dict[str, int]]:
         # Ray's fixed default ports (the client server's 10001, the dashboard agent's 52365)
-        # would be fought over by two clusters on one machine: every node gets free ones.
-        ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                         "runtime-env-agent-port", "metrics-export-port")]
-        return start([str(BIN / "ray"), "start", "--block", f"--num-cpus={cpus_per_node}", "--disable-usage-stats",
-                      "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", *ports, *args], temp_dir / "node.log",
-                     node_env)
+        # would be fought over by two clusters on one machine: every node gets free ones,
+        # drawn together so that no two of them are the same.
+        names = ["dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                 "metrics-export-port", *(["port", "ray-client-server-port"] if head else [])]
+        ports = dict(zip(names, free_ports(len(names))))
+        process = start([str(BIN / "ray"), "start", "--block", f"--num-cpus={cpus_per_node}", "--disable-usage-stats",
+                         "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
+                         *(f"--{name}={port}" for name, port in ports.items()), *args], temp_dir / "node.log", node_env)
+        return process, ports
 
     def registered(temp_dir: Path) -> bool:
         # `ray start` prints this once its node is registered with the head's GCS (it waits
@@ -263,11 +276,11 @@ def ray_cluster(cpus_per_node: int, auth: dict[str, str], count: int = 2,
         # autoscaler's periodic view of the cluster.
         return "Ray runtime started." in (temp_dir / "node.log").read_text()
 
-    nodes = [node(dirs[0], "--head", f"--port={address.split(':')[1]}", "--include-dashboard=false",
-                  f"--ray-client-server-port={free_port()}")]
-    wait_until(lambda: registered(dirs[0]), nodes[0], dirs[0] / "node.log", "the Ray head node")
+    head, ports = node(dirs[0], "--head", "--include-dashboard=false", head=True)
+    address, nodes = f"127.0.0.1:{ports['port']}", [head]
+    wait_until(lambda: registered(dirs[0]), head, dirs[0] / "node.log", "the Ray head node")
     for temp_dir in dirs[1:]:
-        nodes.append(node(temp_dir, f"--address={address}"))
+        nodes.append(node(temp_dir, f"--address={address}")[0])
         wait_until(lambda d=temp_dir: registered(d), nodes[-1], temp_dir / "node.log", "a Ray worker node")
     return address, nodes, dirs
 
