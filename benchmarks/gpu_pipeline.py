@@ -92,9 +92,7 @@ def train_killed_then_resumed(stages: Stages) -> None:
     checkpoint is written, then run again: the rerun must not train epoch 1 again."""
     log = stages.out / "train-killed.log"
     start = time.monotonic()
-    with open(log, "w") as sink:
-        train = subprocess.Popen([str(BIN / "vae"), "train"], cwd=stages.project, env=stages.env, stdout=sink,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+    train = stack.start([str(BIN / "vae"), "train"], log, stages.env, stages.project)
     # Ray's record of the checkpoint (written after its files) is what a rerun resumes from.
     while not list((stages.project / ".ray_results").rglob("checkpoint_manager_snapshot.json")):
         if train.poll() is not None:  # failed, or (a fast GPU, few epochs) done before the poll saw it
@@ -128,10 +126,8 @@ def served(stages: Stages, label: str, options: list[str], seconds: float, clien
     """`vae serve models OPTIONS` on a free port: the decoder's providers, then /v1/decode flat
     out from `clients` threads for `seconds` at each batch size; then stopped, all it started."""
     port, log = stack.free_port(), stages.out / f"{label}.log"
-    with open(log, "w") as sink:
-        server = subprocess.Popen([str(BIN / "vae"), "serve", "models", "--port", str(port), *options],
-                                  cwd=stages.project, env=stages.env, stdout=sink, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+    server = stack.start([str(BIN / "vae"), "serve", "models", "--port", str(port), *options], log, stages.env,
+                         stages.project)
     url, start = f"http://127.0.0.1:{port}", time.monotonic()
     try:
         while not stack.http_ok(f"{url}/v2/health/ready"):

@@ -155,7 +155,7 @@ def test_the_s3_server_refuses_wrong_and_missing_keys_and_listens_on_loopback_on
 
 def test_free_ports_are_distinct_and_free():
     """A node's ports come from one free_ports() call. Bound and closed one at a time, 500
-    ports here held 5 to 13 repeats (CI once gave a Ray node two components on one port)."""
+    ports here held 3 to 13 repeats (CI once gave a Ray node two components on one port)."""
     import socket
 
     ports = stack.free_ports(500)

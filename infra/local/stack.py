@@ -44,11 +44,11 @@ def free_ports(count: int) -> list[int]:
         return [s.getsockname()[1] for s in sockets]
 
 
-def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+def start(cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
     """A background process in its own session (so stop() reaches all it spawns), its output
     in a log file (an unread pipe would fill up and block it)."""
     with open(log, "w") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=cwd)
 
 
 def _alive(process: subprocess.Popen | int) -> bool:
