@@ -151,6 +151,10 @@ def test_the_s3_server_refuses_wrong_and_missing_keys_and_listens_on_loopback_on
     (server,) = {c.pid for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.laddr.port == port}
     addresses = {c.laddr.ip for c in psutil.net_connections("inet") if c.pid == server and c.status == "LISTEN"}
     assert len(addresses) == 1 and addresses == {"127.0.0.1"}
+    # Its S3 gateway's socket and its logs are in its own folder: weed's default, /tmp, keeps them.
+    root = Path(next(a for a in psutil.Process(server).cmdline() if a.startswith("-logdir=")).split("=", 1)[1])
+    assert str(root / "s3.sock") in {c.laddr for c in psutil.net_connections("unix") if c.pid == server}
+    assert not Path(f"/tmp/seaweedfs-s3-{port}.sock").exists() and list(root.glob("weed.*.log.INFO.*"))
 
 
 def test_free_ports_are_distinct_and_free():

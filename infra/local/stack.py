@@ -211,9 +211,13 @@ def s3_server(root: Path) -> tuple[dict[str, str], subprocess.Popen]:
     flags = [f"-{service}.port{kind}" for service in ("master", "volume", "filer", "s3", "admin")
              for kind in ("", ".grpc")]
     ports = [f"{flag}={port}" for flag, port in zip(flags, free_ports(len(flags)))]
-    command = [str(BIN / "weed"), "mini", f"-dir={root / 's3'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-               f"-s3.config={config}", f"-bucket={','.join(S3_BUCKETS)}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-               "-webdav=false", "-admin.ui=false", *sorted(ports)]
+    # Its logs and its S3 gateway's local socket in root too: by default they go to /tmp, and stay
+    # there. A Unix socket's path holds at most 107 bytes: under a deeper root, weed's default.
+    socket = root / "s3.sock"
+    local = [f"-s3.localSocket={socket}"] if len(bytes(socket)) <= 107 else []
+    command = [str(BIN / "weed"), f"-logdir={root}", "mini", f"-dir={root / 's3'}", *local,
+               "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.config={config}", f"-bucket={','.join(S3_BUCKETS)}",
+               "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false", *sorted(ports)]
     server = start(command, root / "s3.log")
     s3_port = next(p for p in ports if p.startswith("-s3.port=")).split("=")[1]
     endpoint = f"http://127.0.0.1:{s3_port}"
