@@ -12,6 +12,7 @@ the Triton repository give the three graphs.
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
@@ -40,7 +41,13 @@ class ModelFiles:
         return cls(decoder, *(path if path.is_file() else None for path in others))
 
     def read(self) -> "ModelFiles":
-        return ModelFiles(*(f.read_bytes() if isinstance(f, Path) else f for f in astuple(self)))
+        """Each graph as one self-contained serialisation: weights an ONNX file keeps in an
+        external data file beside it (as MLflow's flavor logged them by default) are inlined,
+        since a session opened on bytes has no folder to look for them in."""
+        import onnx
+
+        return ModelFiles(*(onnx.load(str(f)).SerializeToString() if isinstance(f, Path) else f
+                            for f in astuple(self)))
 
 
 # What loading the logged decoder needs, named rather than inferred, at uv.lock's versions:
@@ -53,7 +60,8 @@ DECODER_REQUIREMENTS = ("mlflow", "numpy", "onnx", "onnxruntime-gpu")
 def log_graphs(layout: Layout, run_id: str, z, images) -> str:
     """Log the export stage's graphs into the run with MLflow's onnx flavor, the decoder as
     its model (signature and input example from z -> images), the encoder and the score graph
-    as its extra files; registered as a new version of `vae-decoder`; returns the version."""
+    as its extra files; registered as a new version of `vae-decoder`; returns the version.
+    Each graph one file, as export wrote it: not the flavor's default of the weights apart."""
     import mlflow
     import onnx
     import onnxruntime
@@ -76,7 +84,7 @@ def log_graphs(layout: Layout, run_id: str, z, images) -> str:
         with mlflow.start_run(run_id=run_id):
             info = mlflow.onnx.log_model(onnx.load(str(layout.decoder_onnx)), name="decoder", input_example=z,
                                          signature=infer_signature(z, images), registered_model_name=MODEL_NAME,
-                                         pip_requirements=requirements,
+                                         pip_requirements=requirements, save_as_external_data=False,
                                          extra_files=[str(layout.encoder_onnx), str(layout.score_onnx)])
     finally:
         for logger, level in zip(quieted, levels):
@@ -113,10 +121,13 @@ def resolve(source: str) -> ModelFiles:
         from mlflow.exceptions import MlflowException
 
         mlflow.set_tracking_uri(tracking.tracking_uri(Layout()))
-        try:
-            return ModelFiles.in_folder(Path(download_artifacts(artifact_uri=source)), REGISTERED_FILES)
-        except MlflowException as e:
-            raise LookupError(f"{source}: {e.message}") from None
+        # Held in memory, the download removed: each start would otherwise leave a copy behind.
+        with tempfile.TemporaryDirectory(prefix="vae-model-") as download:
+            try:
+                folder = Path(download_artifacts(artifact_uri=source, dst_path=download))
+            except MlflowException as e:
+                raise LookupError(f"{source}: {e.message}") from None
+            return ModelFiles.in_folder(folder, REGISTERED_FILES).read()
     path = Path(source)
     if path.is_dir():
         if not (path / FOLDER_FILES[0]).is_file():

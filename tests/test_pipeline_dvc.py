@@ -142,7 +142,9 @@ def test_one_mlflow_run_with_lineage(repro):
     check_pipeline_run(client, runs[0], repo)
 
 
-def test_decoder_registered_with_onnx_flavor_and_aliases(repro, monkeypatch):
+def test_decoder_registered_with_onnx_flavor_and_aliases(repro, monkeypatch, tmp_path):
+    import tempfile
+
     import mlflow
     from mlflow import MlflowClient
 
@@ -154,9 +156,13 @@ def test_decoder_registered_with_onnx_flavor_and_aliases(repro, monkeypatch):
     assert champion.run_id == json.loads((repo / "models/mlflow_run.json").read_text())["run_id"]
     # Not mlflow.set_tracking_uri: it also sets the variable for the rest of the session.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # MLflow's downloads below stay there
     model = mlflow.pyfunc.load_model("models:/vae-decoder@champion")
     assert list(model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 20]
     images = model.predict(np.zeros((2, 20), dtype=np.float32))
+    # One file, as export wrote it: no weights apart, which a graph sent as bytes would lose.
+    logged = [a.path for a in mlflow.artifacts.list_artifacts("models:/vae-decoder@champion")]
+    assert "model.onnx" in logged and not [path for path in logged if path.endswith(".data")], logged
     assert np.asarray(images["image"] if isinstance(images, dict) else images).shape == (2, 1, 28, 28)
     # The environment it records: what the decoder loads with, pinned at uv.lock's versions;
     # onnxruntime-gpu alone, as this project installs it.
@@ -295,12 +301,15 @@ def test_unknown_params_key_fails_naming_it(repro, tmp_path):
     assert "train.epochz: unknown key" in failed.stdout + failed.stderr
 
 
-def test_serve_from_the_registry(repro):
+def test_serve_from_the_registry(repro, tmp_path):
     """The champion's three graphs served: the decoder with its latent record, and the score
     of the test images equal to the evaluate stage's per-image -L_k for the same k and noise;
-    the same images inverted (an obvious outlier set) score worse."""
+    the same images inverted (an obvious outlier set) score worse. The server holds them in
+    memory: no downloaded copy is left in the temporary folder."""
     repo, env, _ = repro
-    with vae_serve("models:/vae-decoder@champion", repo / "serve.log", env=env, cwd=repo) as url:
+    with vae_serve("models:/vae-decoder@champion", repo / "serve.log", env={**env, "TMPDIR": str(tmp_path)},
+                   cwd=repo) as url:
+        assert not list(tmp_path.rglob("*.onnx")), list(tmp_path.rglob("*"))
         assert httpx.get(f"{url}/v2").json()["models"] == ["vae-decoder", "vae-encoder", "vae-score"]
         params = load_params(repo / "params.yaml")
         x, _ = evaluated_test_images(Layout(repo), params)

@@ -236,6 +236,25 @@ def test_graphs_of_different_models_are_refused_naming_the_sizes(decoder_and_onn
         open_models(ModelFiles(decoder_and_onnx[1], tmp_path / "encoder.onnx"), max_batch=4)
 
 
+def test_a_graph_with_its_weights_beside_it_travels_to_a_replica_whole(decoder_and_onnx, tmp_path):
+    """A replica on another node opens the graphs from bytes. An ONNX file may keep its weights
+    in a data file beside it (MLflow's flavor logged the registry's decoder so by default):
+    those weights go inline, and the bytes decode alone as the file does."""
+    import onnx
+
+    from pipeline.registry import ModelFiles
+
+    onnx.save_model(onnx.load(str(decoder_and_onnx[1])), str(tmp_path / "model.onnx"), save_as_external_data=True,
+                    location="model.data", size_threshold=0)
+    assert (tmp_path / "model.data").stat().st_size > (tmp_path / "model.onnx").stat().st_size
+    shipped = ModelFiles(tmp_path / "model.onnx").read().decoder
+    (tmp_path / "model.data").unlink()  # the bytes must not need it
+    z = np.random.default_rng(0).standard_normal((3, LATENT)).astype(np.float32)
+    [alone] = open_session(shipped, ["CPUExecutionProvider"]).run(None, {"z": z})
+    [from_file] = open_session(decoder_and_onnx[1], ["CPUExecutionProvider"]).run(None, {"z": z})
+    np.testing.assert_array_equal(alone, from_file)
+
+
 @pytest.mark.integration  # starts `vae serve`
 def test_a_decoder_alone_serves_and_says_where_the_encoder_is(decoder_and_onnx, tmp_path):
     (tmp_path / "decoder.onnx").write_bytes(decoder_and_onnx[1].read_bytes())
