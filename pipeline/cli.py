@@ -8,6 +8,7 @@ import gc
 import importlib
 import importlib.metadata
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -32,6 +33,21 @@ def version() -> str:
            f"{environment.lock_sha256()})"
 
 
+def within(kind: type, low: float, high: float = math.inf):
+    """An argparse type: a finite number of `kind` from low to high. Left unchecked, uvicorn
+    reported port 70000 and bound another, and Ray Serve met --replicas 0 with a traceback."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            bounds = f"{low:g} to {high:g}" if high < math.inf else f"at least {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, not {text}")
+        return value
+    return parse
+
+
 def parser() -> argparse.ArgumentParser:
     # Raw: the version line stays one line.
     p = argparse.ArgumentParser(prog="vae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,12 +62,13 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("model", help="the export stage's folder (models/: decoder, encoder and score), a "
                                      "decoder file, or a registry URI (models:/vae-decoder@champion)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-batch", type=int, default=1024,
+    serve.add_argument("--port", type=within(int, 1, 65535), default=8000)
+    serve.add_argument("--max-batch", type=within(int, 1), default=1024,
                        help="largest batch of latent vectors or images per request")
     serve.add_argument("--ray", action="store_true", help="deploy on Ray Serve ($RAY_ADDRESS, else a local Ray)")
-    serve.add_argument("--replicas", type=int, default=2, help="with --ray: replicas, each its own session")
-    serve.add_argument("--replica-cpus", type=float, default=1.0, help="with --ray: CPUs reserved per replica")
+    serve.add_argument("--replicas", type=within(int, 1), default=2, help="with --ray: replicas, each its own session")
+    serve.add_argument("--replica-cpus", type=within(float, 0), default=1.0,
+                       help="with --ray: CPUs reserved per replica")
     batch_parsers(sub)
     return p
 

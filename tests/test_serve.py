@@ -272,6 +272,23 @@ def test_missing_model_file_is_a_clear_error(tmp_path):
     assert result.returncode == 2 and "none.onnx: no such ONNX model" in result.stderr
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--port", "70000", "must be 1 to 65535, not 70000"),  # uvicorn bound 4464 and reported 70000
+    ("--port", "http", "'http' is not an integer"),
+    ("--max-batch", "0", "must be at least 1, not 0"),
+    ("--replicas", "0", "must be at least 1, not 0"),  # Ray Serve: a traceback
+    ("--replica-cpus", "-1", "must be at least 0, not -1"),
+    ("--replica-cpus", "nan", "must be at least 0, not nan"),
+])
+def test_bad_serve_options_are_named_before_anything_starts(capsys, flag, value, message):
+    from pipeline.cli import parser
+
+    with pytest.raises(SystemExit) as exited:
+        parser().parse_args(["serve", "models/", "--ray", flag, value])
+    assert exited.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
+    assert parser().parse_args(["serve", "models/", "--port", "65535", "--replica-cpus", "0"]).port == 65535
+
+
 @pytest.mark.parametrize("binary", [False, True])
 def test_triton_client_infers_unchanged(server, decoder_and_onnx, binary):
     import tritonclient.http as triton
