@@ -125,8 +125,6 @@ def sample(source: str, n: int, seed: int, out: Path, batch: int) -> None:
 
     if out.suffix not in (".png", ".npy"):
         raise InputError(f"{out}: the output is .png (a grid) or .npy")
-    if n < 1:
-        raise InputError(f"--n {n}: at least one sample")
     decoder = open_models(resolve(source), batch)[MODEL_NAME]
     z = decoder.prior_samples(n, seed)
     images = []
@@ -142,8 +140,7 @@ def sample(source: str, n: int, seed: int, out: Path, batch: int) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.batch_size < 1 or not 0 <= args.seed < 2**32:
-        raise InputError("--batch-size must be at least 1 and --seed in [0, 2^32)")
+    """`vae encode` or `vae sample`, their numbers checked by pipeline/cli.py's parser."""
     if args.command == "encode":
         encode(args.inputs, args.model, args.out, args.seed, args.batch_size)
     else:

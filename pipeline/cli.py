@@ -42,7 +42,7 @@ def within(kind: type, low: float, high: float = math.inf):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if not (math.isfinite(value) and low <= value <= high):
-            bounds = f"{low:g} to {high:g}" if high < math.inf else f"at least {low:g}"
+            bounds = f"{low} to {high}" if high < math.inf else f"at least {low}"
             raise argparse.ArgumentTypeError(f"must be {bounds}, not {text}")
         return value
     return parse
@@ -80,14 +80,15 @@ def batch_parsers(sub: argparse._SubParsersAction) -> None:
     enc.add_argument("inputs", nargs="+", type=Path, help="IDX image files, .npy arrays or PNG images")
     enc.add_argument("--out", type=Path, required=True, help="latents.npy or latents.csv")
     enc.add_argument("--model", default="models/", help=model_help)
-    enc.add_argument("--seed", type=int, default=0, help="the scores' noise, as /v1/score?seed= (default: 0)")
-    enc.add_argument("--batch-size", type=int, default=1024)
+    seed, batch = within(int, 0, 2**32 - 1), within(int, 1)  # a seed as the server takes it
+    enc.add_argument("--seed", type=seed, default=0, help="the scores' noise, as /v1/score?seed= (default: 0)")
+    enc.add_argument("--batch-size", type=batch, default=1024)
     smp = sub.add_parser("sample", help="digits decoded from prior samples: a PNG grid or .npy, via onnxruntime")
-    smp.add_argument("--n", type=int, default=64, help="how many (default: 64)")
-    smp.add_argument("--seed", type=int, default=0, help="as /v1/samples.png?seed= (default: 0)")
+    smp.add_argument("--n", type=within(int, 1), default=64, help="how many (default: 64)")
+    smp.add_argument("--seed", type=seed, default=0, help="as /v1/samples.png?seed= (default: 0)")
     smp.add_argument("--out", type=Path, required=True, help="samples.png (a grid) or samples.npy")
     smp.add_argument("--model", default="models/", help=model_help)
-    smp.add_argument("--batch-size", type=int, default=1024)
+    smp.add_argument("--batch-size", type=batch, default=1024)
 
 
 def main(argv: list[str] | None = None) -> int:

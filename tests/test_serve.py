@@ -272,19 +272,24 @@ def test_missing_model_file_is_a_clear_error(tmp_path):
     assert result.returncode == 2 and "none.onnx: no such ONNX model" in result.stderr
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--port", "70000", "must be 1 to 65535, not 70000"),  # uvicorn bound 4464 and reported 70000
-    ("--port", "http", "'http' is not an integer"),
-    ("--max-batch", "0", "must be at least 1, not 0"),
-    ("--replicas", "0", "must be at least 1, not 0"),  # Ray Serve: a traceback
-    ("--replica-cpus", "-1", "must be at least 0, not -1"),
-    ("--replica-cpus", "nan", "must be at least 0, not nan"),
+@pytest.mark.parametrize("command, flag, value, message", [
+    ("serve", "--port", "70000", "must be 1 to 65535, not 70000"),  # uvicorn bound 4464 and reported 70000
+    ("serve", "--port", "http", "'http' is not an integer"),
+    ("serve", "--max-batch", "0", "must be at least 1, not 0"),
+    ("serve", "--replicas", "0", "must be at least 1, not 0"),  # Ray Serve: a traceback
+    ("serve", "--replica-cpus", "-1", "must be at least 0, not -1"),
+    ("serve", "--replica-cpus", "nan", "must be at least 0, not nan"),
+    ("sample", "--n", "0", "must be at least 1, not 0"),
+    ("sample", "--seed", str(2**32), f"must be 0 to {2**32 - 1}, not {2**32}"),  # as the server's seeds
+    ("encode", "--batch-size", "0", "must be at least 1, not 0"),
 ])
-def test_bad_serve_options_are_named_before_anything_starts(capsys, flag, value, message):
+def test_bad_numbers_for_the_graphs_commands_are_named_before_anything_starts(capsys, command, flag, value, message):
     from pipeline.cli import parser
 
+    given = {"serve": ["serve", "models/", "--ray"], "sample": ["sample", "--out", "s.png"],
+             "encode": ["encode", "x.npy", "--out", "l.csv"]}[command]
     with pytest.raises(SystemExit) as exited:
-        parser().parse_args(["serve", "models/", "--ray", flag, value])
+        parser().parse_args([*given, flag, value])
     assert exited.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
     assert parser().parse_args(["serve", "models/", "--port", "65535", "--replica-cpus", "0"]).port == 65535
 
