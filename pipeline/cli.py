@@ -57,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=help_text)
     sub.add_parser("env", help="the project version, uv.lock's hash, and whether the environment matches it")
     sweep = sub.add_parser("sweep", help="run the queued experiments (`dvc exp run --queue`), N at a time")
-    sweep.add_argument("-j", "--jobs", type=int, default=1, help="experiments at once (default: 1)")
+    sweep.add_argument("-j", "--jobs", type=within(int, 1), default=1, help="experiments at once (default: 1)")
     serve = sub.add_parser("serve", help="serve the exported graphs over HTTP with onnxruntime")
     serve.add_argument("model", help="the export stage's folder (models/: decoder, encoder and score), a "
                                      "decoder file, or a registry URI (models:/vae-decoder@champion)")

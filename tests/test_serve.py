@@ -282,15 +282,16 @@ def test_missing_model_file_is_a_clear_error(tmp_path):
     ("sample", "--n", "0", "must be at least 1, not 0"),
     ("sample", "--seed", str(2**32), f"must be 0 to {2**32 - 1}, not {2**32}"),  # as the server's seeds
     ("encode", "--batch-size", "0", "must be at least 1, not 0"),
+    ("sweep", "--jobs", "0", "must be at least 1, not 0"),  # started no worker, then waited a day
 ])
-def test_bad_numbers_for_the_graphs_commands_are_named_before_anything_starts(capsys, command, flag, value, message):
+def test_bad_numbers_on_the_command_line_are_named_before_anything_starts(capsys, command, flag, value, message):
     from pipeline.cli import parser
 
     given = {"serve": ["serve", "models/", "--ray"], "sample": ["sample", "--out", "s.png"],
-             "encode": ["encode", "x.npy", "--out", "l.csv"]}[command]
+             "encode": ["encode", "x.npy", "--out", "l.csv"], "sweep": ["sweep"]}[command]
     with pytest.raises(SystemExit) as exited:
         parser().parse_args([*given, flag, value])
-    assert exited.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
+    assert exited.value.code == 2 and f"{flag}: {message}" in capsys.readouterr().err
     assert parser().parse_args(["serve", "models/", "--port", "65535", "--replica-cpus", "0"]).port == 65535
 
 
