@@ -23,7 +23,7 @@ def connect_ray(num_workers: int | str = 1, address: str | None = None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     for name, value in WORKER_ENV.items():
         os.environ.setdefault(name, value)
-    local = not (address or os.environ.get("RAY_ADDRESS"))
+    local = local_ray(address)
     if local and "ray" not in sys.modules:  # Ray reads its auth mode once, when imported
         # Ray 2.60's GCS, raylet and worker servers listen on every interface, whatever node
         # address they are given (ray.init turns 127.0.0.1 into the machine's own address),
@@ -47,6 +47,11 @@ def connect_ray(num_workers: int | str = 1, address: str | None = None) -> None:
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
 
 
+def local_ray(address: str | None = None) -> bool:
+    """Whether connect_ray starts a Ray of its own: no address, here or in $RAY_ADDRESS."""
+    return not (address or os.environ.get("RAY_ADDRESS"))
+
+
 def torch_trainer():
     """Ray Train's TorchTrainer; on a Ray without a dashboard, less its placement-group cleaner.
     The cleaner asks the state API, which the dashboard serves, whether the controller lives;
@@ -60,35 +65,60 @@ def gpu_workers(use_gpu, cluster_gpus: float) -> bool:
     if use_gpu == "auto":
         return cluster_gpus >= 1
     if use_gpu and cluster_gpus < 1:
-        raise RuntimeError("train.use_gpu is true but the Ray cluster has no GPU")
+        from pipeline.params import ParamsError  # here: `vae serve --ray` imports this module, and torch is slow
+
+        raise ParamsError("train.use_gpu is true but the Ray cluster has no GPU")
     return bool(use_gpu)
 
 
-def workers_for(setting: int | str, node_cpus: list[float], cluster_gpus: float) -> int:
+def node_resources() -> list[dict[str, float]]:
+    """Each live node's resources (CPU, GPU, ...)."""
+    import ray
+
+    return [node["Resources"] for node in ray.nodes() if node["Alive"]]
+
+
+def workers_for(setting: int | str, nodes: list[dict[str, float]], cluster_gpus: float) -> int:
     """train.num_workers: as set, or auto: one per GPU when the cluster has GPUs, else one per
     node with CPUs (cpus_per_worker: auto then gives each worker all of its node's CPUs)."""
     if setting != "auto":
         return int(setting)
-    return int(cluster_gpus) if cluster_gpus >= 1 else max(1, sum(1 for cpus in node_cpus if cpus >= 1))
+    return int(cluster_gpus) if cluster_gpus >= 1 else max(1, sum(1 for n in nodes if n.get("CPU", 0) >= 1))
 
 
-def node_cpus() -> list[float]:
-    import ray
+def workers_fit(nodes: list[dict[str, float]], workers: int, cpus: int, gpu: bool) -> bool:
+    """Whether `workers` workers of `cpus` CPUs each, and a GPU each if gpu, fit on the nodes."""
+    return sum(min(int(n.get("CPU", 0)) // cpus, int(n.get("GPU", 0)) if gpu else workers) for n in nodes) >= workers
 
-    return [node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]]
 
-
-def share_cpus(node_cpus: list[float], num_workers: int) -> int:
-    """The most CPUs per worker with which all the workers still fit on the nodes."""
-    for cpus in range(int(max(node_cpus, default=1)), 1, -1):
-        if sum(int(n) // cpus for n in node_cpus) >= num_workers:
+def share_cpus(nodes: list[dict[str, float]], num_workers: int, gpu: bool = False) -> int:
+    """The most CPUs per worker with which all the workers still fit on the nodes: GPU workers
+    on the nodes with GPUs only, whatever CPUs the others have."""
+    for cpus in range(int(max((n.get("CPU", 0) for n in nodes), default=1)), 1, -1):
+        if workers_fit(nodes, num_workers, cpus, gpu):
             return cpus
     return 1
 
 
-def cpus_per_worker(setting: int | str, num_workers: int) -> int:
+def cpus_per_worker(setting: int | str, nodes: list[dict[str, float]], num_workers: int, gpu: bool) -> int:
     """CPUs a worker reserves. Ray sets OMP_NUM_THREADS, hence torch's threads, from it: with
     Ray's default of 1, a lone worker would use one core of many."""
     if setting != "auto":
         return int(setting)
-    return share_cpus(node_cpus(), num_workers)
+    return share_cpus(nodes, num_workers, gpu)
+
+
+def require_room(nodes: list[dict[str, float]], workers: int, cpus: int, gpu: bool, address: str | None) -> None:
+    """Refuse workers that cannot all be placed on the Ray this run started: Ray Train would
+    retry every minute, for ever. A cluster's autoscaler may add nodes: there, say so and wait."""
+    if workers_fit(nodes, workers, cpus, gpu):
+        return
+    need = f"{workers} worker{'s' * (workers > 1)} of {cpus} CPU{'s' * (cpus > 1)}{' and a GPU' if gpu else ''}"
+    have = "; ".join(f"{n.get('CPU', 0):g} CPUs and {n.get('GPU', 0):g} GPUs" for n in nodes)
+    if local_ray(address):
+        from pipeline.params import ParamsError
+
+        raise ParamsError(f"train.num_workers, train.cpus_per_worker: {need} do not fit on this machine's "
+                          f"Ray ({have})")
+    print(f"train: {need} do not fit on the Ray cluster's nodes ({have}): waiting for more to join",
+          flush=True)

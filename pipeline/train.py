@@ -19,7 +19,15 @@ import torch
 from pipeline import tracking, train_worker
 from pipeline.files import Layout, atomic_path, write_bytes, write_json
 from pipeline.params import Params, load_params
-from pipeline.ray_connect import connect_ray, cpus_per_worker, gpu_workers, node_cpus, torch_trainer, workers_for
+from pipeline.ray_connect import (
+    connect_ray,
+    cpus_per_worker,
+    gpu_workers,
+    node_resources,
+    require_room,
+    torch_trainer,
+    workers_for,
+)
 from pipeline.train_worker import TrainState, WorkerContext, train_loop_per_worker
 from vae.data import load_split
 from vae.model import VAE
@@ -61,11 +69,13 @@ def fit(layout: Layout, params: Params, run_id: str) -> TrainState:
     trainer_class = torch_trainer()
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = gpu_workers(params.train.use_gpu, cluster_gpus)
-    workers = workers_for(params.train.num_workers, node_cpus(), cluster_gpus if use_gpu else 0)
+    nodes = node_resources()
+    workers = workers_for(params.train.num_workers, nodes, cluster_gpus if use_gpu else 0)
+    cpus = cpus_per_worker(params.train.cpus_per_worker, nodes, workers, use_gpu)
+    require_room(nodes, workers, cpus, use_gpu, params.train.ray_address)
     context = WorkerContext(run_id=run_id, tracking_uri=tracking.tracking_uri(layout),
                             data=tuple(ray.put(a) for a in load_training_data(layout, params)))
     storage = params.train.storage_path or str(layout.ray_results)
-    cpus = cpus_per_worker(params.train.cpus_per_worker, workers)
     where = ("GPU, each step a CUDA graph" if workers == 1 else "GPU (NCCL)") if use_gpu else "CPU (Gloo)"
     print(f"train: {workers} Ray worker{'s' * (workers > 1)} on {where}, "
           f"{cpus} CPU{'s' * (cpus > 1)} each, checkpoints in {storage}", flush=True)

@@ -6,34 +6,62 @@ import sys
 
 import pytest
 
-from pipeline.ray_connect import gpu_workers, share_cpus, workers_for
+from pipeline.params import ParamsError
+from pipeline.ray_connect import gpu_workers, require_room, share_cpus, workers_fit, workers_for
 
 # A client that Ray refuses retries for ~20 s by default; 3 tries tell as much.
 QUICK_GIVE_UP = {"RAY_gcs_server_port_wait_time_s": "3"}
 
 
+def nodes(*cpus: float, gpus: tuple[float, ...] = ()) -> list[dict[str, float]]:
+    """Nodes' resources as Ray lists them: these CPUs, and GPUs on the first nodes."""
+    return [{"CPU": c, **({"GPU": gpus[i]} if i < len(gpus) else {})} for i, c in enumerate(cpus)]
+
+
 def test_gpu_choice():
     assert gpu_workers("auto", 0) is False and gpu_workers("auto", 2) is True
     assert gpu_workers(False, 2) is False
-    with pytest.raises(RuntimeError, match="train.use_gpu is true but the Ray cluster has no GPU"):
+    with pytest.raises(ParamsError, match="train.use_gpu is true but the Ray cluster has no GPU"):
         gpu_workers(True, 0)
 
 
 def test_workers_share_the_cpus_within_a_node():
     """A lone worker on a 2-core machine gets both cores (Ray's default would give it one
     thread); every worker still fits on some node, and none asks for less than one CPU."""
-    assert share_cpus([2], 1) == 2 and share_cpus([16], 4) == 4 and share_cpus([16, 16], 2) == 16
-    assert share_cpus([1, 1], 1) == 1 and share_cpus([8, 2], 2) == 4 and share_cpus([8, 2], 3) == 2
-    assert share_cpus([2], 3) == 1
+    assert share_cpus(nodes(2), 1) == 2 and share_cpus(nodes(16), 4) == 4 and share_cpus(nodes(16, 16), 2) == 16
+    assert share_cpus(nodes(1, 1), 1) == 1 and share_cpus(nodes(8, 2), 2) == 4 and share_cpus(nodes(8, 2), 3) == 2
+    assert share_cpus(nodes(2), 3) == 1
+
+
+def test_gpu_workers_share_the_cpus_of_the_nodes_with_gpus():
+    """Two GPU workers on a 8-core node with 2 GPUs, beside a 16-core node without: 4 CPUs
+    each, not 8 (counting the other node's CPUs, only one of them would fit: Ray would wait)."""
+    cluster = nodes(8, 16, gpus=(2,))
+    assert share_cpus(cluster, 2, gpu=True) == 4 and workers_fit(cluster, 2, 4, gpu=True)
+    assert share_cpus(cluster, 2) == 8 and not workers_fit(cluster, 2, 8, gpu=True)
+    assert not workers_fit(cluster, 3, 1, gpu=True)  # a GPU each: two at most
+    assert share_cpus(nodes(0, 4, 4, gpus=(0, 1, 1)), 2, gpu=True) == 4  # infra/'s layouts: a head without CPUs
+
+
+def test_workers_that_cannot_fit_are_refused_on_a_local_ray_and_awaited_on_a_cluster(monkeypatch, capsys):
+    """Ray Train retries an infeasible worker group every minute for ever: on the Ray a stage
+    starts itself, which nothing will grow, that is a params error; a cluster may autoscale."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    require_room(nodes(2), 2, 1, False, None)  # fits: nothing said
+    with pytest.raises(ParamsError, match=r"train.num_workers, train.cpus_per_worker: 1 worker of 8 CPUs do not "
+                                          r"fit on this machine's Ray \(2 CPUs and 0 GPUs\)"):
+        require_room(nodes(2), 1, 8, False, None)
+    require_room(nodes(2), 1, 8, False, "10.0.0.1:6379")
+    assert "1 worker of 8 CPUs do not fit on the Ray cluster's nodes (2 CPUs and 0 GPUs)" in capsys.readouterr().out
 
 
 def test_auto_workers_are_one_per_gpu_else_one_per_node():
-    assert workers_for("auto", [2], 0) == 1  # this machine: one worker holding both cores
-    assert share_cpus([2], workers_for("auto", [2], 0)) == 2
-    assert workers_for("auto", [1, 1], 0) == 2 and share_cpus([1, 1], 2) == 1  # the test cluster's two nodes
-    assert workers_for("auto", [16, 16, 0], 0) == 2  # a node without CPUs holds no worker
-    assert workers_for("auto", [16, 16], 4) == 4  # GPUs: one worker each
-    assert workers_for(3, [2], 0) == 3
+    assert workers_for("auto", nodes(2), 0) == 1  # this machine: one worker holding both cores
+    assert share_cpus(nodes(2), workers_for("auto", nodes(2), 0)) == 2
+    assert workers_for("auto", nodes(1, 1), 0) == 2 and share_cpus(nodes(1, 1), 2) == 1  # the test cluster's two nodes
+    assert workers_for("auto", nodes(16, 16, 0), 0) == 2  # a node without CPUs holds no worker
+    assert workers_for("auto", nodes(16, 16), 4) == 4  # GPUs: one worker each
+    assert workers_for(3, nodes(2), 0) == 3
 
 
 def test_a_client_without_the_clusters_token_or_with_a_wrong_one_is_refused(ray_address):
@@ -74,3 +102,17 @@ def test_the_local_ray_a_stage_starts_asks_for_a_token_of_its_own():
                             text=True, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.split()[-3:] == ["token", "1", "True"], result.stdout + result.stderr
+
+
+@pytest.mark.integration  # `vae train` starts a local Ray
+def test_vae_train_refuses_workers_this_machines_ray_cannot_hold(tmp_path):
+    """Before this check, `vae train` waited for ever (Ray Train retrying every minute)."""
+    from helpers import BIN, copy_project, git_env, run, set_params
+
+    repo = copy_project(tmp_path / "project")
+    set_params(repo, {"train": {"num_workers": 1, "cpus_per_worker": 64}})
+    env = {k: v for k, v in git_env().items() if not k.startswith("RAY_") and k != "MLFLOW_TRACKING_URI"}
+    failed = run([str(BIN / "vae"), "train"], repo, env=env, check=False, timeout=180)
+    assert failed.returncode == 2, failed.stdout + failed.stderr
+    assert "vae train: error: train.num_workers, train.cpus_per_worker: 1 worker of 64 CPUs do not fit on this " \
+           "machine's Ray" in failed.stderr
