@@ -47,7 +47,16 @@ def cuda_usable() -> bool:
 
 
 def preferred_providers() -> list[str]:
-    return (["CUDAExecutionProvider"] if cuda_usable() else []) + ["CPUExecutionProvider"]
+    if not cuda_usable():
+        return ["CPUExecutionProvider"]
+    # The CUDA provider's library links cuBLAS and the CUDA runtime by name, with no path to
+    # where pip installs them (nvidia/cu13/lib): without them it falls back to the CPU. Importing
+    # torch loads its own copies, of the same CUDA major (ONNX Runtime's docs: "Compatibility
+    # with PyTorch"), found wherever torch is installed. Only where a GPU is usable: elsewhere
+    # serving starts without torch.
+    import torch  # noqa: F401
+
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
 def open_session(model: Path | str | bytes, providers: list[str] | None = None) -> ort.InferenceSession:
