@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from pipeline.params import ParamsError
+from pipeline.ray_connect import PlacementError
 from pipeline.sweep import SweepError
 from vae.data import DataError
 
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             print(environment.describe())
         else:
             importlib.import_module(f"pipeline.{args.command}").main()
-    except (ParamsError, DataError, FileNotFoundError, LookupError, ConnectionError, SweepError) as e:
+    except (ParamsError, DataError, FileNotFoundError, LookupError, ConnectionError, SweepError, PlacementError) as e:
         print(f"vae {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

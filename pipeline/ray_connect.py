@@ -3,6 +3,7 @@ how training workers are placed on it."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import sys
@@ -86,16 +87,18 @@ def workers_for(setting: int | str, nodes: list[dict[str, float]], cluster_gpus:
     return int(cluster_gpus) if cluster_gpus >= 1 else max(1, sum(1 for n in nodes if n.get("CPU", 0) >= 1))
 
 
-def workers_fit(nodes: list[dict[str, float]], workers: int, cpus: int, gpu: bool) -> bool:
-    """Whether `workers` workers of `cpus` CPUs each, and a GPU each if gpu, fit on the nodes."""
-    return sum(min(int(n.get("CPU", 0)) // cpus, int(n.get("GPU", 0)) if gpu else workers) for n in nodes) >= workers
+def workers_fit(nodes: list[dict[str, float]], workers: int, cpus: float, gpus: float) -> bool:
+    """Whether `workers` actors of `cpus` CPUs and `gpus` GPUs each fit on the nodes."""
+    def room(have: float, each: float) -> float:
+        return int(have / each + 1e-9) if each else math.inf  # 1e-9: a third of a GPU, three times
+    return sum(min(room(n.get("CPU", 0), cpus), room(n.get("GPU", 0), gpus)) for n in nodes) >= workers
 
 
 def share_cpus(nodes: list[dict[str, float]], num_workers: int, gpu: bool = False) -> int:
     """The most CPUs per worker with which all the workers still fit on the nodes: GPU workers
     on the nodes with GPUs only, whatever CPUs the others have."""
     for cpus in range(int(max((n.get("CPU", 0) for n in nodes), default=1)), 1, -1):
-        if workers_fit(nodes, num_workers, cpus, gpu):
+        if workers_fit(nodes, num_workers, cpus, float(gpu)):
             return cpus
     return 1
 
@@ -108,17 +111,20 @@ def cpus_per_worker(setting: int | str, nodes: list[dict[str, float]], num_worke
     return share_cpus(nodes, num_workers, gpu)
 
 
-def require_room(nodes: list[dict[str, float]], workers: int, cpus: int, gpu: bool, address: str | None) -> None:
-    """Refuse workers that cannot all be placed on the Ray this run started: Ray Train would
-    retry every minute, for ever. A cluster's autoscaler may add nodes: there, say so and wait."""
-    if workers_fit(nodes, workers, cpus, gpu):
+class PlacementError(ValueError):
+    """What was asked of the Ray this process started cannot all be placed on it."""
+
+
+def require_room(nodes: list[dict[str, float]], count: int, cpus: float, gpus: float, address: str | None,
+                 asked: str) -> None:
+    """Refuse `count` actors of `cpus` CPUs and `gpus` GPUs each (training workers, serving
+    replicas; `asked`: the settings that ask for them) that cannot all be placed on the Ray
+    this process started: Ray would wait for nodes for ever. A cluster's autoscaler may add
+    nodes: there, say so and wait."""
+    if workers_fit(nodes, count, cpus, gpus):
         return
-    need = f"{workers} worker{'s' * (workers > 1)} of {cpus} CPU{'s' * (cpus > 1)}{' and a GPU' if gpu else ''}"
+    need = f"{count} of {cpus:g} CPUs" + (f" and {gpus:g} GPUs" if gpus else "") + " each"
     have = "; ".join(f"{n.get('CPU', 0):g} CPUs and {n.get('GPU', 0):g} GPUs" for n in nodes)
     if local_ray(address):
-        from pipeline.params import ParamsError
-
-        raise ParamsError(f"train.num_workers, train.cpus_per_worker: {need} do not fit on this machine's "
-                          f"Ray ({have})")
-    print(f"train: {need} do not fit on the Ray cluster's nodes ({have}): waiting for more to join",
-          flush=True)
+        raise PlacementError(f"{asked}: {need} do not fit on this machine's Ray ({have})")
+    print(f"{asked}: {need} do not fit on the Ray cluster's nodes ({have}): waiting for more to join", flush=True)

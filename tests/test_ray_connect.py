@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from pipeline.params import ParamsError
-from pipeline.ray_connect import gpu_workers, require_room, share_cpus, workers_fit, workers_for
+from pipeline.ray_connect import PlacementError, gpu_workers, require_room, share_cpus, workers_fit, workers_for
 
 # A client that Ray refuses retries for ~20 s by default; 3 tries tell as much.
 QUICK_GIVE_UP = {"RAY_gcs_server_port_wait_time_s": "3"}
@@ -37,22 +37,25 @@ def test_gpu_workers_share_the_cpus_of_the_nodes_with_gpus():
     """Two GPU workers on a 8-core node with 2 GPUs, beside a 16-core node without: 4 CPUs
     each, not 8 (counting the other node's CPUs, only one of them would fit: Ray would wait)."""
     cluster = nodes(8, 16, gpus=(2,))
-    assert share_cpus(cluster, 2, gpu=True) == 4 and workers_fit(cluster, 2, 4, gpu=True)
-    assert share_cpus(cluster, 2) == 8 and not workers_fit(cluster, 2, 8, gpu=True)
-    assert not workers_fit(cluster, 3, 1, gpu=True)  # a GPU each: two at most
+    assert share_cpus(cluster, 2, gpu=True) == 4 and workers_fit(cluster, 2, 4, gpus=1)
+    assert share_cpus(cluster, 2) == 8 and not workers_fit(cluster, 2, 8, gpus=1)
+    assert not workers_fit(cluster, 3, 1, gpus=1)  # a GPU each: two at most
     assert share_cpus(nodes(0, 4, 4, gpus=(0, 1, 1)), 2, gpu=True) == 4  # infra/'s layouts: a head without CPUs
 
 
 def test_workers_that_cannot_fit_are_refused_on_a_local_ray_and_awaited_on_a_cluster(monkeypatch, capsys):
     """Ray Train retries an infeasible worker group every minute for ever: on the Ray a stage
-    starts itself, which nothing will grow, that is a params error; a cluster may autoscale."""
+    starts itself, which nothing will grow, that is an error naming the settings; a cluster
+    may autoscale."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    require_room(nodes(2), 2, 1, False, None)  # fits: nothing said
-    with pytest.raises(ParamsError, match=r"train.num_workers, train.cpus_per_worker: 1 worker of 8 CPUs do not "
-                                          r"fit on this machine's Ray \(2 CPUs and 0 GPUs\)"):
-        require_room(nodes(2), 1, 8, False, None)
-    require_room(nodes(2), 1, 8, False, "10.0.0.1:6379")
-    assert "1 worker of 8 CPUs do not fit on the Ray cluster's nodes (2 CPUs and 0 GPUs)" in capsys.readouterr().out
+    asked = "train.num_workers, train.cpus_per_worker"
+    require_room(nodes(2), 2, 1, 0, None, asked)  # fits: nothing said
+    with pytest.raises(PlacementError, match=r"train.num_workers, train.cpus_per_worker: 1 of 8 CPUs each do not "
+                                             r"fit on this machine's Ray \(2 CPUs and 0 GPUs\)"):
+        require_room(nodes(2), 1, 8, 0, None, asked)
+    require_room(nodes(2), 1, 8, 0, "10.0.0.1:6379", asked)
+    assert f"{asked}: 1 of 8 CPUs each do not fit on the Ray cluster's nodes (2 CPUs and 0 GPUs)" \
+           in capsys.readouterr().out
 
 
 def test_auto_workers_are_one_per_gpu_else_one_per_node():
@@ -114,5 +117,5 @@ def test_vae_train_refuses_workers_this_machines_ray_cannot_hold(tmp_path):
     env = {k: v for k, v in git_env().items() if not k.startswith("RAY_") and k != "MLFLOW_TRACKING_URI"}
     failed = run([str(BIN / "vae"), "train"], repo, env=env, check=False, timeout=180)
     assert failed.returncode == 2, failed.stdout + failed.stderr
-    assert "vae train: error: train.num_workers, train.cpus_per_worker: 1 worker of 64 CPUs do not fit on this " \
+    assert "vae train: error: train.num_workers, train.cpus_per_worker: 1 of 64 CPUs each do not fit on this " \
            "machine's Ray" in failed.stderr

@@ -415,6 +415,25 @@ def test_small_batches_go_to_the_small_batch_session(decoder_and_onnx):
     assert alone(1) is large and alone.describe() == {"providers": ["CPUExecutionProvider"], "cpu_below_batch": None}
 
 
-@pytest.mark.parametrize("cluster_gpus, replicas, each", [(0, 2, 0.0), (1, 2, 0.5), (1, 1, 1.0), (4, 2, 1.0)])
-def test_ray_serve_replicas_hold_the_clusters_gpus(cluster_gpus, replicas, each):
-    assert replica_gpus(cluster_gpus, replicas) == each
+@pytest.mark.parametrize("node_gpus, replicas, each", [
+    ((0,), 2, 0.0), ((1,), 2, 0.5), ((1,), 1, 1.0), ((4,), 2, 1.0), ((0, 2), 4, 0.5),
+    ((1, 1), 3, 0.5),  # 2/3 of the cluster's two GPUs each would fit only two replicas
+    ((3, 1), 5, 0.75),  # four on the first node, one on the second
+])
+def test_ray_serve_replicas_hold_the_clusters_gpus(node_gpus, replicas, each):
+    from pipeline.ray_connect import workers_fit
+
+    nodes = [{"CPU": 16.0, "GPU": float(g)} for g in node_gpus]
+    assert replica_gpus(nodes, replicas) == each
+    if each:  # all fit, and with a larger share (at most one GPU) they would not
+        assert workers_fit(nodes, replicas, 0, each) and (each == 1 or not workers_fit(nodes, replicas, 0, each + 0.01))
+
+
+def test_replicas_that_cannot_fit_on_a_local_ray_are_refused(monkeypatch):
+    from pipeline.ray_connect import PlacementError, require_room
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(PlacementError, match=r"--replicas, --replica-cpus: 1 of 8 CPUs each do not fit on this "
+                                             r"machine's Ray \(2 CPUs and 0 GPUs\)"):
+        require_room([{"CPU": 2.0}], 1, 8, 0, None, "--replicas, --replica-cpus")
+    require_room([{"CPU": 2.0}], 4, 0.5, 0, None, "--replicas, --replica-cpus")  # half a CPU each: fits

@@ -10,16 +10,19 @@ from __future__ import annotations
 import signal
 import time
 
-from pipeline.ray_connect import connect_ray
+from pipeline.ray_connect import connect_ray, node_resources, require_room, workers_fit
 from pipeline.registry import MODEL_NAME, ModelFiles
 
 DEPLOYMENT = MODEL_NAME
 
 
-def replica_gpus(cluster_gpus: float, replicas: int) -> float:
-    """The GPU share each replica reserves: the cluster's GPUs shared out, at most one each
-    (replicas sharing a GPU each hold a fraction of it); none on a cluster without GPUs."""
-    return min(1.0, cluster_gpus / replicas) if cluster_gpus else 0.0
+def replica_gpus(nodes: list[dict[str, float]], replicas: int) -> float:
+    """The GPU share each replica reserves: the largest, at most one, with which every replica
+    still fits on the nodes' GPUs (replicas sharing a GPU each hold a fraction of it; a share
+    of the cluster's total may not pack: 2/3 each of two 1-GPU nodes holds two replicas, not
+    three); none on a cluster without GPUs."""
+    shares = {min(1.0, n["GPU"] / count) for n in nodes if n.get("GPU") for count in range(1, replicas + 1)}
+    return next((share for share in sorted(shares, reverse=True) if workers_fit(nodes, replicas, 0, share)), 0.0)
 
 
 def deployment(graphs: ModelFiles, max_batch: int, replicas: int, replica_cpus: float, gpus: float = 0.0):
@@ -44,10 +47,11 @@ def deployment(graphs: ModelFiles, max_batch: int, replicas: int, replica_cpus: 
 def run(files: ModelFiles, source: str, host: str, port: int, max_batch: int, replicas: int,
         replica_cpus: float = 1.0) -> None:
     connect_ray(num_workers=replicas)  # first: it decides the local Ray's auth before ray is imported
-    import ray
     from ray import serve
 
-    gpus = replica_gpus(ray.cluster_resources().get("GPU", 0), replicas)
+    nodes = node_resources()
+    gpus = replica_gpus(nodes, replicas)
+    require_room(nodes, replicas, replica_cpus, gpus, None, "--replicas, --replica-cpus")
     serve.start(http_options={"host": host, "port": port})
     serve.run(deployment(files.read(), max_batch, replicas, replica_cpus, gpus), name=DEPLOYMENT,
               route_prefix="/")
