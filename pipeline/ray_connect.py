@@ -1,5 +1,5 @@
 """Joining Ray: the cluster at $RAY_ADDRESS (or a given address), else a quiet local Ray; and
-how training workers are placed on it."""
+how training workers and serving replicas are placed on it."""
 from __future__ import annotations
 
 import logging
@@ -87,11 +87,11 @@ def workers_for(setting: int | str, nodes: list[dict[str, float]], cluster_gpus:
     return int(cluster_gpus) if cluster_gpus >= 1 else max(1, sum(1 for n in nodes if n.get("CPU", 0) >= 1))
 
 
-def workers_fit(nodes: list[dict[str, float]], workers: int, cpus: float, gpus: float) -> bool:
-    """Whether `workers` actors of `cpus` CPUs and `gpus` GPUs each fit on the nodes."""
+def workers_fit(nodes: list[dict[str, float]], count: int, cpus: float, gpus: float) -> bool:
+    """Whether `count` workers (or replicas) of `cpus` CPUs and `gpus` GPUs each fit on the nodes."""
     def room(have: float, each: float) -> float:
         return int(have / each + 1e-9) if each else math.inf  # 1e-9: a third of a GPU, three times
-    return sum(min(room(n.get("CPU", 0), cpus), room(n.get("GPU", 0), gpus)) for n in nodes) >= workers
+    return sum(min(room(n.get("CPU", 0), cpus), room(n.get("GPU", 0), gpus)) for n in nodes) >= count
 
 
 def share_cpus(nodes: list[dict[str, float]], num_workers: int, gpu: bool = False) -> int:
@@ -116,14 +116,15 @@ class PlacementError(ValueError):
 
 
 def require_room(nodes: list[dict[str, float]], count: int, cpus: float, gpus: float, address: str | None,
-                 asked: str) -> None:
-    """Refuse `count` actors of `cpus` CPUs and `gpus` GPUs each (training workers, serving
-    replicas; `asked`: the settings that ask for them) that cannot all be placed on the Ray
-    this process started: Ray would wait for nodes for ever. A cluster's autoscaler may add
-    nodes: there, say so and wait."""
+                 what: str, asked: str) -> None:
+    """Refuse `count` workers or replicas (`what`) of `cpus` CPUs and `gpus` GPUs each, which
+    the settings `asked` ask for, that cannot all be placed on the Ray this process started:
+    Ray would wait for nodes for ever. A cluster's autoscaler may add nodes: there, say so and
+    wait."""
     if workers_fit(nodes, count, cpus, gpus):
         return
-    need = f"{count} of {cpus:g} CPUs" + (f" and {gpus:g} GPUs" if gpus else "") + " each"
+    need = (f"{count} {what}{'s' * (count > 1)} of {cpus:g} CPU{'s' * (cpus != 1)}"
+            + (f" and {gpus:g} GPU" if gpus else "") + (" each" if count > 1 else ""))
     have = "; ".join(f"{n.get('CPU', 0):g} CPUs and {n.get('GPU', 0):g} GPUs" for n in nodes)
     if local_ray(address):
         raise PlacementError(f"{asked}: {need} do not fit on this machine's Ray ({have})")

@@ -72,7 +72,7 @@ def fit(layout: Layout, params: Params, run_id: str) -> TrainState:
     nodes = node_resources()
     workers = workers_for(params.train.num_workers, nodes, cluster_gpus if use_gpu else 0)
     cpus = cpus_per_worker(params.train.cpus_per_worker, nodes, workers, use_gpu)
-    require_room(nodes, workers, cpus, float(use_gpu), params.train.ray_address,
+    require_room(nodes, workers, cpus, float(use_gpu), params.train.ray_address, "worker",
                  "train.num_workers, train.cpus_per_worker")
     context = WorkerContext(run_id=run_id, tracking_uri=tracking.tracking_uri(layout),
                             data=tuple(ray.put(a) for a in load_training_data(layout, params)))

@@ -49,12 +49,12 @@ def test_workers_that_cannot_fit_are_refused_on_a_local_ray_and_awaited_on_a_clu
     may autoscale."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     asked = "train.num_workers, train.cpus_per_worker"
-    require_room(nodes(2), 2, 1, 0, None, asked)  # fits: nothing said
-    with pytest.raises(PlacementError, match=r"train.num_workers, train.cpus_per_worker: 1 of 8 CPUs each do not "
+    require_room(nodes(2), 2, 1, 0, None, "worker", asked)  # fits: nothing said
+    with pytest.raises(PlacementError, match=r"train.num_workers, train.cpus_per_worker: 1 worker of 8 CPUs do not "
                                              r"fit on this machine's Ray \(2 CPUs and 0 GPUs\)"):
-        require_room(nodes(2), 1, 8, 0, None, asked)
-    require_room(nodes(2), 1, 8, 0, "10.0.0.1:6379", asked)
-    assert f"{asked}: 1 of 8 CPUs each do not fit on the Ray cluster's nodes (2 CPUs and 0 GPUs)" \
+        require_room(nodes(2), 1, 8, 0, None, "worker", asked)
+    require_room(nodes(2, gpus=(1,)), 3, 1, 1, "10.0.0.1:6379", "worker", asked)
+    assert f"{asked}: 3 workers of 1 CPU and 1 GPU each do not fit on the Ray cluster's nodes (2 CPUs and 1 GPUs)" \
            in capsys.readouterr().out
 
 
@@ -117,5 +117,5 @@ def test_vae_train_refuses_workers_this_machines_ray_cannot_hold(tmp_path):
     env = {k: v for k, v in git_env().items() if not k.startswith("RAY_") and k != "MLFLOW_TRACKING_URI"}
     failed = run([str(BIN / "vae"), "train"], repo, env=env, check=False, timeout=180)
     assert failed.returncode == 2, failed.stdout + failed.stderr
-    assert "vae train: error: train.num_workers, train.cpus_per_worker: 1 of 64 CPUs each do not fit on this " \
+    assert "vae train: error: train.num_workers, train.cpus_per_worker: 1 worker of 64 CPUs do not fit on this " \
            "machine's Ray" in failed.stderr

@@ -433,7 +433,7 @@ def test_replicas_that_cannot_fit_on_a_local_ray_are_refused(monkeypatch):
     from pipeline.ray_connect import PlacementError, require_room
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    with pytest.raises(PlacementError, match=r"--replicas, --replica-cpus: 1 of 8 CPUs each do not fit on this "
-                                             r"machine's Ray \(2 CPUs and 0 GPUs\)"):
-        require_room([{"CPU": 2.0}], 1, 8, 0, None, "--replicas, --replica-cpus")
-    require_room([{"CPU": 2.0}], 4, 0.5, 0, None, "--replicas, --replica-cpus")  # half a CPU each: fits
+    with pytest.raises(PlacementError, match=r"--replicas, --replica-cpus: 3 replicas of 1 CPU each do not fit on "
+                                             r"this machine's Ray \(2 CPUs and 0 GPUs\)"):
+        require_room([{"CPU": 2.0}], 3, 1, 0, None, "replica", "--replicas, --replica-cpus")
+    require_room([{"CPU": 2.0}], 4, 0.5, 0, None, "replica", "--replicas, --replica-cpus")  # half a CPU each: fits

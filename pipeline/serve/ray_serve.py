@@ -51,7 +51,7 @@ def run(files: ModelFiles, source: str, host: str, port: int, max_batch: int, re
 
     nodes = node_resources()
     gpus = replica_gpus(nodes, replicas)
-    require_room(nodes, replicas, replica_cpus, gpus, None, "--replicas, --replica-cpus")
+    require_room(nodes, replicas, replica_cpus, gpus, None, "replica", "--replicas, --replica-cpus")
     serve.start(http_options={"host": host, "port": port})
     serve.run(deployment(files.read(), max_batch, replicas, replica_cpus, gpus), name=DEPLOYMENT,
               route_prefix="/")
