@@ -157,12 +157,17 @@ def best_effort(what: str, call, *args, **kwargs):
 @contextmanager
 def failing_marks(client, run_id: str) -> Iterator[None]:
     """A stage that raises marks the pipeline's run FAILED, so the UI never shows a dead run
-    as RUNNING; the stage's error still propagates (even when the server is gone too)."""
+    as RUNNING, and tags it `error` with what it raised, so the UI says why; the stage's error
+    still propagates (even when the server is gone too)."""
     try:
         yield
-    except BaseException:
+    except BaseException as e:
+        best_effort("the run's error", client.set_tag, run_id, "error", f"{type(e).__name__}: {e}"[:ERROR_CHARS])
         best_effort("the run's FAILED status", client.set_terminated, run_id, status="FAILED")
         raise
+
+
+ERROR_CHARS = 5000  # of a failed stage's error, in its run's `error` tag (MLflow takes 8,000)
 
 
 @contextmanager

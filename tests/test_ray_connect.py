@@ -119,3 +119,13 @@ def test_vae_train_refuses_workers_this_machines_ray_cannot_hold(tmp_path):
     assert failed.returncode == 2, failed.stdout + failed.stderr
     assert "vae train: error: train.num_workers, train.cpus_per_worker: 1 worker of 64 CPUs do not fit on this " \
            "machine's Ray" in failed.stderr
+    # The run it had opened is FAILED, and says why.
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+    from pipeline.files import Layout
+
+    client = MlflowClient(tracking.tracking_uri(Layout(repo)))
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"].startswith("PlacementError: train.num_workers, train.cpus_per_worker: 1 worker")
