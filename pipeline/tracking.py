@@ -154,6 +154,9 @@ def best_effort(what: str, call, *args, **kwargs):
         return None
 
 
+ERROR_CHARS = 5000  # of a failed stage's error, in its run's `error` tag (MLflow takes 8,000)
+
+
 @contextmanager
 def failing_marks(client, run_id: str) -> Iterator[None]:
     """A stage that raises marks the pipeline's run FAILED, so the UI never shows a dead run
@@ -165,9 +168,6 @@ def failing_marks(client, run_id: str) -> Iterator[None]:
         best_effort("the run's error", client.set_tag, run_id, "error", f"{type(e).__name__}: {e}"[:ERROR_CHARS])
         best_effort("the run's FAILED status", client.set_terminated, run_id, status="FAILED")
         raise
-
-
-ERROR_CHARS = 5000  # of a failed stage's error, in its run's `error` tag (MLflow takes 8,000)
 
 
 @contextmanager
