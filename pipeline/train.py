@@ -67,9 +67,9 @@ def fit(layout: Layout, params: Params, run_id: str) -> TrainState:
 
     connect_ray(params.train.num_workers, params.train.ray_address)
     trainer_class = torch_trainer()
-    cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    use_gpu = gpu_workers(params.train.use_gpu, cluster_gpus)
     nodes = node_resources()
+    cluster_gpus = sum(n.get("GPU", 0) for n in nodes)
+    use_gpu = gpu_workers(params.train.use_gpu, cluster_gpus)
     workers = workers_for(params.train.num_workers, nodes, cluster_gpus if use_gpu else 0)
     cpus = cpus_per_worker(params.train.cpus_per_worker, nodes, workers, use_gpu)
     require_room(nodes, workers, cpus, float(use_gpu), params.train.ray_address, "worker",
