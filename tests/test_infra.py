@@ -169,6 +169,25 @@ def test_free_ports_are_distinct_and_free():
             s.bind(("127.0.0.1", port))
 
 
+def test_the_nodes_of_one_machine_share_its_gpus_out(monkeypatch):
+    """Each GPU to one node: every `ray start` of one machine would otherwise claim them all."""
+    assert stack.deal_gpus(["0"], 2) == [["0"], []]
+    assert stack.deal_gpus(["0", "1", "2"], 2) == [["0", "2"], ["1"]]
+    assert stack.deal_gpus([], 3) == [[], [], []]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, 5")  # the caller's choice, as CUDA reads it
+    assert stack.machine_gpus() == ["3", "5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert stack.machine_gpus() == []
+
+
+def test_the_test_clusters_nodes_hold_the_machines_gpus_once(ray_address):
+    """On a 1-GPU machine each node used to count the one GPU: two GPUs for Ray, two NCCL
+    workers on one device. Here (no GPU) both shares are empty; on a GPU node this checks it."""
+    from pipeline.ray_connect import node_resources
+
+    held = sorted(node.get("GPU", 0) for node in node_resources())
+    assert held == sorted(len(share) for share in stack.deal_gpus(stack.machine_gpus(), 2))
+
 def test_the_wheelhouse_lists_the_lock_for_the_node_less_its_own_torch():
     """infra/wheelhouse.py's requirements (what `make wheelhouse` downloads): uv.lock's versions
     for the node's Python, markers already applied (pip would apply its own interpreter's),

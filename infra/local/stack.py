@@ -252,15 +252,37 @@ def ray_auth() -> dict[str, str]:
             "RAY_AUTH_TOKEN": os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)}
 
 
+def machine_gpus() -> list[str]:
+    """The GPUs a cluster on this machine may use, as CUDA_VISIBLE_DEVICES names them: the
+    caller's CUDA_VISIBLE_DEVICES if set, else every GPU nvidia-smi lists (none without it)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [gpu.strip() for gpu in visible.split(",") if gpu.strip()]
+    if not shutil.which("nvidia-smi"):
+        return []
+    listed = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                            text=True)
+    return listed.stdout.split() if listed.returncode == 0 else []
+
+
+def deal_gpus(gpus: list[str], count: int) -> list[list[str]]:
+    """The GPUs dealt out to `count` nodes in turn, each GPU to one node only. Left to find
+    them itself, every node of one machine would claim all of them: a 1-GPU machine would
+    look like two 1-GPU nodes, and `train.use_gpu: auto` would put two NCCL workers on one GPU."""
+    return [gpus[i::count] for i in range(count)]
+
+
 def ray_cluster(cpus_per_node: int, auth: dict[str, str], count: int = 2,
                 env: dict[str, str] | None = None) -> tuple[str, list[subprocess.Popen], list[Path]]:
     """`ray start --head` plus `count - 1` more `ray start --address`: its address, node
     processes (each the leader of its own process group, as a machine of its own) and temp
     dirs. Each node has its own temp dir, as on separate machines (sharing one, the nodes'
     log monitors would stream every worker line twice); short paths, since Ray's Unix
-    sockets live there. `env` adds to every node's environment (Ray's RAY_<setting>s)."""
+    sockets live there; and its own share of the machine's GPUs (`deal_gpus`; the head's
+    first). `env` adds to every node's environment (Ray's RAY_<setting>s)."""
     dirs = [Path(tempfile.mkdtemp(prefix="ray-")) for _ in range(count)]
     node_env = {**os.environ, **auth, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+    shares = iter(deal_gpus(machine_gpus(), count))
 
     def node(temp_dir: Path, *args: str, head: bool = False) -> tuple[subprocess.Popen, dict[str, int]]:
         # Ray's fixed default ports (the client server's 10001, the dashboard agent's 52365)
@@ -269,9 +291,12 @@ def ray_cluster(cpus_per_node: int, auth: dict[str, str], count: int = 2,
         names = ["dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
                  "metrics-export-port", *(["port", "ray-client-server-port"] if head else [])]
         ports = dict(zip(names, free_ports(len(names))))
-        process = start([str(BIN / "ray"), "start", "--block", f"--num-cpus={cpus_per_node}", "--disable-usage-stats",
+        gpus = next(shares)
+        process = start([str(BIN / "ray"), "start", "--block", f"--num-cpus={cpus_per_node}",
+                         f"--num-gpus={len(gpus)}", "--disable-usage-stats",
                          "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
-                         *(f"--{name}={port}" for name, port in ports.items()), *args], temp_dir / "node.log", node_env)
+                         *(f"--{name}={port}" for name, port in ports.items()), *args], temp_dir / "node.log",
+                        {**node_env, "CUDA_VISIBLE_DEVICES": ",".join(gpus)})
         return process, ports
 
     def registered(temp_dir: Path) -> bool:
