@@ -78,11 +78,12 @@ lock-check: $(UV)
 # An offline install for a node that brings its own CUDA torch: every locked runtime package but
 # torch, torchvision and what only they need, as wheels for CPython WHEEL_PYTHON on Linux x86-64
 # (how to install them there: infra/wheelhouse.py).
-# NODE_HAS=FILE (the node's `pip list --format=freeze`) leaves out what the node already has.
+# NODE_HAS=FILE (the node's `pip list --format=freeze`) leaves out what the node already has;
+# WHEEL_EXTRAS=dev adds the test suite's packages.
 WHEEL_PYTHON ?= 3.12
 wheelhouse: $(STAMP)
 	rm -rf wheelhouse  # no wheels of an earlier run (another Python or NODE_HAS) left beside this one's
-	$(BIN)/python infra/wheelhouse.py wheelhouse --python $(WHEEL_PYTHON) --pip $(PYTHON) $(if $(NODE_HAS),--node-has $(NODE_HAS))
+	$(BIN)/python infra/wheelhouse.py wheelhouse --python $(WHEEL_PYTHON) --pip $(PYTHON) $(if $(NODE_HAS),--node-has $(NODE_HAS)) $(foreach e,$(WHEEL_EXTRAS),--extra $(e))
 
 # The infra/ topology on this machine, 127.0.0.1 only: PostgreSQL, MLflow on it, a 2-node
 # Ray cluster. Then `source .stack/env` points the pipeline at it.

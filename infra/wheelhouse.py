@@ -3,17 +3,16 @@ package index and brings its own CUDA build of torch (a GPU image, an air-gapped
 
     make wheelhouse                          # wheelhouse/, for CPython 3.12 on Linux x86-64
     make wheelhouse WHEEL_PYTHON=3.11
+    make wheelhouse WHEEL_EXTRAS=dev         # with the test suite's packages
 
 It writes wheelhouse/requirements.txt, uv.lock's runtime packages at their locked versions
 (`uv export`) less torch, torchvision and what only they need (triton, the CUDA libraries),
 plus the project's build backend, and downloads those wheels for the target (a source archive
 where the lock has no wheel: antlr4-python3-runtime, pure Python, built on the node). On the node, in a
-checkout with the wheelhouse copied beside it:
+checkout with the wheelhouse copied in, with the Python that has the node's torch:
 
-    python3 -m venv --system-site-packages .venv   # the node's own torch stays importable
-    .venv/bin/pip install --no-index --find-links wheelhouse -r wheelhouse/requirements.txt
-    .venv/bin/pip install --no-index --find-links wheelhouse --no-deps --no-build-isolation -e .
-    .venv/bin/vae env                              # names the node's torch as the one difference
+    python3 infra/node_install.py wheelhouse .venv   # a venv over that Python's packages, filled offline
+    .venv/bin/vae env                                # names the node's torch as a difference
 
 A GPU image often brings much more than torch (numpy, pyarrow, scipy...). `--node-has FILE`
 (`pip list --format=freeze` run on the node, or one name a line) leaves those out too, at
@@ -27,12 +26,15 @@ size, in parts:
 from __future__ import annotations
 
 import argparse
+import email
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 from packaging.markers import Marker
+from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +68,40 @@ def node_packages(listing: str) -> tuple[str, ...]:
     return tuple(canonicalize_name(line.split("==")[0].split(" @ ")[0].strip()) for line in lines if line)
 
 
+def node_versions(listing: str) -> dict[str, str]:
+    """The versions in such a listing, by normalised name (of the `name==version` lines)."""
+    lines = (line.split("#")[0].strip() for line in listing.splitlines())
+    return {canonicalize_name(name): version.strip() for name, _, version in
+            (line.partition("==") for line in lines) if version}
+
+
+def requested_extras(lock: Path = ROOT / "uv.lock") -> dict[str, set[str]]:
+    """Each locked package's extras that some locked package asks for (ray's `train`, say)."""
+    extras: dict[str, set[str]] = {}
+    for package in tomllib.loads(lock.read_text())["package"]:
+        for dependency in package.get("dependencies", []):
+            extras.setdefault(dependency["name"], set()).update(dependency.get("extra", []))
+    return extras
+
+
+def refused(wheels: list[Path], node: dict[str, str], python: str) -> dict[str, str]:
+    """The node's packages whose version a wheel here does not accept (its Requires-Dist for the
+    target, with the extras the lock asks of it): name -> the requirement that refuses it."""
+    extras, found = requested_extras(), {}
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as archive:
+            metadata = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+            required = email.message_from_bytes(archive.read(metadata)).get_all("Requires-Dist") or []
+        name = canonicalize_name(wheel.name.split("-")[0])
+        environments = [{**target_environment(python), "extra": e} for e in {"", *extras.get(name, ())}]
+        for requirement in map(Requirement, required):
+            dependency = canonicalize_name(requirement.name)
+            applies = not requirement.marker or any(requirement.marker.evaluate(e) for e in environments)
+            if dependency in node and applies and not requirement.specifier.contains(node[dependency], True):
+                found[dependency] = f"{name}'s {requirement.name}{requirement.specifier}"
+    return found
+
+
 def target_environment(python: str) -> dict[str, str]:
     """The marker environment of CPython `python` on Linux x86-64. pip download applies its
     --python-version to wheel tags only and evaluates markers for the interpreter it runs on:
@@ -75,12 +111,13 @@ def target_environment(python: str) -> dict[str, str]:
             "python_version": python, "python_full_version": f"{python}.0", "extra": ""}
 
 
-def requirements(python: str, node_own: tuple[str, ...] = NODE_OWN) -> list[str]:
+def requirements(python: str, node_own: tuple[str, ...] = NODE_OWN, extras: tuple[str, ...] = ()) -> list[str]:
     """`name==version` at uv.lock's versions for the target, of the packages the node still
-    needs, and the project's build requirements, so that it installs from the wheelhouse too."""
+    needs (with the project's `extras`, e.g. dev for the tests), and the project's build
+    requirements, so that it installs from the wheelhouse too."""
     exported = subprocess.run([str(ROOT / ".tools/bin/uv"), "export", "--frozen", "--no-hashes", "--no-header",
-                               "--no-annotate", "--no-emit-project"], cwd=ROOT, check=True, capture_output=True,
-                              text=True).stdout.splitlines()
+                               "--no-annotate", "--no-emit-project", *(f"--extra={e}" for e in extras)],
+                              cwd=ROOT, check=True, capture_output=True, text=True).stdout.splitlines()
     keep, environment = needed_without(node_own), target_environment(python)
     pins = []
     for line in filter(None, exported):
@@ -94,6 +131,20 @@ def requirements(python: str, node_own: tuple[str, ...] = NODE_OWN) -> list[str]
     return pins + [r for r in build if canonicalize_name(r.split(">")[0].split("=")[0].strip()) not in keep]
 
 
+def download(pip: str, python: str, listed: Path, target: Path) -> int:
+    """pip download of what `listed` names into `target`, for CPython `python` on Linux x86-64."""
+    abi = "cp" + python.replace(".", "")
+    command = [pip, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
+               "--prefer-binary", "--implementation", "cp", "--python-version", python,
+               *(f"--abi={a}" for a in (abi, "abi3", "none")), *(f"--platform={p}" for p in PLATFORMS),
+               "-r", str(listed), "-d", str(target)]
+    result = subprocess.run(command)
+    if result.returncode:
+        print(f"wheelhouse: pip download failed (exit {result.returncode}); {listed} lists what it fetches",
+              file=sys.stderr)
+    return result.returncode
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", type=Path, help="the wheelhouse folder")
@@ -101,22 +152,25 @@ def main() -> int:
     p.add_argument("--pip", default=sys.executable, help="an interpreter with pip (default: this one)")
     p.add_argument("--node-has", type=Path, metavar="FILE",
                    help="the node's `pip list --format=freeze`: leave out what it already has")
+    p.add_argument("--extra", action="append", default=[], metavar="NAME",
+                   help="the project's optional dependencies too (dev: to run the tests there)")
     args = p.parse_args()
-    node_own = NODE_OWN + (node_packages(args.node_has.read_text()) if args.node_has else ())
+    listing = args.node_has.read_text() if args.node_has else ""
+    node_own, versions = NODE_OWN + node_packages(listing), node_versions(listing)
     args.target.mkdir(parents=True, exist_ok=True)
     listed = args.target / "requirements.txt"
-    listed.write_text("\n".join(requirements(args.python, node_own)) + "\n")
-    abi = "cp" + args.python.replace(".", "")
-    command = [args.pip, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
-               "--prefer-binary", "--implementation", "cp", "--python-version", args.python,
-               *(f"--abi={a}" for a in (abi, "abi3", "none")), *(f"--platform={p}" for p in PLATFORMS),
-               "-r", str(listed), "-d", str(args.target)]
-    result = subprocess.run(command)
-    if result.returncode:
-        print(f"wheelhouse: pip download failed (exit {result.returncode}); {listed} lists what it fetches",
-              file=sys.stderr)
-        return result.returncode
-    wheels = sorted(args.target.glob("*.whl"))
+    while True:  # until every package the node keeps is at a version the wheels accept
+        listed.write_text("\n".join(requirements(args.python, node_own, tuple(args.extra))) + "\n")
+        if code := download(args.pip, args.python, listed, args.target):
+            return code
+        wheels = sorted(args.target.glob("*.whl"))
+        # The node's version of a package the wheels refuse is shadowed by the lock's, which travels.
+        refusing = {name: why for name, why in refused(wheels, versions, args.python).items() if name in node_own}
+        if not refusing:
+            break
+        for name, why in refusing.items():
+            print(f"wheelhouse: the node's {name} {versions[name]} is not {why}: the lock's travels")
+        node_own = tuple(name for name in node_own if name not in refusing)
     size = sum(w.stat().st_size for w in wheels) / 2**20
     own = f"torch, torchvision and what {args.node_has} lists" if args.node_has else "torch and torchvision"
     print(f"wheelhouse: {len(wheels)} wheels, {size:.0f} MiB, in {args.target} (for CPython {args.python}, "

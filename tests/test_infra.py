@@ -188,6 +188,7 @@ def test_the_test_clusters_nodes_hold_the_machines_gpus_once(ray_address):
     held = sorted(node.get("GPU", 0) for node in node_resources())
     assert held == sorted(len(share) for share in stack.deal_gpus(stack.machine_gpus(), 2))
 
+
 def test_the_wheelhouse_lists_the_lock_for_the_node_less_its_own_torch():
     """infra/wheelhouse.py's requirements (what `make wheelhouse` downloads): uv.lock's versions
     for the node's Python, markers already applied (pip would apply its own interpreter's),
@@ -227,3 +228,42 @@ def test_the_wheelhouse_leaves_out_what_the_node_lists_at_its_own_versions():
         wheelhouse["NODE_OWN"] + ("mlflow",)) - {"mlflow"}
     assert "mlflow-skinny" in only_mlflow and not only_mlflow & names  # reached only through mlflow
     assert names < {re.split("[=<>]", r)[0] for r in full}
+
+
+def test_the_node_venv_imports_its_own_packages_first_and_the_nodes_after(tmp_path):
+    """infra/node_install.py's venv over a Python whose torch lives in a venv of its own (this
+    test's .venv plays the GPU image's): torch still imports, from there, and the new venv's
+    own packages come first. `venv --system-site-packages` would have lost torch here."""
+    import json
+    import subprocess
+    import sysconfig
+
+    python = runpy.run_path(str(INFRA / "node_install.py"))["layered_venv"](tmp_path / "venv", with_pip=False)
+    probe = ("import json, sys, sysconfig, torch; "
+             "print(json.dumps([torch.__file__, sys.path, sysconfig.get_path('purelib')]))")
+    torch_file, path, own = json.loads(subprocess.run([str(python), "-c", probe], check=True, capture_output=True,
+                                                      text=True).stdout)
+    node = sysconfig.get_path("purelib")  # this interpreter's site-packages: the node's
+    assert Path(torch_file).is_relative_to(node)
+    assert Path(own).is_relative_to(tmp_path) and path.index(own) < path.index(node)
+
+
+def test_the_wheelhouse_ships_the_locks_version_where_the_nodes_is_refused(tmp_path):
+    """The node keeps its own version of a package only where every wheel accepts it: once its
+    ml-dtypes 0.7.0 stopped tritonclient's wheel installing (ml-dtypes<=0.5.4). A requirement
+    counts for the target Python and for the extras the lock asks of its package (ray's train)."""
+    import zipfile
+
+    wheelhouse = runpy.run_path(str(INFRA / "wheelhouse.py"))
+    node = wheelhouse["node_versions"]("ml_dtypes==0.7.0\nnumpy==2.5.2\npandas==1.5.3\nscipy==1.16.0\nmlflow @ x\n")
+    assert node == {"ml-dtypes": "0.7.0", "numpy": "2.5.2", "pandas": "1.5.3", "scipy": "1.16.0"}
+    wheel = tmp_path / "ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("ray-2.60.0.dist-info/METADATA", "\n".join([
+            "Metadata-Version: 2.1", "Name: ray", "Version: 2.60.0",
+            "Requires-Dist: ml-dtypes<=0.5.4",                          # refuses the node's
+            'Requires-Dist: numpy<2; python_version < "3.12"',          # not for a 3.12 node
+            'Requires-Dist: pandas>=2; extra == "train"',               # an extra the lock asks for
+            'Requires-Dist: scipy<1; extra == "rllib"']) + "\n")        # one it does not
+    refused = wheelhouse["refused"]([wheel], node, "3.12")
+    assert set(refused) == {"ml-dtypes", "pandas"} and "ray's ml-dtypes<=0.5.4" in refused["ml-dtypes"]

@@ -104,6 +104,9 @@ EXERCISED = {
     ("source",): "a shell builtin: the file it reads is checked to be one make writes",
     ("mlflow", "ui"): "a server; test_pipeline_dvc.py opens the UI of a real `mlflow server`",
     ("python", "benchmarks/gpu_check.py"): "needs a GPU to mean anything; test_gpu_check.py runs it with --quick",
+    ("python3", "infra/node_install.py"): "for a node without an index; test_infra.py checks the venv it makes, "
+                                          "and it ran by hand over a GPU image's layout (benchmarks/RESULTS.md)",
+    (".venv/bin/vae", "env"): "`vae env` in a node's venv: test_the_environment_commands_run runs `vae env`",
     ("python", "benchmarks/gpu_pipeline.py"): "minutes of the whole pipeline, for a GPU node; run by hand on "
                                               "this CPU (benchmarks/RESULTS.md), its stages tested one by one",
 }
@@ -149,7 +152,7 @@ def check_python(words: list[str]) -> None:
 
 
 def check(words: list[str]) -> None:
-    program, args = words[0], words[1:]
+    program, args = words[0].rsplit("/", 1)[-1], words[1:]  # .venv/bin/vae: vae
     if program == "dvc":
         from dvc.cli import parse_args
 
@@ -166,7 +169,7 @@ def check(words: list[str]) -> None:
 
         context = cli.make_context("mlflow", list(args))
         cli.get_command(context, args[0]).make_context(args[0], list(args[1:]), parent=context)
-    elif program == "python":
+    elif program in ("python", "python3"):
         check_python(words)
     elif program == "curl":  # run against a real server in test_the_serve_commands_answer
         assert any(a.startswith(("localhost:8000/", "http://127.0.0.1:8000/")) for a in args), words
