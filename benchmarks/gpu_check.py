@@ -18,7 +18,8 @@ It imports only vae/ (the maths of training lives there) and measures:
  5. the exported decoder on each onnxruntime provider: its parity with torch (on CUDA with TF32
     on and off), and decode throughput at each batch size, with inputs and outputs in host
     memory and, on CUDA, bound on the device (I/O binding).
-Prints one table and exits non-zero when a check fails.
+Prints each row as it comes, then one table, and exits non-zero when a check fails. A section
+that raises (a capture that fails, say) becomes one FAIL row naming the error; the rest still run.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import math
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -104,6 +106,35 @@ class Run:
             for _ in range(steps):
                 step.replay()
         return min(timed(replays, self.device) for _ in range(2))
+
+
+def guarded(rows: list, section: str, make_rows) -> None:
+    """rows += make_rows(), each printed as it comes (a run cut short still shows them); an
+    error costs that section's rows only, as one FAIL row naming it: a GPU node's time is dear."""
+    try:
+        made = make_rows()
+    except Exception as e:
+        traceback.print_exc()
+        made = [(section, "error", f"FAIL: {type(e).__name__}: {e}"[:300])]
+    for row in made:
+        print(" | ".join(row), flush=True)
+    rows += made
+
+
+def first_steps_row(train: torch.Tensor, device: torch.device, args) -> tuple[str, str, str]:
+    drift = max(abs(a - b) / abs(a) for a, b in first_steps(train, device, args.compare_steps))
+    return "first steps, CPU vs device (max rel. diff)", f"{drift:.2e}", "ok" if drift <= args.tolerance else "FAIL"
+
+
+def recipe_row(train, val, device: torch.device, epochs: int, trained: list) -> tuple[str, str, str]:
+    """The default recipe's whole run, graphed on a GPU; its model appended to `trained`."""
+    start = time.perf_counter()
+    full = Run(DEFAULT, train, val, device, epochs, graphed=True)  # on a GPU, captures
+    setup = time.perf_counter() - start
+    seconds = full.epoch_seconds()
+    trained.append(full.model)
+    return (f"default recipe, {epochs} epochs: training s (+ set-up and capture)",
+            f"{sum(seconds):.1f} (+ {setup:.1f})", f"validation -ELBO {full.last['val']:.2f}")
 
 
 def first_steps(train: torch.Tensor, device: torch.device, steps: int) -> list[tuple[float, float]]:
@@ -259,22 +290,17 @@ def main() -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"gpu_check: {name}, torch {torch.__version__}, {len(train)} training images", flush=True)
 
-    rows = []
+    rows, trained = [], []
     if device.type == "cuda":
-        pairs = first_steps(train, device, args.compare_steps)
-        drift = max(abs(a - b) / abs(a) for a, b in pairs)
-        rows.append(("first steps, CPU vs device (max rel. diff)", f"{drift:.2e}",
-                     "ok" if drift <= args.tolerance else "FAIL"))
+        guarded(rows, "first steps, CPU vs device", lambda: [first_steps_row(train, device, args)])
     for preset_name, preset in (("default", DEFAULT), ("paper", PAPER)):
-        rows += training_rows(preset_name, preset, train, val, device, args.epochs)
-    start = time.perf_counter()
-    full = Run(DEFAULT, train, val, device, args.full_epochs, graphed=True)  # on a GPU, captures
-    setup = time.perf_counter() - start
-    seconds = full.epoch_seconds()
-    rows.append((f"default recipe, {args.full_epochs} epochs: training s (+ set-up and capture)",
-                 f"{sum(seconds):.1f} (+ {setup:.1f})", f"validation -ELBO {full.last['val']:.2f}"))
-    rows.append(evaluation_row(full.model, test, device, args.iwae_k))
-    rows += decode_rows(full.model, [int(b) for b in args.batches.split(",")], args.parity)
+        guarded(rows, f"{preset_name}: training", lambda n=preset_name, p=preset: training_rows(
+            n, p, train, val, device, args.epochs))
+    guarded(rows, "default recipe", lambda: [recipe_row(train, val, device, args.full_epochs, trained)])
+    # Without the recipe's model (its run failed), an untrained one: the timings still hold.
+    model = trained[0] if trained else VAE(DEFAULT[0]).to(device)
+    guarded(rows, f"L_{args.iwae_k}", lambda: [evaluation_row(model, test, device, args.iwae_k)])
+    guarded(rows, "decoding", lambda: decode_rows(model, [int(b) for b in args.batches.split(",")], args.parity))
     width = max(len(r[0]) for r in rows)
     print(f"\n| {'check'.ljust(width)} | value | result |\n| {'-' * width} | --- | --- |")
     for row in rows:

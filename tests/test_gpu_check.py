@@ -38,3 +38,17 @@ def test_gpu_check_runs_on_the_cpu_with_vae_alone(mnist_dir):
     assert rows["L_2 on 100 test images (noise in blocks of images)"][0].endswith(" s")
     assert rows["decoder on CPU vs torch (max abs diff, at most 1e-05)"][1] == "ok"
     assert {f"decode on CPU, batch {n}, host I/O" for n in (1, 64)} <= set(rows)
+
+
+def test_a_failing_section_costs_its_own_rows_not_the_table(capsys):
+    """A GPU node's minutes are few: a capture that fails, say, leaves a FAIL row naming it, and
+    the sections after it still run; each row prints as it comes, should the run be cut short."""
+    import runpy
+
+    guarded = runpy.run_path(str(ROOT / "benchmarks/gpu_check.py"))["guarded"]  # not run as __main__
+    rows = []
+    guarded(rows, "default: training", lambda: [][0])
+    guarded(rows, "decoding", lambda: [("decode on CPU, batch 1, host I/O", "0.027 ms", "37,289 img/s")])
+    assert rows == [("default: training", "error", "FAIL: IndexError: list index out of range"),
+                    ("decode on CPU, batch 1, host I/O", "0.027 ms", "37,289 img/s")]
+    assert "decode on CPU, batch 1, host I/O | 0.027 ms | 37,289 img/s" in capsys.readouterr().out
