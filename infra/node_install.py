@@ -8,13 +8,14 @@ wheelhouse copied in:
 It makes a venv that imports its own packages first and the node's after them: a .pth file
 in the venv names this Python's site-packages. (`venv --system-site-packages` would show the
 base interpreter's packages only: where the node's torch lives in a venv of its own, as on
-many GPU images, it would be gone.) Then pip installs the wheelhouse's requirements and the
-project (--no-deps), from the folder alone. The standard library only: the node may have
+many GPU images, it would be gone.) Then pip (this Python's, or else ensurepip's) installs the
+wheelhouse's requirements and the project (--no-deps) into it, from the folder alone. The standard library only: the node may have
 nothing else.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import site
 import subprocess
 import sys
@@ -25,9 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 NODE_PTH = "_node_packages.pth"  # the file naming the node's site-packages, in the venv's own
 
 
-def layered_venv(path: Path, with_pip: bool = True) -> Path:
-    """A venv at `path` that sees this Python's packages behind its own; its interpreter."""
-    venv.create(path, with_pip=with_pip)
+def layered_venv(path: Path) -> Path:
+    """A venv at `path` that sees this Python's packages behind its own; its interpreter. Made
+    without pip: ensurepip is often missing from a system Python (Debian's python3-venv)."""
+    venv.create(path)
     python = path / "bin" / "python"
     own = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                          check=True, capture_output=True, text=True).stdout.strip()
@@ -37,10 +39,18 @@ def layered_venv(path: Path, with_pip: bool = True) -> Path:
     return python
 
 
+def pip_for(python: Path) -> list[str]:
+    """A pip that installs into `python`'s environment: this Python's own, told to (pip >= 22.3's
+    --python), or else one the venv gets from ensurepip."""
+    if importlib.util.find_spec("pip"):
+        return [sys.executable, "-m", "pip", "--python", str(python)]
+    subprocess.run([str(python), "-m", "ensurepip", "--default-pip"], check=True)
+    return [str(python), "-m", "pip"]
+
+
 def install(wheelhouse: Path, python: Path) -> None:
     """The wheelhouse's requirements, then the project (its requirements are those), offline."""
-    pip = [str(python), "-m", "pip", "install", "--no-index", "--find-links", str(wheelhouse),
-           "--disable-pip-version-check"]
+    pip = [*pip_for(python), "install", "--no-index", "--find-links", str(wheelhouse), "--disable-pip-version-check"]
     subprocess.run([*pip, "-r", str(wheelhouse / "requirements.txt")], check=True)
     # No build isolation: the project's build backend came with the requirements.
     subprocess.run([*pip, "--no-deps", "--no-build-isolation", "-e", str(ROOT)], check=True)

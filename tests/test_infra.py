@@ -238,7 +238,7 @@ def test_the_node_venv_imports_its_own_packages_first_and_the_nodes_after(tmp_pa
     import subprocess
     import sysconfig
 
-    python = runpy.run_path(str(INFRA / "node_install.py"))["layered_venv"](tmp_path / "venv", with_pip=False)
+    python = runpy.run_path(str(INFRA / "node_install.py"))["layered_venv"](tmp_path / "venv")
     probe = ("import json, sys, sysconfig, torch; "
              "print(json.dumps([torch.__file__, sys.path, sysconfig.get_path('purelib')]))")
     torch_file, path, own = json.loads(subprocess.run([str(python), "-c", probe], check=True, capture_output=True,
