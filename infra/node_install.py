@@ -9,8 +9,8 @@ It makes a venv that imports its own packages first and the node's after them: a
 in the venv names this Python's site-packages. (`venv --system-site-packages` would show the
 base interpreter's packages only: where the node's torch lives in a venv of its own, as on
 many GPU images, it would be gone.) Then pip (this Python's, or else ensurepip's) installs the
-wheelhouse's requirements and the project (--no-deps) into it, from the folder alone. The standard library only: the node may have
-nothing else.
+wheelhouse's requirements and the project (--no-deps) into it, from the folder alone. The
+standard library only: the node may have nothing else.
 """
 from __future__ import annotations
 
