@@ -164,8 +164,10 @@ def main() -> int:
         if code := download(args.pip, args.python, listed, args.target):
             return code
         wheels = sorted(args.target.glob("*.whl"))
-        # The node's version of a package the wheels refuse is shadowed by the lock's, which travels.
-        refusing = {name: why for name, why in refused(wheels, versions, args.python).items() if name in node_own}
+        # The node's version of a package the wheels refuse is shadowed by the lock's, which travels;
+        # never its torch and torchvision, which are what the wheelhouse is for.
+        refusing = {name: why for name, why in refused(wheels, versions, args.python).items()
+                    if name in node_own and name not in NODE_OWN}
         if not refusing:
             break
         for name, why in refusing.items():
