@@ -3,6 +3,7 @@ run, with nothing but torch, onnx and onnxruntime (a GPU node has no Ray, MLflow
 
     python benchmarks/gpu_check.py --data data/mnist                 # on a CUDA machine
     python benchmarks/gpu_check.py --data data/mnist --device cpu --quick   # every row, small, on a CPU
+    python benchmarks/gpu_check.py --data data/mnist --only decoding       # one section (see --help)
 
 It imports only vae/ (the maths of training lives there) and measures:
  1. the first steps on the CPU and on the device from the same weights, data and noise (their
@@ -51,6 +52,8 @@ DEFAULT = (VAEConfig(), TrainConfig(seed=0, epochs=30, batch_size=128, lr=2e-3, 
 PAPER = (VAEConfig(latent_dim=50, activation="silu"),
          replace(DEFAULT[1], epochs=250, iwae_k=5, dreg=True, binarize=True))
 VAL_SIZE = 10_000
+# What --only picks from, in the order they run.
+SECTIONS = ("first-steps", "training", "recipe", "evaluation", "decoding")
 # onnxruntime's CUDA provider multiplies in TF32 by default (10-bit mantissas): 7.8e-5 from torch
 # on an H200, where the CPU provider is within 1e-7. Served pixels are probabilities; TF32 off
 # must hold export.tolerance itself.
@@ -178,7 +181,8 @@ def training_rows(name: str, preset, train, val, device, epochs: int) -> list[tu
     return rows
 
 
-def evaluation_row(model: VAE, test: torch.Tensor, device: torch.device, k: int) -> tuple[str, str, str]:
+def evaluation_row(model: VAE, test: torch.Tensor, device: torch.device, k: int,
+                   note: str = "") -> tuple[str, str, str]:
     """L_k as the evaluate stage draws it on a GPU: each image's noise from its block of images
     (vae/rng.py's ImageBlocks), in batches of eval.batch_size's 1,000 and chunks of 64."""
     model.eval()
@@ -190,7 +194,7 @@ def evaluation_row(model: VAE, test: torch.Tensor, device: torch.device, k: int)
             nll.append(iwae_log_lik(model, batch, k, rng.image_blocks(0, "iwae", start, len(batch), device)))
     seconds = timed(estimate, device)
     return (f"L_{k} on {len(test)} test images (noise in blocks of images)", f"{seconds:.2f} s",
-            f"NLL {-torch.cat(nll).mean().item():.2f} nats")
+            f"NLL {-torch.cat(nll).mean().item():.2f} nats{note}")
 
 
 def export_decoder(model: VAE, path: Path, latent_dim: int) -> ImageDecoder:
@@ -274,9 +278,14 @@ def main() -> int:
     p.add_argument("--test-images", type=int, default=10_000)
     p.add_argument("--batches", default="1,64,1024,65536", help="decode batch sizes")
     p.add_argument("--parity", type=float, default=1e-5, help="max |onnxruntime - torch| (export.tolerance)")
+    p.add_argument("--only", default=",".join(SECTIONS),
+                   help=f"the sections to run, comma-separated (default: all of {', '.join(SECTIONS)})")
     p.add_argument("--quick", action="store_true", help="a CPU's smoke run: 640 images, 2 epochs, k=2, "
                                                         "100 test images, batches 1 and 64")
     args = p.parse_args()
+    only = set(args.only.split(","))
+    if only - set(SECTIONS):
+        p.error(f"--only: no section {', '.join(sorted(only - set(SECTIONS)))} (there are {', '.join(SECTIONS)})")
     if args.quick:
         args.images, args.epochs, args.full_epochs, args.iwae_k, args.test_images, args.batches = \
             640, 2, 2, 2, 100, "1,64"
@@ -291,16 +300,20 @@ def main() -> int:
     print(f"gpu_check: {name}, torch {torch.__version__}, {len(train)} training images", flush=True)
 
     rows, trained = [], []
-    if device.type == "cuda":
+    if device.type == "cuda" and "first-steps" in only:
         guarded(rows, "first steps, CPU vs device", lambda: [first_steps_row(train, device, args)])
-    for preset_name, preset in (("default", DEFAULT), ("paper", PAPER)):
+    for preset_name, preset in (("default", DEFAULT), ("paper", PAPER)) if "training" in only else ():
         guarded(rows, f"{preset_name}: training", lambda n=preset_name, p=preset: training_rows(
             n, p, train, val, device, args.epochs))
-    guarded(rows, "default recipe", lambda: [recipe_row(train, val, device, args.full_epochs, trained)])
-    # Without the recipe's model (its run failed), an untrained one: the timings still hold.
+    if "recipe" in only:
+        guarded(rows, "default recipe", lambda: [recipe_row(train, val, device, args.full_epochs, trained)])
+    # Without the recipe's model (not run, or its run failed), an untrained one: the timings still hold.
     model = trained[0] if trained else VAE(DEFAULT[0]).to(device)
-    guarded(rows, f"L_{args.iwae_k}", lambda: [evaluation_row(model, test, device, args.iwae_k)])
-    guarded(rows, "decoding", lambda: decode_rows(model, [int(b) for b in args.batches.split(",")], args.parity))
+    if "evaluation" in only:
+        note = "" if trained else " (an untrained model)"
+        guarded(rows, f"L_{args.iwae_k}", lambda: [evaluation_row(model, test, device, args.iwae_k, note)])
+    if "decoding" in only:
+        guarded(rows, "decoding", lambda: decode_rows(model, [int(b) for b in args.batches.split(",")], args.parity))
     width = max(len(r[0]) for r in rows)
     print(f"\n| {'check'.ljust(width)} | value | result |\n| {'-' * width} | --- | --- |")
     for row in rows:

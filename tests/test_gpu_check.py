@@ -52,3 +52,18 @@ def test_a_failing_section_costs_its_own_rows_not_the_table(capsys):
     assert rows == [("default: training", "error", "FAIL: IndexError: list index out of range"),
                     ("decode on CPU, batch 1, host I/O", "0.027 ms", "37,289 img/s")]
     assert "decode on CPU, batch 1, host I/O | 0.027 ms | 37,289 img/s" in capsys.readouterr().out
+
+
+@pytest.mark.integration  # starts the script
+def test_only_the_sections_asked_for_run(mnist_dir):
+    """--only: a section again on its own (the decoding rows once onnxruntime-gpu is there, say),
+    with an untrained model where the recipe's is not trained; an unknown section is named."""
+    script = [sys.executable, str(ROOT / "benchmarks/gpu_check.py"), "--data", str(mnist_dir), "--device", "cpu",
+              "--quick"]
+    result = subprocess.run([*script, "--only", "evaluation,decoding"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")][2:]
+    assert table[0].startswith("| L_2 on 100 test images") and "(an untrained model)" in table[0]
+    assert all(" decod" in row or "CUDA provider" in row for row in table[1:]) and len(table) >= 4
+    wrong = subprocess.run([*script, "--only", "decode"], capture_output=True, text=True, timeout=300)
+    assert wrong.returncode == 2 and "--only: no section decode" in wrong.stderr
