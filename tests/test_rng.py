@@ -29,8 +29,8 @@ def test_batch_noise_depends_on_position_not_on_global_state():
     assert not torch.equal(first, rng.batch_noise(3, epoch=1, step=3, batch=4, noise_dim=5, samples=2))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA GPU on this machine"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU on this machine")])])
 def test_block_noise_of_an_image_is_the_same_whatever_the_batch(device):
     """Images 0..249 span three blocks: drawn at once or in batches cut mid-block, each image
     gets the same draws, chunk after chunk; other purposes and seeds get others."""
