@@ -302,9 +302,10 @@ def main() -> int:
     rows, trained = [], []
     if device.type == "cuda" and "first-steps" in only:
         guarded(rows, "first steps, CPU vs device", lambda: [first_steps_row(train, device, args)])
-    for preset_name, preset in (("default", DEFAULT), ("paper", PAPER)) if "training" in only else ():
-        guarded(rows, f"{preset_name}: training", lambda n=preset_name, p=preset: training_rows(
-            n, p, train, val, device, args.epochs))
+    if "training" in only:
+        for preset_name, preset in (("default", DEFAULT), ("paper", PAPER)):
+            guarded(rows, f"{preset_name}: training", lambda n=preset_name, p=preset: training_rows(
+                n, p, train, val, device, args.epochs))
     if "recipe" in only:
         guarded(rows, "default recipe", lambda: [recipe_row(train, val, device, args.full_epochs, trained)])
     # Without the recipe's model (not run, or its run failed), an untrained one: the timings still hold.
