@@ -10,7 +10,7 @@ UV     := .tools/bin/uv
 # Re-synced only when uv.lock changes.
 STAMP  := $(VENV)/.installed
 
-.PHONY: repro test test-fast install lock lock-check system-packages up down clean wheelhouse
+.PHONY: repro test test-fast install lock lock-check system-packages up down clean wheelhouse gpu-kit
 
 # Python caches compiled modules (__pycache__) in .venv unless PYTHONDONTWRITEBYTECODE is set,
 # as many container images set it. Then every process (each stage, each Ray worker and actor,
@@ -84,6 +84,11 @@ WHEEL_PYTHON ?= 3.12
 wheelhouse: $(STAMP)
 	rm -rf wheelhouse  # no wheels of an earlier run (another Python or NODE_HAS) left beside this one's
 	$(BIN)/python infra/wheelhouse.py wheelhouse --python $(WHEEL_PYTHON) --pip $(PYTHON) $(if $(NODE_HAS),--node-has $(NODE_HAS)) $(foreach e,$(WHEEL_EXTRAS),--extra $(e))
+
+# Less than that, for a bare GPU node's table and GPU tests (benchmarks/gpu_kit.py, docs/GPU.md):
+# MNIST, pydantic's wheels and onnxruntime-gpu in parts of 60 MiB, as gpu_kit/.
+gpu-kit: $(STAMP)
+	$(BIN)/python benchmarks/gpu_kit.py gpu_kit --python $(WHEEL_PYTHON) --pip $(PYTHON)
 
 # The infra/ topology on this machine, 127.0.0.1 only: PostgreSQL, MLflow on it, a 2-node
 # Ray cluster. Then `source .stack/env` points the pipeline at it.

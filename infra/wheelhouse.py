@@ -44,11 +44,12 @@ NODE_OWN = ("torch", "torchvision")  # what the node brings, CUDA build and all
 PLATFORMS = ["manylinux2014_x86_64", *(f"manylinux_2_{minor}_x86_64" for minor in range(17, 40)), "linux_x86_64"]
 
 
-def needed_without(node_own: tuple[str, ...], lock: Path = ROOT / "uv.lock") -> set[str]:
-    """The locked packages the project reaches without going through node_own: what a node
-    that has those still needs (markers aside: uv export and pip apply them for the target)."""
+def needed_without(node_own: tuple[str, ...], lock: Path = ROOT / "uv.lock", root: str = PROJECT) -> set[str]:
+    """The locked packages `root` (the project, or one of its packages) reaches without going
+    through node_own: what a node that has those still needs (markers aside: uv export and pip
+    apply them for the target)."""
     packages = {p["name"]: p for p in tomllib.loads(lock.read_text())["package"]}
-    seen, todo = set(), [PROJECT]
+    seen, todo = set(), [root]
     while todo:
         name = todo.pop()
         if name in seen or name in node_own:
@@ -111,19 +112,25 @@ def target_environment(python: str) -> dict[str, str]:
             "python_version": python, "python_full_version": f"{python}.0", "extra": ""}
 
 
-def requirements(python: str, node_own: tuple[str, ...] = NODE_OWN, extras: tuple[str, ...] = ()) -> list[str]:
-    """`name==version` at uv.lock's versions for the target, of the packages the node still
-    needs (with the project's `extras`, e.g. dev for the tests), and the project's build
-    requirements, so that it installs from the wheelhouse too."""
+def locked_pins(python: str, keep: set[str], extras: tuple[str, ...] = ()) -> list[str]:
+    """`name==version` at uv.lock's versions for CPython `python` on Linux x86-64, of the
+    packages in keep (with the project's `extras`, e.g. dev for the tests)."""
     exported = subprocess.run([str(ROOT / ".tools/bin/uv"), "export", "--frozen", "--no-hashes", "--no-header",
                                "--no-annotate", "--no-emit-project", *(f"--extra={e}" for e in extras)],
                               cwd=ROOT, check=True, capture_output=True, text=True).stdout.splitlines()
-    keep, environment = needed_without(node_own), target_environment(python)
-    pins = []
+    environment, pins = target_environment(python), []
     for line in filter(None, exported):
         pin, _, marker = (part.strip() for part in line.partition(";"))
         if pin.split("==")[0] in keep and (not marker or Marker(marker).evaluate(environment)):
             pins.append(pin)
+    return pins
+
+
+def requirements(python: str, node_own: tuple[str, ...] = NODE_OWN, extras: tuple[str, ...] = ()) -> list[str]:
+    """The locked pins of the packages the node still needs, and the project's build
+    requirements, so that it installs from the wheelhouse too."""
+    keep = needed_without(node_own)
+    pins = locked_pins(python, keep, extras)
     # The project's build backend, and wheel, which pip's build of a setup.py archive asks for.
     build = [*tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"], "wheel"]
     # Even where the node has them: pip and uv build the source archive in an isolated

@@ -2,9 +2,12 @@
 presets on the one-worker path (vae/cuda_graph.py, each replay eager on a CPU), evaluates and
 exports with vae/ alone, and its checks pass."""
 import math
+import os
 import re
+import shutil
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
@@ -67,3 +70,52 @@ def test_only_the_sections_asked_for_run(mnist_dir):
     assert all(" decod" in row or "CUDA provider" in row for row in table[1:]) and len(table) >= 4
     wrong = subprocess.run([*script, "--only", "decode"], capture_output=True, text=True, timeout=300)
     assert wrong.returncode == 2 and "--only: no section decode" in wrong.stderr
+
+
+@pytest.mark.integration  # builds a kit (pydantic's wheels from the index) and runs the node's script
+def test_a_gpu_kit_travels_in_checked_parts_and_runs_the_table(mnist_dir, tmp_path):
+    """`make gpu-kit`'s folder through benchmarks/gpu_node.sh, as on a bare GPU node (here the
+    CPU, this Python): the parts are checked and joined, what they hold and the wheels land on
+    the node's PYTHONPATH, and the table runs. A part not yet copied leaves it out, named; a
+    damaged part stops the script, named, with nothing of it installed."""
+    probe = tmp_path / "gpu_kit_probe-1.0-py3-none-any.whl"  # a stand-in for onnxruntime-gpu's 244 MiB
+    blob = os.urandom(3000)  # random: several parts of 1 KiB even compressed
+    with zipfile.ZipFile(probe, "w") as wheel:
+        wheel.writestr("gpu_kit_probe/blob.bin", blob)
+        wheel.writestr("gpu_kit_probe-1.0.dist-info/METADATA",
+                       "Metadata-Version: 2.1\nName: gpu-kit-probe\nVersion: 1.0\n")
+    kit, out, node = tmp_path / "kit", tmp_path / "out", tmp_path / "node"
+    # The Python this venv was made from has pip (uv's venvs have none), as the Makefile's PYTHON.
+    subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_kit.py"), str(kit), "--mnist", str(mnist_dir),
+                    "--python", f"{sys.version_info.major}.{sys.version_info.minor}", "--pip", sys._base_executable,
+                    "--ort-wheel", str(probe), "--part-size", "1K"], check=True, timeout=300)
+    parts = sorted(kit.glob("ort-*/onnxruntime-gpu.tar.zst.part-*"))
+    assert len(parts) >= 3 and len((kit / "first/onnxruntime-gpu.parts").read_text().splitlines()) == len(parts)
+
+    def on_the_node(*what: str, check_args: str = "--device cpu --quick --only evaluation"):
+        env = {**os.environ, "PY": sys.executable, "GPU_NODE_DIR": str(node), "CHECK_ARGS": check_args}
+        return subprocess.run(["bash", str(ROOT / "benchmarks/gpu_node.sh"), str(kit), str(out), *what], env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    last = parts[-1].rename(tmp_path / parts[-1].name)  # not copied yet
+    missing = on_the_node("tests")
+    assert missing.returncode == 0, missing.stdout + missing.stderr
+    assert f"missing: {last.name}" in missing.stdout and not (node / "site/gpu_kit_probe").exists()
+    assert "3 skipped" in (out / "pytest_gpu.txt").read_text()  # the GPU tests, collected with the kit's wheels
+
+    last.rename(parts[-1])
+    done = on_the_node("table")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (node / "site/gpu_kit_probe/blob.bin").read_bytes() == blob
+    assert {"pydantic", "pydantic_core"} <= {p.name for p in (node / "site").iterdir()}
+    assert "gpu-kit-probe==1.0" in (out / "node.txt").read_text().splitlines()
+    assert "| L_2 on 100 test images" in (out / "gpu_check.txt").read_text()
+
+    shutil.rmtree(node)
+    with parts[1].open("r+b") as part:  # one byte flipped in transit
+        first = part.read(1)
+        part.seek(0)
+        part.write(bytes([first[0] ^ 1]))
+    damaged = on_the_node("table")
+    assert damaged.returncode == 2
+    assert f"{parts[1]}: sha256 does not match" in damaged.stdout and not (node / "site/gpu_kit_probe").exists()

