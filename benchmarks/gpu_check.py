@@ -51,13 +51,13 @@ DEFAULT = (VAEConfig(), TrainConfig(seed=0, epochs=30, batch_size=128, lr=2e-3, 
                                     dreg=False, binarize=False, bf16=False, kl_warmup_epochs=0))
 PAPER = (VAEConfig(latent_dim=50, activation="silu"),
          replace(DEFAULT[1], epochs=250, iwae_k=5, dreg=True, binarize=True))
-VAL_SIZE = 10_000
+VAL_SIZE = 10_000  # params.yaml's data.val_size: the last 10,000 of the 60,000 are validation
 # What --only picks from, in the order they run.
 SECTIONS = ("first-steps", "training", "recipe", "evaluation", "decoding")
 # onnxruntime's CUDA provider multiplies in TF32 by default (10-bit mantissas): 7.8e-5 from torch
 # on an H200, where the CPU provider is within 1e-7. Served pixels are probabilities; TF32 off
 # must hold export.tolerance itself.
-TF32_TOLERANCE = 1e-3  # params.yaml's data.val_size: the last 10,000 of the 60,000 are validation
+TF32_TOLERANCE = 1e-3
 
 
 def synchronize(device: torch.device) -> None:
