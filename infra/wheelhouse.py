@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import email
+import re
 import subprocess
 import sys
 import tomllib
@@ -131,17 +132,22 @@ def requirements(python: str, node_own: tuple[str, ...] = NODE_OWN, extras: tupl
     requirements, so that it installs from the wheelhouse too."""
     keep = needed_without(node_own)
     pins = locked_pins(python, keep, extras)
-    # The project's build backend, and wheel, which pip's build of a setup.py archive asks for.
-    build = [*tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"], "wheel"]
-    # Even where the node has them: pip and uv build the source archive in an isolated
-    # environment, which installs them from the wheelhouse, not from the node.
-    return pins + [r for r in build if canonicalize_name(r.split(">")[0].split("=")[0].strip()) not in keep]
+    return pins + [r for r in build_requirements() if canonicalize_name(re.split("[<>=!~ ]", r)[0]) not in keep]
 
 
-def download(pip: str, python: str, listed: Path, target: Path) -> int:
-    """pip download of what `listed` names into `target`, for CPython `python` on Linux x86-64."""
+def build_requirements() -> list[str]:
+    """The project's build backend, and wheel, which pip's build of a setup.py archive asks for.
+    They travel even where the node has them: pip builds a source archive (and the project)
+    in an isolated environment, which installs them, and what they need, from the wheelhouse."""
+    return [*tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"], "wheel"]
+
+
+def download(pip: str, python: str, listed: Path, target: Path, deps: bool = False) -> int:
+    """pip download of what `listed` names (with what they need, as wheels, if deps) into
+    `target`, for CPython `python` on Linux x86-64."""
     abi = "cp" + python.replace(".", "")
-    command = [pip, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
+    command = [pip, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+               "--only-binary=:all:" if deps else "--no-deps",
                "--prefer-binary", "--implementation", "cp", "--python-version", python,
                *(f"--abi={a}" for a in (abi, "abi3", "none")), *(f"--platform={p}" for p in PLATFORMS),
                "-r", str(listed), "-d", str(target)]
@@ -180,6 +186,12 @@ def main() -> int:
         for name, why in refusing.items():
             print(f"wheelhouse: the node's {name} {versions[name]} is not {why}: the lock's travels")
         node_own = tuple(name for name in node_own if name not in refusing)
+    # What the build tools need (wheel: packaging), which an isolated build cannot take from the node.
+    build = args.target / "build-requirements.txt"
+    build.write_text("\n".join(build_requirements()) + "\n")
+    if code := download(args.pip, args.python, build, args.target, deps=True):
+        return code
+    wheels = sorted(args.target.glob("*.whl"))
     size = sum(w.stat().st_size for w in wheels) / 2**20
     own = f"torch, torchvision and what {args.node_has} lists" if args.node_has else "torch and torchvision"
     print(f"wheelhouse: {len(wheels)} wheels, {size:.0f} MiB, in {args.target} (for CPython {args.python}, "

@@ -230,6 +230,35 @@ def test_the_wheelhouse_leaves_out_what_the_node_lists_at_its_own_versions():
     assert names < {re.split("[=<>]", r)[0] for r in full}
 
 
+@pytest.mark.integration  # pip download from the index
+def test_the_build_tools_travel_with_what_they_need(tmp_path):
+    """pip builds the source archive and the project on the node in an isolated environment,
+    which installs setuptools and wheel from the wheelhouse alone, never from the node: what
+    they require must be there too (wheel 0.48 requires packaging, which a node does have)."""
+    import email
+    import sys
+    import zipfile
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    wheelhouse = runpy.run_path(str(INFRA / "wheelhouse.py"))
+    listed = tmp_path / "build-requirements.txt"
+    listed.write_text("\n".join(wheelhouse["build_requirements"]()) + "\n")
+    # The Python this venv was made from has pip (uv's venvs have none), as the Makefile's PYTHON.
+    assert wheelhouse["download"](sys._base_executable, "3.12", listed, tmp_path, deps=True) == 0
+    wheels, needed = {}, set()
+    for wheel in tmp_path.glob("*.whl"):
+        with zipfile.ZipFile(wheel) as archive:
+            metadata = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+            required = email.message_from_bytes(archive.read(metadata)).get_all("Requires-Dist") or []
+        wheels[canonicalize_name(wheel.name.split("-")[0])] = wheel
+        target = wheelhouse["target_environment"]("3.12")
+        needed |= {canonicalize_name(r.name) for r in map(Requirement, required) if not r.marker
+                   or r.marker.evaluate(target)}
+    assert {"setuptools", "wheel", "packaging"} <= set(wheels) and needed <= set(wheels)
+
+
 def test_the_node_venv_imports_its_own_packages_first_and_the_nodes_after(tmp_path):
     """infra/node_install.py's venv over a Python whose torch lives in a venv of its own (this
     test's .venv plays the GPU image's): torch still imports, from there, and the new venv's
