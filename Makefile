@@ -86,9 +86,10 @@ wheelhouse: $(STAMP)
 	$(BIN)/python infra/wheelhouse.py wheelhouse --python $(WHEEL_PYTHON) --pip $(PYTHON) $(if $(NODE_HAS),--node-has $(NODE_HAS)) $(foreach e,$(WHEEL_EXTRAS),--extra $(e))
 
 # Less than that, for a bare GPU node's table and GPU tests (benchmarks/gpu_kit.py, docs/GPU.md):
-# MNIST, pydantic's wheels and onnxruntime-gpu in parts of 60 MiB, as gpu_kit/.
+# MNIST, pydantic's wheels and onnxruntime-gpu in parts of 60 MiB, as gpu_kit/. PIPELINE=1 adds
+# the wheelhouse for the pipeline there, in parts too (NODE_HAS=FILE: less of it).
 gpu-kit: $(STAMP)
-	$(BIN)/python benchmarks/gpu_kit.py gpu_kit --python $(WHEEL_PYTHON) --pip $(PYTHON)
+	$(BIN)/python benchmarks/gpu_kit.py gpu_kit --python $(WHEEL_PYTHON) --pip $(PYTHON) $(if $(PIPELINE),--pipeline $(if $(NODE_HAS),--node-has $(NODE_HAS)))
 
 # The infra/ topology on this machine, 127.0.0.1 only: PostgreSQL, MLflow on it, a 2-node
 # Ray cluster. Then `source .stack/env` points the pipeline at it.

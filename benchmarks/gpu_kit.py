@@ -4,17 +4,20 @@ folder to copy there, in parts of at most 60 MiB where copies are limited in siz
 A bare GPU node is Python with its own CUDA build of torch, onnx, onnxruntime (the CPU build),
 numpy and pytest, and no package index, as this workplace's GPU image (docs/GPU.md). Beside
 those, gpu_check.py and the GPU tests' modules need pydantic and MNIST, and the CUDA decode rows
-onnxruntime-gpu (the whole project's offline install is `make wheelhouse`'s):
+onnxruntime-gpu:
 
     gpu_kit/first/mnist/             MNIST's four files, checked here (11 MB, gzip)
     gpu_kit/first/wheels/            pydantic and what it needs, at uv.lock's versions (3 MB)
-    gpu_kit/first/onnxruntime-gpu.parts   each part's sha256 and name, in order
-    gpu_kit/ort-1/ ... ort-N/        onnxruntime-gpu, unpacked, tarred, zstd -19: one part each
+    gpu_kit/first/NAME.parts         each part's sha256 and name, in order
+    gpu_kit/ort-1/ ... ort-N/        onnxruntime-gpu, unpacked, tarred, zstd: one part each
+    gpu_kit/whl-1/ ... whl-N/        with --pipeline: `make wheelhouse`'s folder (the dev extra,
+                                     less onnxruntime-gpu and what --node-has lists), the same way
 
 On the node, with those folders copied under one folder KIT (checked there part by part):
 
-    bash benchmarks/gpu_node.sh KIT OUT tests   # pytest -m gpu: training, its draws, evaluation
-    bash benchmarks/gpu_node.sh KIT OUT table   # gpu_check.py; CUDA decoding once every part is in
+    bash benchmarks/gpu_node.sh KIT OUT tests      # pytest -m gpu: training, its draws, evaluation
+    bash benchmarks/gpu_node.sh KIT OUT table      # gpu_check.py; CUDA decoding once every ort part is in
+    bash benchmarks/gpu_node.sh KIT OUT pipeline   # gpu_pipeline.py and the Ray and serving GPU tests
 """
 from __future__ import annotations
 
@@ -32,8 +35,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from infra.wheelhouse import download, locked_pins, needed_without  # noqa: E402
 from pipeline.fetch import MNIST_FILES, fetch  # noqa: E402
-
-PARTS = "onnxruntime-gpu.parts"
 
 
 def parse_size(text: str) -> int:
@@ -71,41 +72,58 @@ def ort_wheel(work: Path, python: str, pip: str) -> Path:
     return next(work.glob("onnxruntime_gpu-*.whl"))
 
 
-def add_parts(kit: Path, wheel: Path, part_size: int) -> int:
-    """The wheel unpacked (what `pip install --target` would leave, as it has no scripts), tarred
-    and compressed, cut into ort-1/, ort-2/...; their sha256 and names listed in first/. Returns
-    how many parts."""
-    with tempfile.TemporaryDirectory() as stage:
-        with zipfile.ZipFile(wheel) as archive:
-            archive.extractall(stage)
-        tar = subprocess.Popen(["tar", "-cf", "-", "-C", stage, "."], stdout=subprocess.PIPE)
-        zstd = subprocess.Popen(["zstd", "-19", "--long=27", "-T0", "-q", "-c"], stdin=tar.stdout,
-                                stdout=subprocess.PIPE)
-        tar.stdout.close()
-        listing = []
-        while chunk := zstd.stdout.read(part_size):  # a buffered read: all of part_size, or the rest
-            name = f"onnxruntime-gpu.tar.zst.part-{len(listing) + 1:02d}"
-            folder = kit / f"ort-{len(listing) + 1}"
-            folder.mkdir()
-            (folder / name).write_bytes(chunk)
-            listing.append(f"{hashlib.sha256(chunk).hexdigest()}  {name}")
-        if tar.wait() or zstd.wait():
-            raise RuntimeError(f"gpu-kit: packing {wheel.name} failed (tar {tar.returncode}, zstd {zstd.returncode})")
-    (kit / "first" / PARTS).write_text("\n".join(listing) + "\n")
+def unpacked(wheel: Path, stage: Path) -> Path:
+    """The wheel's files in stage: what `pip install --target` leaves of a wheel without scripts."""
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(stage)
+    return stage
+
+
+def pipeline_wheelhouse(work: Path, python: str, pip: str, node_has: Path | None) -> Path:
+    """infra/wheelhouse.py's folder with the test suite's packages, less onnxruntime-gpu (its
+    own parts) and what node_has lists."""
+    listing = work / "node-has.txt"
+    listing.write_text((node_has.read_text() if node_has else "") + "\nonnxruntime-gpu\n")
+    wheelhouse = work / "wheelhouse"
+    subprocess.run([sys.executable, str(ROOT / "infra/wheelhouse.py"), str(wheelhouse), "--python", python,
+                    "--pip", pip, "--node-has", str(listing), "--extra", "dev"], check=True)
+    return wheelhouse
+
+
+def add_parts(kit: Path, folder: Path, name: str, prefix: str, part_size: int) -> int:
+    """folder tarred and compressed, cut into kit/PREFIX-1/, PREFIX-2/...; each part's sha256
+    and name listed in kit/first/NAME.parts. Returns how many parts."""
+    tar = subprocess.Popen(["tar", "-cf", "-", "-C", str(folder), "."], stdout=subprocess.PIPE)
+    # zstd's default level 3: onnxruntime-gpu's 350 MB unpacked make 212 MB in 1 s here, -19 205 MB
+    # in 110 s, four parts either way; wheels, zip archives already, gain under 1% from -19.
+    zstd = subprocess.Popen(["zstd", "-3", "--long=27", "-T0", "-q", "-c"], stdin=tar.stdout, stdout=subprocess.PIPE)
+    tar.stdout.close()
+    listing = []
+    while chunk := zstd.stdout.read(part_size):  # a buffered read: all of part_size, or the rest
+        part = kit / f"{prefix}-{len(listing) + 1}" / f"{name}.tar.zst.part-{len(listing) + 1:02d}"
+        part.parent.mkdir()
+        part.write_bytes(chunk)
+        listing.append(f"{hashlib.sha256(chunk).hexdigest()}  {part.name}")
+    if tar.wait() or zstd.wait():
+        raise RuntimeError(f"gpu-kit: packing {folder} failed (tar {tar.returncode}, zstd {zstd.returncode})")
+    (kit / "first" / f"{name}.parts").write_text("\n".join(listing) + "\n")
     return len(listing)
 
 
-def build(kit: Path, mnist: str, python: str, pip: str, wheel: Path | None, part_size: int, ort: bool) -> None:
-    """The kit in a sibling folder first, then in kit's place: a failed build leaves the old one."""
+def build(args: argparse.Namespace) -> None:
+    """The kit in a sibling folder first, then in args.kit's place: a failed build leaves the old one."""
+    kit, size = args.kit, args.part_size
     kit.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=kit.parent, prefix=f".{kit.name}.") as work:
-        new = Path(work) / "kit"
+        work, new = Path(work), Path(work) / "kit"
         (new / "first").mkdir(parents=True)
-        add_mnist(new / "first", mnist)
-        add_wheels(new / "first", python, pip)
-        if ort:
-            parts = add_parts(new, wheel or ort_wheel(Path(work), python, pip), part_size)
-            print(f"gpu-kit: onnxruntime-gpu in {parts} parts of at most {part_size / 2**20:.0f} MiB")
+        add_mnist(new / "first", args.mnist)
+        add_wheels(new / "first", args.python, args.pip)
+        if args.ort:
+            wheel = args.ort_wheel or ort_wheel(work, args.python, args.pip)
+            add_parts(new, unpacked(wheel, work / "ort"), "onnxruntime-gpu", "ort", size)
+        if args.pipeline:
+            add_parts(new, pipeline_wheelhouse(work, args.python, args.pip, args.node_has), "wheelhouse", "whl", size)
         shutil.rmtree(kit, ignore_errors=True)
         new.rename(kit)
     sizes = {d.name: sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d in sorted(kit.iterdir())}
@@ -121,9 +139,14 @@ def main() -> int:
     p.add_argument("--ort-wheel", type=Path,
                    help="an onnxruntime-gpu wheel already here (default: uv.lock's, downloaded)")
     p.add_argument("--no-ort", dest="ort", action="store_false", help="leave onnxruntime-gpu out")
+    p.add_argument("--pipeline", action="store_true", help="the wheelhouse for gpu_node.sh's pipeline too")
+    p.add_argument("--node-has", type=Path, metavar="FILE",
+                   help="with --pipeline: the node's `pip list --format=freeze`, left out of the wheelhouse")
     p.add_argument("--part-size", type=parse_size, default="60M", help="the largest part, as split -b (default: 60M)")
     args = p.parse_args()
-    build(args.kit, args.mnist, args.python, args.pip, args.ort_wheel, args.part_size, args.ort)
+    if args.node_has and not args.pipeline:
+        p.error("--node-has shapes the wheelhouse of --pipeline: give both, or neither")
+    build(args)
     return 0
 
 

@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # The GPU table and the GPU tests on a bare GPU node: Python with its own CUDA torch, onnx,
-# onnxruntime and pytest, no package index. KIT holds what `make gpu-kit` made (first/ and,
-# for the CUDA decode rows, every ort-N/ part), copied in; OUT gets every output:
+# onnxruntime and pytest, no package index. KIT holds what `make gpu-kit` made, copied in:
+# first/, the ort-N/ parts for the CUDA decode rows, the whl-N/ parts for the pipeline. OUT
+# gets every output:
 #
 #   bash benchmarks/gpu_node.sh KIT OUT tests          # pytest -m gpu: training, its draws, evaluation
 #   bash benchmarks/gpu_node.sh KIT OUT table          # benchmarks/gpu_check.py's whole table
 #   CHECK_ARGS="--only decoding" bash benchmarks/gpu_node.sh KIT OUT table   # one section again
+#   bash benchmarks/gpu_node.sh KIT OUT pipeline       # gpu_pipeline.py, the Ray and serving GPU tests
 #
-# What the node lacks goes into $GPU_NODE_DIR/site (default /tmp/gpu_node), put first on
-# PYTHONPATH: the node's own environment is left as it is. onnxruntime-gpu's parts are checked
-# one by one against first/onnxruntime-gpu.parts before they are joined; while some are missing,
-# the table's decoding runs on the node's CPU onnxruntime alone. PY (default python3) is the
-# Python with the node's torch; CHECK_S and TEST_S (s) cap the two runs. Exits with the worst status.
+# What the node lacks goes into $GPU_NODE_DIR (default /tmp/gpu_node): pydantic and
+# onnxruntime-gpu into site/, put first on PYTHONPATH, and for the pipeline a venv over the
+# node's Python (infra/node_install.py); the node's own environment is left as it is. Parts
+# are checked one by one against first/NAME.parts before they are joined; while some of
+# onnxruntime-gpu's are missing, the table decodes on the node's CPU onnxruntime alone. PY
+# (default python3) is the Python with the node's torch; CHECK_S, TEST_S and PIPELINE_S (s)
+# cap the runs, CHECK_ARGS and PIPELINE_ARGS add to them. Exits with the worst status.
 set -uo pipefail
-usage="usage: $0 KIT OUT tests|table..."
+usage="usage: $0 KIT OUT tests|table|pipeline..."
 [[ $# -ge 3 && -d ${1:-} ]] || { echo "$usage (KIT: the folder with first/ in it)" >&2; exit 2; }
 kit=$(realpath "$1") out=$(realpath -m "$2"); shift 2
 cd "$(dirname "$0")/.." || exit 2
@@ -33,30 +37,32 @@ install_wheels() {
         "$site" "$kit"/first/wheels/*.whl && touch "$site/.wheels"
 }
 
-# onnxruntime-gpu into the site once every part is here and matches its sha256: 0 installed,
-# 1 parts missing (named), 2 a part that does not match (named).
-install_ort() {
-    local listing=$kit/first/onnxruntime-gpu.parts sum name path paths=() missing=()
-    [[ -e $site/.ort ]] && return 0
-    [[ -f $listing ]] || { note "no onnxruntime-gpu in $kit"; return 1; }
-    while read -r sum name; do
-        path=$(find "$kit" -name "$name" -print -quit)
-        if [[ -z $path ]]; then missing+=("$name"); continue; fi
+# unpack NAME DEST: the parts first/NAME.parts lists, wherever they are under KIT, each checked
+# against its sha256, joined and unpacked into DEST once. 0: done; 1: not all here (named);
+# 2: a part that does not match (named), or unpacking failed.
+unpack() {
+    local name=$1 dest=$2 listing=$kit/first/$1.parts sum part path paths=() missing=()
+    [[ -e $dest/.$name ]] && return 0
+    [[ -f $listing ]] || { note "no $name in $kit"; return 1; }
+    while read -r sum part; do
+        path=$(find "$kit" -name "$part" -print -quit)
+        if [[ -z $path ]]; then missing+=("$part"); continue; fi
         if [[ $(sha256sum <"$path" | cut -d' ' -f1) != "$sum" ]]; then
             note "$path: sha256 does not match $listing (a damaged copy)"
             return 2
         fi
         paths+=("$path")
     done <"$listing"
-    if ((${#missing[@]})); then note "onnxruntime-gpu not installed yet, missing: ${missing[*]}"; return 1; fi
-    cat "${paths[@]}" | zstd -d -q --long=27 | tar -xf - -C "$site" || { note "unpacking onnxruntime-gpu failed"; return 2; }
-    touch "$site/.ort"
-    note "onnxruntime-gpu installed into $site"
+    if ((${#missing[@]})); then note "$name not unpacked yet, missing: ${missing[*]}"; return 1; fi
+    mkdir -p "$dest"
+    cat "${paths[@]}" | zstd -d -q --long=27 | tar -xf - -C "$dest" || { note "unpacking $name failed"; return 2; }
+    touch "$dest/.$name"
+    note "$name unpacked into $dest"
 }
 
 prepare() {
     install_wheels || { note "installing $kit/first/wheels failed"; exit 2; }
-    install_ort
+    unpack onnxruntime-gpu "$site"
     (($? == 2)) && exit 2
     "$PY" -c "import sys; from pathlib import Path; from pipeline.fetch import fetch; fetch(sys.argv[1], Path(sys.argv[2]), 5)" \
         "$kit/first/mnist" "$data" || { note "MNIST from $kit/first/mnist failed"; exit 2; }
@@ -76,12 +82,30 @@ run() {  # run NAME SECONDS COMMAND...: its output to OUT/NAME.txt, as it comes
     ((status > worst)) && worst=$status
 }
 
+# The project's venv over the node's Python, from the wheelhouse's parts; 1 when not all here.
+pipeline_venv() {
+    local venv=$work/venv
+    [[ -e $venv/.installed ]] && return 0
+    unpack wheelhouse "$work/wheelhouse" || return
+    "$PY" infra/node_install.py "$work/wheelhouse" "$venv" >"$out/node_install.txt" 2>&1 \
+        || { note "infra/node_install.py failed: $out/node_install.txt"; return 2; }
+    touch "$venv/.installed"
+}
+
 prepare
 for what in "$@"; do
     case $what in
         tests) VAE_TEST_MNIST=$data run pytest_gpu "${TEST_S:-240}" "$PY" -m pytest -m gpu -p no:cacheprovider \
             tests/test_training.py tests/test_rng.py tests/test_evaluate.py ;;
         table) run gpu_check "${CHECK_S:-420}" "$PY" benchmarks/gpu_check.py --data "$data" ${CHECK_ARGS:-} ;;
+        pipeline)
+            pipeline_venv
+            case $? in 0) ;; 1) worst=2; continue ;; *) exit 2 ;; esac
+            run gpu_pipeline "${PIPELINE_S:-540}" "$work/venv/bin/python" benchmarks/gpu_pipeline.py \
+                --data "$data" --out "$out/pipeline" ${PIPELINE_ARGS:-}
+            # Those needing Ray or the server: a GPU worker, the nodes' GPU shares, the providers served.
+            VAE_TEST_MNIST=$data run pytest_pipeline "${TEST_S:-240}" "$work/venv/bin/python" -m pytest \
+                -p no:cacheprovider -k "gpu or metadata" tests/test_train_ray.py tests/test_infra.py tests/test_serve.py ;;
         *) echo "$usage" >&2; exit 2 ;;
     esac
 done

@@ -77,7 +77,8 @@ def test_a_gpu_kit_travels_in_checked_parts_and_runs_the_table(mnist_dir, tmp_pa
     """`make gpu-kit`'s folder through benchmarks/gpu_node.sh, as on a bare GPU node (here the
     CPU, this Python): the parts are checked and joined, what they hold and the wheels land on
     the node's PYTHONPATH, and the table runs. A part not yet copied leaves it out, named; a
-    damaged part stops the script, named, with nothing of it installed."""
+    damaged part stops the script, named, with nothing of it installed; the pipeline without
+    its wheelhouse is refused, named."""
     probe = tmp_path / "gpu_kit_probe-1.0-py3-none-any.whl"  # a stand-in for onnxruntime-gpu's 244 MiB
     blob = os.urandom(3000)  # random: several parts of 1 KiB even compressed
     with zipfile.ZipFile(probe, "w") as wheel:
@@ -110,6 +111,8 @@ def test_a_gpu_kit_travels_in_checked_parts_and_runs_the_table(mnist_dir, tmp_pa
     assert {"pydantic", "pydantic_core"} <= {p.name for p in (node / "site").iterdir()}
     assert "gpu-kit-probe==1.0" in (out / "node.txt").read_text().splitlines()
     assert "| L_2 on 100 test images" in (out / "gpu_check.txt").read_text()
+    no_wheelhouse = on_the_node("pipeline")  # a kit made without --pipeline
+    assert no_wheelhouse.returncode == 2 and f"no wheelhouse in {kit}" in no_wheelhouse.stdout
 
     shutil.rmtree(node)
     with parts[1].open("r+b") as part:  # one byte flipped in transit
