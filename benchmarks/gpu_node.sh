@@ -27,7 +27,7 @@ mkdir -p "$out" "$site"
 export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 worst=0
 
-note() { echo "gpu_node: $*" | tee -a "$out/gpu_node.txt"; }
+note() { echo "gpu_node: [${SECONDS} s] $*" | tee -a "$out/gpu_node.txt"; }  # seconds since the start
 
 # A wheel unpacked is what `pip install --target` leaves of one without scripts, as these are;
 # the node's Python may lack pip.
