@@ -38,8 +38,8 @@ install_wheels() {
 }
 
 # unpack NAME DEST: the parts first/NAME.parts lists, wherever they are under KIT, each checked
-# against its sha256, joined and unpacked into DEST once. 0: done; 1: not all here (named);
-# 2: a part that does not match (named), or unpacking failed.
+# against its sha256, joined and unpacked into DEST once. 0: done; 1: not all here, or no zstd
+# (named); 2: a part that does not match (named), or unpacking failed.
 unpack() {
     local name=$1 dest=$2 listing=$kit/first/$1.parts sum part path paths=() missing=()
     [[ -e $dest/.$name ]] && return 0
@@ -54,6 +54,7 @@ unpack() {
         paths+=("$path")
     done <"$listing"
     if ((${#missing[@]})); then note "$name not unpacked yet, missing: ${missing[*]}"; return 1; fi
+    command -v zstd >/dev/null || { note "$name not unpacked: this node has no zstd"; return 1; }
     mkdir -p "$dest"
     cat "${paths[@]}" | zstd -d -q --long=27 | tar -xf - -C "$dest" || { note "unpacking $name failed"; return 2; }
     touch "$dest/.$name"
