@@ -86,17 +86,21 @@ def requested_extras(lock: Path = ROOT / "uv.lock") -> dict[str, set[str]]:
     return extras
 
 
+def requires_dist(wheel: Path) -> list[Requirement]:
+    """What a wheel requires (its METADATA's Requires-Dist), markers and extras included."""
+    with zipfile.ZipFile(wheel) as archive:
+        metadata = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+        return [Requirement(r) for r in email.message_from_bytes(archive.read(metadata)).get_all("Requires-Dist") or []]
+
+
 def refused(wheels: list[Path], node: dict[str, str], python: str) -> dict[str, str]:
     """The node's packages whose version a wheel here does not accept (its Requires-Dist for the
     target, with the extras the lock asks of it): name -> the requirement that refuses it."""
     extras, found = requested_extras(), {}
     for wheel in wheels:
-        with zipfile.ZipFile(wheel) as archive:
-            metadata = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
-            required = email.message_from_bytes(archive.read(metadata)).get_all("Requires-Dist") or []
         name = canonicalize_name(wheel.name.split("-")[0])
         environments = [{**target_environment(python), "extra": e} for e in {"", *extras.get(name, ())}]
-        for requirement in map(Requirement, required):
+        for requirement in requires_dist(wheel):
             dependency = canonicalize_name(requirement.name)
             applies = not requirement.marker or any(requirement.marker.evaluate(e) for e in environments)
             if dependency in node and applies and not requirement.specifier.contains(node[dependency], True):

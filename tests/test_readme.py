@@ -107,8 +107,8 @@ EXERCISED = {
     ("python3", "infra/node_install.py"): "for a node without an index; test_infra.py checks the venv it makes, "
                                           "and it ran by hand over a GPU image's layout (benchmarks/RESULTS.md)",
     (".venv/bin/vae", "env"): "`vae env` in a node's venv: test_the_environment_commands_run runs `vae env`",
-    ("make", "gpu-kit"): "downloads onnxruntime-gpu (244 MiB) and packs it (2 min); test_gpu_check.py builds "
-                         "a kit through benchmarks/gpu_kit.py with a stand-in wheel",
+    ("make", "gpu-kit"): "downloads onnxruntime-gpu (244 MiB); test_gpu_check.py builds a kit through "
+                         "benchmarks/gpu_kit.py with a stand-in wheel",
     ("bash", "benchmarks/gpu_node.sh"): "test_gpu_check.py runs it on this CPU, a mode at a time, from a kit in parts",
     ("python", "benchmarks/gpu_pipeline.py"): "minutes of the whole pipeline, for a GPU node; run by hand on "
                                               "this CPU (benchmarks/RESULTS.md), its stages tested one by one",
