@@ -53,23 +53,15 @@ def add_mnist(first: Path, source: str) -> None:
             (first / "mnist" / f"{name}.gz").write_bytes(gzip.compress(raw, compresslevel=6, mtime=0))
 
 
-def add_wheels(first: Path, python: str, pip: str) -> None:
-    """pydantic and its dependencies at uv.lock's versions, for CPython `python` on Linux x86-64."""
-    wheels = first / "wheels"
-    wheels.mkdir()
-    listed = wheels / "requirements.txt"
-    listed.write_text("\n".join(locked_pins(python, needed_without((), root="pydantic"))) + "\n")
-    if download(pip, python, listed, wheels):
-        raise RuntimeError("gpu-kit: pip download of pydantic's wheels failed")
-
-
-def ort_wheel(work: Path, python: str, pip: str) -> Path:
-    """uv.lock's onnxruntime-gpu wheel for the target, downloaded into work."""
-    listed = work / "onnxruntime-gpu.txt"
-    listed.write_text("\n".join(locked_pins(python, {"onnxruntime-gpu"})) + "\n")
-    if download(pip, python, listed, work):
-        raise RuntimeError("gpu-kit: pip download of onnxruntime-gpu failed")
-    return next(work.glob("onnxruntime_gpu-*.whl"))
+def locked_wheels(names: set[str], target: Path, python: str, pip: str) -> list[Path]:
+    """uv.lock's wheels of `names` for CPython `python` on Linux x86-64, downloaded into target
+    (with the requirements.txt naming them)."""
+    target.mkdir()
+    listed = target / "requirements.txt"
+    listed.write_text("\n".join(locked_pins(python, names)) + "\n")
+    if download(pip, python, listed, target):
+        raise RuntimeError(f"gpu-kit: pip download of {', '.join(sorted(names))} failed")
+    return sorted(target.glob("*.whl"))
 
 
 def unpacked(wheel: Path, stage: Path) -> Path:
@@ -117,9 +109,9 @@ def build(args: argparse.Namespace) -> None:
         work, new = Path(work), Path(work) / "kit"
         (new / "first").mkdir(parents=True)
         add_mnist(new / "first", args.mnist)
-        add_wheels(new / "first", args.python, args.pip)
+        locked_wheels(needed_without((), root="pydantic"), new / "first/wheels", args.python, args.pip)
         if args.ort:
-            wheel = args.ort_wheel or ort_wheel(work, args.python, args.pip)
+            wheel = args.ort_wheel or locked_wheels({"onnxruntime-gpu"}, work / "ort-wheel", args.python, args.pip)[0]
             add_parts(new, unpacked(wheel, work / "ort"), "onnxruntime-gpu", "ort", size)
         if args.pipeline:
             add_parts(new, pipeline_wheelhouse(work, args.python, args.pip, args.node_has), "wheelhouse", "whl", size)
