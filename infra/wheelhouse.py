@@ -45,11 +45,18 @@ NODE_OWN = ("torch", "torchvision")  # what the node brings, CUDA build and all
 PLATFORMS = ["manylinux2014_x86_64", *(f"manylinux_2_{minor}_x86_64" for minor in range(17, 40)), "linux_x86_64"]
 
 
-def needed_without(node_own: tuple[str, ...], lock: Path = ROOT / "uv.lock", root: str = PROJECT) -> set[str]:
+def needed_without(node_own: tuple[str, ...], lock: Path = ROOT / "uv.lock", root: str = PROJECT,
+                   extras: tuple[str, ...] = ()) -> set[str]:
     """The locked packages `root` (the project, or one of its packages) reaches without going
     through node_own: what a node that has those still needs (markers aside: uv export and pip
-    apply them for the target)."""
+    apply them for the target). Of the project's own extras, only `extras` count; a locked
+    package's extras all do (the lock holds only those something asks for)."""
     packages = {p["name"]: p for p in tomllib.loads(lock.read_text())["package"]}
+    if root not in packages:
+        raise ValueError(f"{root} is not in {lock.name}")
+    unknown = set(extras) - set(packages[PROJECT].get("optional-dependencies", {}))
+    if unknown:
+        raise ValueError(f"{PROJECT} has no extra {', '.join(sorted(unknown))}")
     seen, todo = set(), [root]
     while todo:
         name = todo.pop()
@@ -57,9 +64,9 @@ def needed_without(node_own: tuple[str, ...], lock: Path = ROOT / "uv.lock", roo
             continue
         seen.add(name)
         package = packages[name]
-        edges = [*package.get("dependencies", []),
-                 *(d for deps in package.get("optional-dependencies", {}).values() for d in deps)]
-        todo += [d["name"] for d in edges]
+        optional = package.get("optional-dependencies", {})
+        asked = extras if name == PROJECT else tuple(optional)
+        todo += [d["name"] for d in [*package.get("dependencies", []), *(d for e in asked for d in optional[e])]]
     return seen - {PROJECT}
 
 
@@ -117,11 +124,11 @@ def target_environment(python: str) -> dict[str, str]:
             "python_version": python, "python_full_version": f"{python}.0", "extra": ""}
 
 
-def locked_pins(python: str, keep: set[str], extras: tuple[str, ...] = ()) -> list[str]:
+def locked_pins(python: str, keep: set[str]) -> list[str]:
     """`name==version` at uv.lock's versions for CPython `python` on Linux x86-64, of the
-    packages in keep (with the project's `extras`, e.g. dev for the tests)."""
+    packages in keep (which may reach into the project's extras: all are exported)."""
     exported = subprocess.run([str(ROOT / ".tools/bin/uv"), "export", "--frozen", "--no-hashes", "--no-header",
-                               "--no-annotate", "--no-emit-project", *(f"--extra={e}" for e in extras)],
+                               "--no-annotate", "--no-emit-project", "--all-extras"],
                               cwd=ROOT, check=True, capture_output=True, text=True).stdout.splitlines()
     environment, pins = target_environment(python), []
     for line in filter(None, exported):
@@ -131,11 +138,13 @@ def locked_pins(python: str, keep: set[str], extras: tuple[str, ...] = ()) -> li
     return pins
 
 
-def requirements(python: str, node_own: tuple[str, ...] = NODE_OWN, extras: tuple[str, ...] = ()) -> list[str]:
-    """The locked pins of the packages the node still needs, and the project's build
+def requirements(python: str, node_own: tuple[str, ...] = NODE_OWN, extras: tuple[str, ...] = (),
+                 also: tuple[str, ...] = ()) -> list[str]:
+    """The locked pins of the packages the node still needs (with the project's `extras`, and
+    the locked packages `also` names, e.g. the tests' httpx), and the project's build
     requirements, so that it installs from the wheelhouse too."""
-    keep = needed_without(node_own)
-    pins = locked_pins(python, keep, extras)
+    keep = needed_without(node_own, extras=extras).union(*(needed_without(node_own, root=name) for name in also))
+    pins = locked_pins(python, keep)
     return pins + [r for r in build_requirements() if canonicalize_name(re.split("[<>=!~ ]", r)[0]) not in keep]
 
 
@@ -171,13 +180,20 @@ def main() -> int:
                    help="the node's `pip list --format=freeze`: leave out what it already has")
     p.add_argument("--extra", action="append", default=[], metavar="NAME",
                    help="the project's optional dependencies too (dev: to run the tests there)")
+    p.add_argument("--with", dest="also", action="append", default=[], metavar="NAME",
+                   help="a locked package outside those, with what it needs (httpx: some tests' client)")
     args = p.parse_args()
     listing = args.node_has.read_text() if args.node_has else ""
     node_own, versions = NODE_OWN + node_packages(listing), node_versions(listing)
+    extras, also = tuple(args.extra), tuple(args.also)
+    try:
+        pins = requirements(args.python, node_own, extras, also)
+    except ValueError as e:  # an extra or a package the lock does not have
+        p.error(str(e))
     args.target.mkdir(parents=True, exist_ok=True)
     listed = args.target / "requirements.txt"
     while True:  # until every package the node keeps is at a version the wheels accept
-        listed.write_text("\n".join(requirements(args.python, node_own, tuple(args.extra))) + "\n")
+        listed.write_text("\n".join(pins) + "\n")
         if code := download(args.pip, args.python, listed, args.target):
             return code
         wheels = sorted(args.target.glob("*.whl"))
@@ -190,6 +206,7 @@ def main() -> int:
         for name, why in refusing.items():
             print(f"wheelhouse: the node's {name} {versions[name]} is not {why}: the lock's travels")
         node_own = tuple(name for name in node_own if name not in refusing)
+        pins = requirements(args.python, node_own, extras, also)
     # What the build tools need (wheel: packaging), which an isolated build cannot take from the node.
     build = args.target / "build-requirements.txt"
     build.write_text("\n".join(build_requirements()) + "\n")

@@ -230,6 +230,24 @@ def test_the_wheelhouse_leaves_out_what_the_node_lists_at_its_own_versions():
     assert names < {re.split("[=<>]", r)[0] for r in full}
 
 
+def test_the_wheelhouse_takes_the_extras_asked_for_and_the_packages_named():
+    """The project's extras only when asked for (dev: pytest, playwright...), and `--with` a
+    locked package outside them with what it needs (httpx, for a GPU node's few tests, where the
+    rest of dev would be 80 MiB of dead weight); a name the lock lacks is an error naming it."""
+    wheelhouse = runpy.run_path(str(INFRA / "wheelhouse.py"))
+
+    def names(**kwargs) -> set[str]:
+        return {re.split("[=<>]", r)[0] for r in wheelhouse["requirements"]("3.12", **kwargs)}
+    runtime, dev, with_httpx = names(), names(extras=("dev",)), names(also=("httpx",))
+    assert not runtime & {"pytest", "httpx", "playwright"} and {"pytest", "httpx", "playwright"} <= dev
+    assert {"httpx", "httpcore"} <= with_httpx - runtime and not with_httpx - runtime & {"pytest", "playwright"}
+    assert not names(node_own=wheelhouse["NODE_OWN"] + ("httpx",), also=("httpx",)) - runtime  # the node's
+    with pytest.raises(ValueError, match="requestz is not in uv.lock"):
+        names(also=("requestz",))
+    with pytest.raises(ValueError, match="vae-mnist has no extra tests"):
+        names(extras=("tests",))
+
+
 @pytest.mark.integration  # pip download from the index
 def test_the_build_tools_travel_with_what_they_need(tmp_path):
     """pip builds the source archive and the project on the node in an isolated environment,
