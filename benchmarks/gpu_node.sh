@@ -12,10 +12,12 @@
 # What the node lacks goes into $GPU_NODE_DIR (default /tmp/gpu_node): pydantic and
 # onnxruntime-gpu into site/, put first on PYTHONPATH, and for the pipeline a venv over the
 # node's Python (infra/node_install.py); the node's own environment is left as it is. Parts
-# are checked one by one against first/NAME.parts before they are joined; while some of
-# onnxruntime-gpu's are missing, the table decodes on the node's CPU onnxruntime alone. PY
-# (default python3) is the Python with the node's torch; CHECK_S, TEST_S and PIPELINE_S (s)
-# cap the runs, CHECK_ARGS and PIPELINE_ARGS add to them. Exits with the worst status.
+# are checked one by one against the listing in their first folder (ort-1/, whl-1/) before they
+# are joined. A mode waits up to WAIT_S seconds (default 0) for the parts it needs, which later
+# copies bring (benchmarks/gpu_session.sh); while some of onnxruntime-gpu's are missing, the
+# table decodes on the node's CPU onnxruntime alone. PY (default python3) is the Python with the
+# node's torch; CHECK_S, TEST_S and PIPELINE_S (s) cap the runs, CHECK_ARGS and PIPELINE_ARGS
+# add to them. Exits with the worst status.
 set -uo pipefail
 usage="usage: $0 KIT OUT tests|table|pipeline..."
 [[ $# -ge 3 && -d ${1:-} ]] || { echo "$usage (KIT: the folder with first/ in it)" >&2; exit 2; }
@@ -37,23 +39,33 @@ install_wheels() {
         "$site" "$kit"/first/wheels/*.whl && touch "$site/.wheels"
 }
 
-# unpack NAME DEST: the parts first/NAME.parts lists, wherever they are under KIT, each checked
-# against its sha256, joined and unpacked into DEST once. 0: done; 1: not all here, or no zstd
-# (named); 2: a part that does not match (named), or unpacking failed.
+# unpack NAME DEST: the parts that NAME.parts (in the payload's first folder) lists, wherever
+# they are under KIT, each checked against its sha256, joined and unpacked into DEST once. Parts
+# not here yet are waited for up to WAIT_S seconds (default 0): later copies bring them. 0: done;
+# 1: not all here, or no zstd (named); 2: a part that does not match (named), or unpacking failed.
 unpack() {
-    local name=$1 dest=$2 listing=$kit/first/$1.parts sum part path paths=() missing=()
+    local name=$1 dest=$2 until=$((SECONDS + ${WAIT_S:-0})) waited= listing sum part path paths missing
     [[ -e $dest/.$name ]] && return 0
-    [[ -f $listing ]] || { note "no $name in $kit"; return 1; }
-    while read -r sum part; do
+    while :; do
+        listing=$(find "$kit" -name "$name.parts" -print -quit) paths=() missing=()
+        [[ -n $listing ]] || missing=("$name.parts")
+        while [[ -n $listing ]] && read -r sum part; do
+            path=$(find "$kit" -name "$part" -print -quit)
+            if [[ -n $path ]]; then paths+=("$path"); else missing+=("$part"); fi
+        done <"${listing:-/dev/null}"
+        ((${#missing[@]})) || break
+        if ((SECONDS >= until)); then note "$name not unpacked, missing from $kit: ${missing[*]}"; return 1; fi
+        [[ -n $waited ]] || note "$name: waiting up to $((until - SECONDS)) s for ${missing[*]}"
+        waited=1
+        sleep 5
+    done
+    while read -r sum part; do  # the parts in the listing's order, as `paths` holds them
         path=$(find "$kit" -name "$part" -print -quit)
-        if [[ -z $path ]]; then missing+=("$part"); continue; fi
         if [[ $(sha256sum <"$path" | cut -d' ' -f1) != "$sum" ]]; then
             note "$path: sha256 does not match $listing (a damaged copy)"
             return 2
         fi
-        paths+=("$path")
     done <"$listing"
-    if ((${#missing[@]})); then note "$name not unpacked yet, missing: ${missing[*]}"; return 1; fi
     command -v zstd >/dev/null || { note "$name not unpacked: this node has no zstd"; return 1; }
     mkdir -p "$dest"
     cat "${paths[@]}" | zstd -d -q --long=27 | tar -xf - -C "$dest" || { note "unpacking $name failed"; return 2; }
@@ -61,10 +73,16 @@ unpack() {
     note "$name unpacked into $dest"
 }
 
-prepare() {
-    install_wheels || { note "installing $kit/first/wheels failed"; exit 2; }
+# onnxruntime-gpu into the site, for the table's CUDA rows and the pipeline's server: without it
+# they run on the node's CPU build; a damaged part stops the script.
+onnxruntime_gpu() {
     unpack onnxruntime-gpu "$site"
     (($? == 2)) && exit 2
+    return 0
+}
+
+prepare() {
+    install_wheels || { note "installing $kit/first/wheels failed"; exit 2; }
     "$PY" -c "import sys; from pathlib import Path; from pipeline.fetch import fetch; fetch(sys.argv[1], Path(sys.argv[2]), 5)" \
         "$kit/first/mnist" "$data" || { note "MNIST from $kit/first/mnist failed"; exit 2; }
     # The node's packages and the site's, as pip list --format=freeze writes them (the node may lack pip).
@@ -98,8 +116,10 @@ for what in "$@"; do
     case $what in
         tests) VAE_TEST_MNIST=$data run pytest_gpu "${TEST_S:-240}" "$PY" -m pytest -m gpu -p no:cacheprovider \
             tests/test_training.py tests/test_rng.py tests/test_evaluate.py ;;
-        table) run gpu_check "${CHECK_S:-420}" "$PY" benchmarks/gpu_check.py --data "$data" ${CHECK_ARGS:-} ;;
+        table) onnxruntime_gpu
+            run gpu_check "${CHECK_S:-420}" "$PY" benchmarks/gpu_check.py --data "$data" ${CHECK_ARGS:-} ;;
         pipeline)
+            onnxruntime_gpu
             pipeline_venv
             case $? in 0) ;; 1) worst=2; continue ;; *) exit 2 ;; esac
             run gpu_pipeline "${PIPELINE_S:-540}" "$work/venv/bin/python" benchmarks/gpu_pipeline.py \

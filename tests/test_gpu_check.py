@@ -7,7 +7,9 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -72,47 +74,61 @@ def test_only_the_sections_asked_for_run(mnist_dir):
     assert wrong.returncode == 2 and "--only: no section decode" in wrong.stderr
 
 
-@pytest.mark.integration  # builds a kit (pydantic's wheels from the index) and runs the node's script
-def test_a_gpu_kit_travels_in_checked_parts_and_runs_the_table(mnist_dir, tmp_path):
-    """`make gpu-kit`'s folder through benchmarks/gpu_node.sh, as on a bare GPU node (here the
-    CPU, this Python): the parts are checked and joined, what they hold and the wheels land on
-    the node's PYTHONPATH, and the table runs. A part not yet copied leaves it out, named; a
-    damaged part stops the script, named, with nothing of it installed; the pipeline without
-    its wheelhouse is refused, named."""
-    probe = tmp_path / "gpu_kit_probe-1.0-py3-none-any.whl"  # a stand-in for onnxruntime-gpu's 244 MiB
+@pytest.fixture(scope="module")
+def built_kit(mnist_dir, tmp_path_factory) -> tuple[Path, bytes]:
+    """`make gpu-kit`'s folder, with a stand-in for onnxruntime-gpu's 244 MiB in parts of 1 KiB,
+    and the stand-in's payload; each test copies the kit before changing it."""
+    where = tmp_path_factory.mktemp("gpu_kit")
+    probe = where / "gpu_kit_probe-1.0-py3-none-any.whl"
     blob = os.urandom(3000)  # random: several parts of 1 KiB even compressed
     with zipfile.ZipFile(probe, "w") as wheel:
         wheel.writestr("gpu_kit_probe/blob.bin", blob)
         wheel.writestr("gpu_kit_probe-1.0.dist-info/METADATA",
                        "Metadata-Version: 2.1\nName: gpu-kit-probe\nVersion: 1.0\n")
-    kit, out, node = tmp_path / "kit", tmp_path / "out", tmp_path / "node"
     # The Python this venv was made from has pip (uv's venvs have none), as the Makefile's PYTHON.
-    subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_kit.py"), str(kit), "--mnist", str(mnist_dir),
-                    "--python", f"{sys.version_info.major}.{sys.version_info.minor}", "--pip", sys._base_executable,
-                    "--ort-wheel", str(probe), "--part-size", "1K"], check=True, timeout=300)
-    parts = sorted(kit.glob("ort-*/onnxruntime-gpu.tar.zst.part-*"))
-    assert len(parts) >= 3 and len((kit / "first/onnxruntime-gpu.parts").read_text().splitlines()) == len(parts)
+    subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_kit.py"), str(where / "kit"), "--mnist",
+                    str(mnist_dir), "--python", f"{sys.version_info.major}.{sys.version_info.minor}", "--pip",
+                    sys._base_executable, "--ort-wheel", str(probe), "--part-size", "1K"], check=True, timeout=300)
+    return where / "kit", blob
 
-    def on_the_node(*what: str, check_args: str = "--device cpu --quick --only evaluation"):
-        env = {**os.environ, "PY": sys.executable, "GPU_NODE_DIR": str(node), "CHECK_ARGS": check_args}
-        return subprocess.run(["bash", str(ROOT / "benchmarks/gpu_node.sh"), str(kit), str(out), *what], env=env,
-                              capture_output=True, text=True, timeout=300)
+
+def node_env(node: Path, **more: str) -> dict[str, str]:
+    """gpu_node.sh's settings for a "node" that is this Python, a CPU and a quick table."""
+    return {**os.environ, "PY": sys.executable, "GPU_NODE_DIR": str(node),
+            "CHECK_ARGS": "--device cpu --quick --only evaluation", **more}
+
+
+@pytest.mark.integration  # builds a kit (pydantic's wheels from the index) and runs the node's script
+def test_a_gpu_kit_travels_in_checked_parts_and_runs_the_table(built_kit, tmp_path):
+    """`make gpu-kit`'s folder through benchmarks/gpu_node.sh, as on a bare GPU node (here the
+    CPU, this Python): the parts are checked and joined, what they hold and the wheels land on
+    the node's PYTHONPATH, and the table runs. A part not yet copied leaves it out, named; a
+    damaged part stops the script, named, with nothing of it installed; the pipeline without
+    its wheelhouse is refused, named."""
+    kit, out, node = tmp_path / "kit", tmp_path / "out", tmp_path / "node"
+    shutil.copytree(built_kit[0], kit)
+    parts = sorted(kit.glob("ort-*/onnxruntime-gpu.tar.zst.part-*"))
+    assert len(parts) >= 3 and len((kit / "ort-1/onnxruntime-gpu.parts").read_text().splitlines()) == len(parts)
+
+    def on_the_node(*what: str):
+        return subprocess.run(["bash", str(ROOT / "benchmarks/gpu_node.sh"), str(kit), str(out), *what],
+                              env=node_env(node), capture_output=True, text=True, timeout=300)
 
     last = parts[-1].rename(tmp_path / parts[-1].name)  # not copied yet
-    missing = on_the_node("tests")
+    missing = on_the_node("tests", "table")
     assert missing.returncode == 0, missing.stdout + missing.stderr
-    assert f"missing: {last.name}" in missing.stdout and not (node / "site/gpu_kit_probe").exists()
+    assert f"missing from {kit}: {last.name}" in missing.stdout and not (node / "site/gpu_kit_probe").exists()
     assert "3 skipped" in (out / "pytest_gpu.txt").read_text()  # the GPU tests, collected with the kit's wheels
+    assert "| L_2 on 100 test images" in (out / "gpu_check.txt").read_text()  # the rest of the table ran
 
     last.rename(parts[-1])
     done = on_the_node("table")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert (node / "site/gpu_kit_probe/blob.bin").read_bytes() == blob
+    assert (node / "site/gpu_kit_probe/blob.bin").read_bytes() == built_kit[1]
     assert {"pydantic", "pydantic_core"} <= {p.name for p in (node / "site").iterdir()}
-    assert "gpu-kit-probe==1.0" in (out / "node.txt").read_text().splitlines()
-    assert "| L_2 on 100 test images" in (out / "gpu_check.txt").read_text()
+    assert any(line.startswith("pydantic==") for line in (out / "node.txt").read_text().splitlines())
     no_wheelhouse = on_the_node("pipeline")  # a kit made without --pipeline
-    assert no_wheelhouse.returncode == 2 and f"no wheelhouse in {kit}" in no_wheelhouse.stdout
+    assert no_wheelhouse.returncode == 2 and f"missing from {kit}: wheelhouse.parts" in no_wheelhouse.stdout
 
     shutil.rmtree(node)
     with parts[1].open("r+b") as part:  # one byte flipped in transit
@@ -122,3 +138,46 @@ def test_a_gpu_kit_travels_in_checked_parts_and_runs_the_table(mnist_dir, tmp_pa
     damaged = on_the_node("table")
     assert damaged.returncode == 2
     assert f"{parts[1]}: sha256 does not match" in damaged.stdout and not (node / "site/gpu_kit_probe").exists()
+
+
+@pytest.mark.integration  # runs the node's script in the background
+def test_a_gpu_session_runs_on_while_later_calls_bring_the_parts(built_kit, tmp_path):
+    """benchmarks/gpu_session.sh as the device tool's calls run it: the first starts gpu_node.sh
+    in a process session of its own and returns once the node's package list is written; the
+    table waits for the parts a later call brings; the last call waits for the end and brings
+    back every output as one archive. A second start while it runs, and a call on a machine
+    where nothing started, are refused."""
+    kit, node = built_kit[0], tmp_path / "node"
+    carried = {name: tmp_path / "calls" / name for name in ("first", "second", "none")}
+    ort = sorted(kit.glob("ort-*"))
+    for folder in (kit / "first", ort[-1]):
+        shutil.copytree(folder, carried["first"] / folder.name)
+    for folder in ort[:-1]:
+        shutil.copytree(folder, carried["second"] / folder.name)
+    carried["none"].mkdir()
+
+    def call(name: str, *args: str, machine: Path = node):
+        env = node_env(machine, GPU_KIT=str(carried[name]), WAIT_S="120",
+                       CHECK_ARGS="--device cpu --quick --only evaluation,decoding")
+        return subprocess.run(["bash", str(ROOT / "benchmarks/gpu_session.sh"), str(tmp_path / "out" / name), *args],
+                              env=env, capture_output=True, text=True, timeout=300)
+
+    started = call("first", "start", "table")
+    assert started.returncode == 0, started.stdout + started.stderr
+    with tarfile.open(tmp_path / "out/first/gpu_node.tar.gz") as archive:
+        assert "out/node.txt" in archive.getnames()
+    assert not (node / "exit").exists()  # the table waits for ort-1's listing
+    again = call("none", "start", "table")
+    assert again.returncode == 2 and "already runs" in again.stderr
+    assert call("second").returncode == 0
+    done = call("none", "wait", "240")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "| decode on CPU, batch 1, host I/O" in done.stdout
+    with tarfile.open(tmp_path / "out/none/gpu_node.tar.gz") as archive:
+        archive.extractall(tmp_path / "back", filter="data")
+    notes = (tmp_path / "back/out/gpu_node.txt").read_text()
+    assert notes.index("onnxruntime-gpu: waiting up to") < notes.index("onnxruntime-gpu unpacked")
+    assert "| decode on CPU, batch 64" in (tmp_path / "back/out/gpu_check.txt").read_text()
+    assert (node / "site/gpu_kit_probe/blob.bin").read_bytes() == built_kit[1]
+    fresh = call("none", machine=tmp_path / "fresh")
+    assert fresh.returncode == 2 and "nothing started on this machine" in fresh.stderr

@@ -110,6 +110,7 @@ EXERCISED = {
     ("make", "gpu-kit"): "downloads onnxruntime-gpu (244 MiB); test_gpu_check.py builds a kit through "
                          "benchmarks/gpu_kit.py with a stand-in wheel",
     ("bash", "benchmarks/gpu_node.sh"): "test_gpu_check.py runs it on this CPU, a mode at a time, from a kit in parts",
+    ("bash", "benchmarks/gpu_session.sh"): "test_gpu_check.py runs it on this CPU as three of the device tool's calls",
     ("python", "benchmarks/gpu_pipeline.py"): "minutes of the whole pipeline, for a GPU node; run by hand on "
                                               "this CPU (benchmarks/RESULTS.md), its stages tested one by one",
 }
