@@ -44,14 +44,14 @@ install_wheels() {
 # not here yet are waited for up to WAIT_S seconds (default 0): later copies bring them. 0: done;
 # 1: not all here, or no zstd (named); 2: a part that does not match (named), or unpacking failed.
 unpack() {
-    local name=$1 dest=$2 until=$((SECONDS + ${WAIT_S:-0})) waited= listing sum part path paths missing
+    local name=$1 dest=$2 until=$((SECONDS + ${WAIT_S:-0})) waited= listing sum part path i paths sums missing
     [[ -e $dest/.$name ]] && return 0
     while :; do
-        listing=$(find "$kit" -name "$name.parts" -print -quit) paths=() missing=()
+        listing=$(find "$kit" -name "$name.parts" -print -quit) paths=() sums=() missing=()
         [[ -n $listing ]] || missing=("$name.parts")
         while [[ -n $listing ]] && read -r sum part; do
             path=$(find "$kit" -name "$part" -print -quit)
-            if [[ -n $path ]]; then paths+=("$path"); else missing+=("$part"); fi
+            if [[ -n $path ]]; then paths+=("$path") sums+=("$sum"); else missing+=("$part"); fi
         done <"${listing:-/dev/null}"
         ((${#missing[@]})) || break
         if ((SECONDS >= until)); then note "$name not unpacked, missing from $kit: ${missing[*]}"; return 1; fi
@@ -59,13 +59,12 @@ unpack() {
         waited=1
         sleep 5
     done
-    while read -r sum part; do  # the parts in the listing's order, as `paths` holds them
-        path=$(find "$kit" -name "$part" -print -quit)
-        if [[ $(sha256sum <"$path" | cut -d' ' -f1) != "$sum" ]]; then
-            note "$path: sha256 does not match $listing (a damaged copy)"
+    for i in "${!paths[@]}"; do  # hashed once all are here, not at every look while waiting
+        if [[ $(sha256sum <"${paths[i]}" | cut -d' ' -f1) != "${sums[i]}" ]]; then
+            note "${paths[i]}: sha256 does not match $listing (a damaged copy)"
             return 2
         fi
-    done <"$listing"
+    done
     command -v zstd >/dev/null || { note "$name not unpacked: this node has no zstd"; return 1; }
     mkdir -p "$dest"
     cat "${paths[@]}" | zstd -d -q --long=27 | tar -xf - -C "$dest" || { note "unpacking $name failed"; return 2; }

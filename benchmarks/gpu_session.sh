@@ -17,9 +17,9 @@
 set -uo pipefail
 usage="usage: $0 OUT [start tests|table|pipeline...|wait SECONDS]"
 [[ $# -ge 1 ]] || { echo "$usage" >&2; exit 2; }
-out=$(realpath -m "$1"); shift
+out=$(realpath -m "$1") work=$(realpath -m "${GPU_NODE_DIR:-/tmp/gpu_node}"); shift
 cd "$(dirname "$0")/.." || exit 2
-carried=$(realpath -m "${GPU_KIT:-gpu_kit}") work=$(realpath -m "${GPU_NODE_DIR:-/tmp/gpu_node}")
+carried=$(realpath -m "${GPU_KIT:-gpu_kit}")  # by default the repository's gpu_kit/, as `run` carries it
 kit=$work/kit results=$work/out
 # What gpu_node.sh's modes read: the project less its data, caches and environments.
 PROJECT=(benchmarks infra pipeline tests vae .dvc/config .dvcignore .gitignore dvc.yaml params.yaml pyproject.toml
