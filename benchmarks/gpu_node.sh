@@ -57,7 +57,7 @@ unpack() {
         if ((SECONDS >= until)); then note "$name not unpacked, missing from $kit: ${missing[*]}"; return 1; fi
         [[ -n $waited ]] || note "$name: waiting up to $((until - SECONDS)) s for ${missing[*]}"
         waited=1
-        sleep 5
+        sleep 2
     done
     for i in "${!paths[@]}"; do  # hashed once all are here, not at every look while waiting
         if [[ $(sha256sum <"${paths[i]}" | cut -d' ' -f1) != "${sums[i]}" ]]; then

@@ -54,7 +54,7 @@ start() {
 
 finish() {  # wait SECONDS: until gpu_node.sh has ended, or SECONDS have passed; its status, or 124
     local until=$((SECONDS + $1))
-    while [[ ! -e $work/exit ]] && ((SECONDS < until)); do sleep 5; done
+    while [[ ! -e $work/exit ]] && ((SECONDS < until)); do sleep 2; done
     [[ -e $work/exit ]] || return 124
     grep -h '^|' "$results/gpu_check.txt" 2>/dev/null  # the table, if it ran
     return "$(cat "$work/exit")"
