@@ -1,10 +1,14 @@
 """benchmarks/gpu_check.py, the GPU table, run here on the CPU for a few steps: it trains both
 presets on the one-worker path (vae/cuda_graph.py, each replay eager on a CPU), evaluates and
 exports with vae/ alone, and its checks pass."""
+import base64
+import hashlib
 import math
 import os
 import re
+import runpy
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -180,3 +184,37 @@ def test_a_gpu_session_runs_on_while_later_calls_bring_the_parts(built_kit, tmp_
     assert (node / "site/gpu_kit_probe/blob.bin").read_bytes() == built_kit[1]
     fresh = call("none", machine=tmp_path / "fresh")
     assert fresh.returncode == 2 and "nothing started on this machine" in fresh.stderr
+
+
+@pytest.mark.integration  # pip installs the wheel
+def test_the_pipelines_wheels_travel_uncompressed_and_still_install(tmp_path):
+    """gpu_kit's wheelhouse wheels, rewritten uncompressed (zstd compresses their contents better
+    together: a part less), hold the same files with the same modes, and pip installs them: a
+    script stays executable."""
+    stored = runpy.run_path(str(ROOT / "benchmarks/gpu_kit.py"))["stored"]
+    files = {"probe/__init__.py": b"VALUE = 42\n" * 200, "probe-1.0.data/scripts/probe-tool": b"#!/bin/sh\necho ok\n",
+             "probe-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: probe\nVersion: 1.0\n",
+             "probe-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                          b"Tag: py3-none-any\n"}
+    digest = {name: base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+              for name, data in files.items()}
+    files["probe-1.0.dist-info/RECORD"] = "".join(
+        f"{name},sha256={digest[name]},{len(data)}\n" for name, data in files.items()).encode() + \
+        b"probe-1.0.dist-info/RECORD,,\n"
+    wheel = tmp_path / "probe-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():
+            info = zipfile.ZipInfo(name, (2026, 12, 5, 0, 0, 0))
+            info.external_attr = (stat.S_IFREG | (0o755 if "scripts" in name else 0o644)) << 16
+            archive.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED)
+    before = {i.filename: (i.external_attr, i.date_time) for i in zipfile.ZipFile(wheel).infolist()}
+    stored(wheel)
+    with zipfile.ZipFile(wheel) as archive:
+        assert {i.filename: (i.external_attr, i.date_time) for i in archive.infolist()} == before
+        assert {i.compress_type for i in archive.infolist()} == {zipfile.ZIP_STORED}
+        assert all(archive.read(name) == data for name, data in files.items())
+    target = tmp_path / "installed"
+    subprocess.run([sys._base_executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
+                    "--disable-pip-version-check", "--target", str(target), str(wheel)], check=True, timeout=120)
+    assert (target / "probe/__init__.py").read_bytes() == files["probe/__init__.py"]
+    assert os.access(target / "bin/probe-tool", os.X_OK)
