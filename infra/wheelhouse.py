@@ -45,19 +45,19 @@ NODE_OWN = ("torch", "torchvision")  # what the node brings, CUDA build and all
 PLATFORMS = ["manylinux2014_x86_64", *(f"manylinux_2_{minor}_x86_64" for minor in range(17, 40)), "linux_x86_64"]
 
 
-def needed_without(node_own: tuple[str, ...], lock: Path = ROOT / "uv.lock", root: str = PROJECT,
+def needed_without(node_own: tuple[str, ...], lock: Path = ROOT / "uv.lock", roots: tuple[str, ...] = (PROJECT,),
                    extras: tuple[str, ...] = ()) -> set[str]:
-    """The locked packages `root` (the project, or one of its packages) reaches without going
+    """The locked packages `roots` (the project, or some of its packages) reach without going
     through node_own: what a node that has those still needs (markers aside: uv export and pip
     apply them for the target). Of the project's own extras, only `extras` count; a locked
     package's extras all do (the lock holds only those something asks for)."""
     packages = {p["name"]: p for p in tomllib.loads(lock.read_text())["package"]}
-    if root not in packages:
-        raise ValueError(f"{root} is not in {lock.name}")
+    if absent := [root for root in roots if root not in packages]:
+        raise ValueError(f"{', '.join(absent)} is not in {lock.name}")
     unknown = set(extras) - set(packages[PROJECT].get("optional-dependencies", {}))
     if unknown:
         raise ValueError(f"{PROJECT} has no extra {', '.join(sorted(unknown))}")
-    seen, todo = set(), [root]
+    seen, todo = set(), list(roots)
     while todo:
         name = todo.pop()
         if name in seen or name in node_own:
@@ -143,7 +143,7 @@ def requirements(python: str, node_own: tuple[str, ...] = NODE_OWN, extras: tupl
     """The locked pins of the packages the node still needs (with the project's `extras`, and
     the locked packages `also` names, e.g. the tests' httpx), and the project's build
     requirements, so that it installs from the wheelhouse too."""
-    keep = needed_without(node_own, extras=extras).union(*(needed_without(node_own, root=name) for name in also))
+    keep = needed_without(node_own, roots=(PROJECT, *also), extras=extras)
     pins = locked_pins(python, keep)
     return pins + [r for r in build_requirements() if canonicalize_name(re.split("[<>=!~ ]", r)[0]) not in keep]
 
