@@ -189,6 +189,42 @@ def test_the_test_clusters_nodes_hold_the_machines_gpus_once(ray_address):
     assert held == sorted(len(share) for share in stack.deal_gpus(stack.machine_gpus(), 2))
 
 
+def test_a_ray_node_that_misses_rays_startup_timeout_gets_one_more_start(tmp_path):
+    """Ray's fixed 30 s cannot be missed on purpose, so the node here is a shell that prints what
+    `ray start` prints: Ray's own failure (the pinned Ray's message), then its start line."""
+    import inspect
+
+    import ray._private.node
+    import ray.scripts.scripts
+
+    assert stack.RAY_STARTUP_TIMEOUT in inspect.getsource(ray._private.node)
+    assert "Ray runtime started." in inspect.getsource(ray.scripts.scripts)  # what ray_cluster waits for
+    log = tmp_path / "node.log"
+    timeout = f"echo 'Exception: {stack.RAY_STARTUP_TIMEOUT}. This could happen because ...'; exit 1"
+    started = "echo 'Ray runtime started.'; exec sleep 60"
+
+    def node(*scripts: str):
+        launched = []
+
+        def launch():
+            launched.append(stack.start(["sh", "-c", scripts[len(launched)]], log))
+            return launched[-1], {"try": len(launched)}
+        return launch, launched
+
+    launch, launched = node(timeout, started)
+    process, details = stack.start_twice(launch, lambda: "started." in log.read_text(), log, "a node")
+    try:
+        assert details == {"try": 2} and process.poll() is None and launched[0].poll() == 1
+        assert stack.RAY_STARTUP_TIMEOUT in (tmp_path / "node.log.1").read_text()
+    finally:
+        stack.stop(process)
+    for scripts, tries in (((timeout, timeout), 2), (("echo 'bad --num-cpus'; exit 2", started), 1)):
+        launch, launched = node(*scripts)
+        with pytest.raises(RuntimeError, match="a node did not start") as failed:
+            stack.start_twice(launch, lambda: "started." in log.read_text(), log, "a node")
+        assert len(launched) == tries and scripts[0].split("'")[1] in str(failed.value)
+
+
 def test_the_wheelhouse_lists_the_lock_for_the_node_less_its_own_torch():
     """infra/wheelhouse.py's requirements (what `make wheelhouse` downloads): uv.lock's versions
     for the node's Python, markers already applied (pip would apply its own interpreter's),

@@ -305,13 +305,44 @@ def ray_cluster(cpus_per_node: int, auth: dict[str, str], count: int = 2,
         # autoscaler's periodic view of the cluster.
         return "Ray runtime started." in (temp_dir / "node.log").read_text()
 
-    head, ports = node(dirs[0], "--head", "--include-dashboard=false", head=True)
+    def started(temp_dir: Path, *args: str, what: str, head: bool = False) -> tuple[subprocess.Popen, dict]:
+        return start_twice(lambda: node(temp_dir, *args, head=head), lambda: registered(temp_dir),
+                           temp_dir / "node.log", what)
+
+    head, ports = started(dirs[0], "--head", "--include-dashboard=false", what="the Ray head node", head=True)
     address, nodes = f"127.0.0.1:{ports['port']}", [head]
-    wait_until(lambda: registered(dirs[0]), head, dirs[0] / "node.log", "the Ray head node")
-    for temp_dir in dirs[1:]:
-        nodes.append(node(temp_dir, f"--address={address}")[0])
-        wait_until(lambda d=temp_dir: registered(d), nodes[-1], temp_dir / "node.log", "a Ray worker node")
+    try:
+        for temp_dir in dirs[1:]:
+            nodes.append(started(temp_dir, f"--address={address}", what="a Ray worker node")[0])
+    except RuntimeError:  # no node left behind: the caller gets no handle to stop them by
+        for started_node in reversed(nodes):
+            stop_ray_node(started_node)
+        raise
     return address, nodes, dirs
+
+
+# Ray 2.60 gives a starting node's raylet 30 s to register with the GCS, a number fixed in
+# ray/_private/node.py (the hint in its log, RAY_raylet_start_wait_time_s, is read nowhere).
+# A loaded 2-core machine once missed it, when nothing else was wrong: such a node gets one
+# more start.
+RAY_STARTUP_TIMEOUT = "The current node timed out during startup"
+
+
+def start_twice(launch: Callable[[], tuple[subprocess.Popen, dict]], ready: Callable[[], bool], log: Path,
+                what: str) -> tuple[subprocess.Popen, dict]:
+    """launch() a Ray node and wait until ready(); if it exits on RAY_STARTUP_TIMEOUT, stop what
+    it left and launch it once more, its first log kept beside the new one (`.1` added)."""
+    for last_try in (False, True):
+        process, details = launch()
+        try:
+            wait_until(ready, process, log, what)
+            return process, details
+        except RuntimeError as e:
+            stop(process)
+            if last_try or RAY_STARTUP_TIMEOUT not in str(e):
+                raise
+            log.replace(log.with_name(log.name + ".1"))
+            print(f"{what} missed Ray's startup timeout; starting it once more", file=sys.stderr)
 
 
 def up(state: Path) -> None:
