@@ -42,6 +42,18 @@ sys.path.insert(0, str(ROOT))
 from infra.wheelhouse import download, locked_pins, needed_without  # noqa: E402
 from pipeline.fetch import MNIST_FILES, fetch  # noqa: E402
 
+# What one call of the device tool carries, the working tree included (docs/GPU.md): one part a
+# call, so the tree must leave room beside the largest.
+CALL_LIMIT = 64 * 2**20
+
+
+def working_tree_bytes() -> int:
+    """What of this checkout travels with every call: its tracked files and the untracked ones
+    git does not ignore."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.decode()
+    return sum((ROOT / name).stat().st_size for name in set(listed.split("\0")) if name and (ROOT / name).is_file())
+
 
 def parse_size(text: str) -> int:
     """A size as split -b writes it: 60M, 512K or bytes."""
@@ -156,6 +168,10 @@ def build(args: argparse.Namespace) -> None:
             folder.rename(kit / folder.name)
     sizes = {d.name: sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d in sorted(kit.iterdir())}
     print("gpu-kit: " + ", ".join(f"{name}/ {size / 2**20:.1f} MiB" for name, size in sizes.items()) + f", in {kit}")
+    tree, largest = working_tree_bytes() / 2**20, max(sizes.values()) / 2**20
+    if tree + largest > CALL_LIMIT / 2**20:
+        print(f"gpu-kit: the working tree ({tree:.1f} MiB) and the largest folder ({largest:.1f} MiB) are over one "
+              f"device call's {CALL_LIMIT // 2**20} MiB: build with a smaller --part-size", file=sys.stderr)
 
 
 def main() -> int:

@@ -78,6 +78,14 @@ def test_only_the_sections_asked_for_run(mnist_dir):
     assert wrong.returncode == 2 and "--only: no section decode" in wrong.stderr
 
 
+def test_a_default_part_and_the_working_tree_fit_one_device_call():
+    """The session carries one part a call, beside the working tree: a tree grown past the
+    room a 60 MiB part leaves would have the device tool refuse the calls mid-session."""
+    gpu_kit = runpy.run_path(str(ROOT / "benchmarks/gpu_kit.py"))
+    tree, part = gpu_kit["working_tree_bytes"](), gpu_kit["parse_size"]("60M")
+    assert 2**20 < tree and tree + part + 2**16 <= gpu_kit["CALL_LIMIT"], tree  # 64 KiB: a first part's listing
+
+
 @pytest.fixture(scope="module")
 def built_kit(mnist_dir, tmp_path_factory) -> tuple[Path, bytes]:
     """`make gpu-kit`'s folder, with a stand-in for onnxruntime-gpu's 244 MiB in parts of 1 KiB,
