@@ -16,14 +16,15 @@
 # are joined. A mode waits up to WAIT_S seconds (default 0) for the parts it needs, which later
 # copies bring (benchmarks/gpu_session.sh); while some of onnxruntime-gpu's are missing, the
 # table decodes on the node's CPU onnxruntime alone. PY (default python3) is the Python with the
-# node's torch; CHECK_S, TEST_S and PIPELINE_S (s) cap the runs, CHECK_ARGS and PIPELINE_ARGS
-# add to them. Exits with the worst status.
+# node's torch; ZSTD (default zstd) the zstd program, whose work that Python's pyarrow does where
+# it is missing; CHECK_S, TEST_S and PIPELINE_S (s) cap the runs, CHECK_ARGS and PIPELINE_ARGS add
+# to them. Exits with the worst status.
 set -uo pipefail
 usage="usage: $0 KIT OUT tests|table|pipeline..."
 [[ $# -ge 3 && -d ${1:-} ]] || { echo "$usage (KIT: the folder with first/ in it)" >&2; exit 2; }
 kit=$(realpath "$1") out=$(realpath -m "$2"); shift 2
 cd "$(dirname "$0")/.." || exit 2
-PY=${PY:-python3} work=${GPU_NODE_DIR:-/tmp/gpu_node}
+PY=${PY:-python3} ZSTD=${ZSTD:-zstd} work=${GPU_NODE_DIR:-/tmp/gpu_node}
 site=$work/site data=$work/mnist
 mkdir -p "$out" "$site"
 export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
@@ -42,7 +43,7 @@ install_wheels() {
 # unpack NAME DEST: the parts that NAME.parts (in the payload's first folder) lists, wherever
 # they are under KIT, each checked against its sha256, joined and unpacked into DEST once. Parts
 # not here yet are waited for up to WAIT_S seconds (default 0): later copies bring them. 0: done;
-# 1: not all here, or no zstd (named); 2: a part that does not match (named), or unpacking failed.
+# 1: not all here, or no zstd decoder (named); 2: a part that does not match (named), or unpacking failed.
 unpack() {
     local name=$1 dest=$2 until=$((SECONDS + ${WAIT_S:-0})) waited= listing sum part path i paths sums missing
     [[ -e $dest/.$name ]] && return 0
@@ -65,11 +66,22 @@ unpack() {
             return 2
         fi
     done
-    command -v zstd >/dev/null || { note "$name not unpacked: this node has no zstd"; return 1; }
+    command -v "$ZSTD" >/dev/null || "$PY" -c "import pyarrow" 2>/dev/null \
+        || { note "$name not unpacked: this node has neither zstd nor pyarrow"; return 1; }
     mkdir -p "$dest"
-    cat "${paths[@]}" | zstd -d -q --long=27 | tar -xf - -C "$dest" || { note "unpacking $name failed"; return 2; }
+    cat "${paths[@]}" | unzstd | tar -xf - -C "$dest" || { note "unpacking $name failed"; return 2; }
     touch "$dest/.$name"
     note "$name unpacked into $dest"
+}
+
+# zstd's decoding, standard input to output: the zstd program, or else the node Python's pyarrow
+# (the GPU image lists pyarrow, not zstd). Both take --long=27's window by default.
+unzstd() {
+    if command -v "$ZSTD" >/dev/null; then "$ZSTD" -d -q --long=27; return; fi
+    "$PY" -c "import sys, pyarrow as pa
+with pa.CompressedInputStream(pa.PythonFile(sys.stdin.buffer, mode='r'), 'zstd') as source:
+    while chunk := source.read(1 << 20):
+        sys.stdout.buffer.write(chunk)"
 }
 
 # onnxruntime-gpu into the site, for the table's CUDA rows and the pipeline's server: without it
