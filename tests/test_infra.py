@@ -1,5 +1,6 @@
 """infra/: the manifests parse, the Ray cluster YAML passes Ray's own schema, and every
 image, version and command they name exists in this repository or its environment."""
+import os
 import re
 import runpy
 from pathlib import Path
@@ -322,6 +323,34 @@ def test_the_node_venv_imports_its_own_packages_first_and_the_nodes_after(tmp_pa
     node = sysconfig.get_path("purelib")  # this interpreter's site-packages: the node's
     assert Path(torch_file).is_relative_to(node)
     assert Path(own).is_relative_to(tmp_path) and path.index(own) < path.index(node)
+
+
+@pytest.mark.integration  # pip download from the index
+def test_node_install_installs_with_the_nodes_own_pip_from_the_wheelhouse_alone(tmp_path):
+    """The GPU image's Python has pip (the rehearsals' stand-in had none, so ensurepip's way ran):
+    node_install.py then has that pip install into the layered venv (`pip --python`), which gets
+    no pip of its own, from the wheelhouse alone: here the project's build backend and itself."""
+    import subprocess
+    import sys
+
+    node = tmp_path / "node"  # a Python with pip, as the image's /opt/torch/.venv
+    subprocess.run([sys._base_executable, "-m", "venv", str(node)], check=True)
+    wheelhouse = runpy.run_path(str(INFRA / "wheelhouse.py"))
+    listed = tmp_path / "wheels" / "requirements.txt"
+    listed.parent.mkdir()
+    listed.write_text("\n".join(wheelhouse["build_requirements"]()) + "\n")
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert wheelhouse["download"](sys._base_executable, version, listed, listed.parent, deps=True) == 0
+    installed = subprocess.run([str(node / "bin/python"), str(INFRA / "node_install.py"), str(listed.parent),
+                                str(tmp_path / "venv")], capture_output=True, text=True, env={
+                                    **os.environ, "PIP_NO_INDEX": "1", "PIP_NO_CACHE_DIR": "1"})
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    probe = "import importlib.util as u, pipeline, setuptools; print(pipeline.__file__, setuptools.__file__, " \
+            "u.find_spec('pip').origin)"
+    found = subprocess.run([str(tmp_path / "venv/bin/python"), "-c", probe], check=True, capture_output=True,
+                           text=True).stdout.split()
+    assert Path(found[0]).is_relative_to(ROOT) and Path(found[1]).is_relative_to(tmp_path / "venv")
+    assert Path(found[2]).is_relative_to(node)  # the node's pip, seen through the .pth: none installed
 
 
 def test_the_wheelhouse_ships_the_locks_version_where_the_nodes_is_refused(tmp_path):
