@@ -6,6 +6,7 @@ from typing import Callable
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vae.cuda_graph import GraphedTrainer
 from vae.data import load_split
@@ -19,11 +20,15 @@ CONFIG = TrainConfig(seed=0, epochs=2, batch_size=32, lr=2e-3, lr_schedule="onec
 
 
 def make_trainer(images: torch.Tensor, config: TrainConfig = CONFIG, graphed: bool = False,
-                 device: str = "cpu") -> tuple[VAE, Trainer, Callable[[int], dict]]:
-    """The model, its trainer, and epoch -> mean terms: Trainer.epoch, or a GraphedTrainer's."""
+                 device: str = "cpu", as_on_cuda: bool = False) -> tuple[VAE, Trainer, Callable[[int], dict]]:
+    """The model, its trainer, and epoch -> mean terms: Trainer.epoch, or a GraphedTrainer's.
+    as_on_cuda: the graphed trainer's Adam made capturable, as Trainer.create makes it on a GPU
+    (torch refuses that on a CPU unless its device check is widened)."""
     torch.manual_seed(config.seed)
     model = VAE(VAEConfig(latent_dim=4, hidden_dims=(64,))).to(device)
     trainer = Trainer.create(model, config, train_images=len(images), capturable=graphed, device=torch.device(device))
+    for group in trainer.optimizer.param_groups if as_on_cuda else ():
+        group["capturable"] = True
     images = images.to(device)
     return model, trainer, GraphedTrainer(trainer, images).epoch if graphed else lambda e: trainer.epoch(images, e)
 
@@ -102,26 +107,50 @@ def test_the_graphed_walk_trains_as_trainer_epoch_does(mnist_dir, config):
     assert eager_beta1 < 0.95 and beta1.item() == pytest.approx(eager_beta1)
 
 
+class HostReads(TorchDispatchMode):
+    """The ops run under it that read a tensor's values back to the host: .item(), a tensor
+    passed where torch takes a number, a shape that depends on values. On CUDA each waits for
+    the GPU, and a CUDA-graph capture refuses it."""
+    OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.OPS:
+            self.seen.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("config", [CONFIG, replace(CONFIG, kl_warmup_epochs=2)], ids=["iwae-dreg", "kl-warmup"])
 def test_the_walk_with_the_gpus_adam_trains_as_trainer_epoch_does(mnist_dir, config, monkeypatch):
-    """The optimiser a GPU worker's graphs run, Adam(foreach=True, capturable=True) with its
-    learning rate and betas in tensors, which the CPU tests otherwise never reach: torch allows
-    it on accelerators only, so its device check is widened for this test. Through the graphed
-    walk it gives the fused Adam's model, on this torch and a GPU image's 2.11 alike (3e-6 here);
-    a warm-up left in the weights is 0.02 off."""
+    """The optimiser a GPU worker's graphs run, Trainer.create's capturable Adam with its learning
+    rate and beta1 in tensors, which the CPU tests otherwise never reach: torch allows it on
+    accelerators only, so its device check is widened for this test. Through the graphed walk it
+    gives the fused Adam's model, on this torch and a GPU image's 2.11 alike (3e-6 here); a
+    warm-up left in the weights is 0.02 off. And what a graph captures reads nothing back to
+    the host: torch's foreach Adam did, three times a step, with beta1 and beta2 in tensors."""
     adam = importlib.import_module("torch.optim.adam")  # torch.optim's `adam` is the class's, not the module
     monkeypatch.setattr(adam, "_get_capturable_supported_devices", lambda supports_xla=True: ["cuda", "cpu"])
+    reads, body = HostReads(), GraphedTrainer._body
+
+    def watched(self, step):
+        with reads:
+            body(self, step)
+    monkeypatch.setattr(GraphedTrainer, "_body", watched)
     images = load_split(mnist_dir, "train")[0][:WALK]
     eager, _ = trained(images, config)
-    model, trainer, _ = make_trainer(images, config)  # then the optimiser Trainer.create makes on a GPU:
-    trainer.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, foreach=True, capturable=True)
-    trainer.schedule = learning_rate_schedule(trainer.optimizer, config, len(images))
-    graphed = GraphedTrainer(trainer, images)
-    for epoch in range(config.epochs):
-        graphed.epoch(epoch)
-    assert trainer.optimizer.param_groups[0]["capturable"] and isinstance(trainer.optimizer.param_groups[0]["lr"],
-                                                                          torch.Tensor)
+    model, trainer, epoch = make_trainer(images, config, graphed=True, as_on_cuda=True)
+    for e in range(config.epochs):
+        epoch(e)
+    group = trainer.optimizer.param_groups[0]
+    assert group["capturable"] and not group["foreach"] and isinstance(group["lr"], torch.Tensor)
     assert max_abs_diff(eager, model) <= 1e-4
+    assert reads.seen == []
+    with reads:  # what it would have seen
+        torch.ones(()).item()
+    assert reads.seen == ["aten::_local_scalar_dense"]
 
 
 def _eager_beta1(images, config) -> float:
@@ -175,7 +204,7 @@ def test_on_a_gpu_the_captured_graph_trains_as_the_eager_step_does(mnist_dir):
     images = load_split(mnist_dir, "train")[0][:WALK]
     eager, eager_history = trained(images, device="cuda")
     graphed, graphed_history = trained(images, graphed=True, device="cuda")
-    assert max_abs_diff(eager, graphed) <= 1e-4  # fused against foreach Adam, TF32 matmuls alike
+    assert max_abs_diff(eager, graphed) <= 1e-4  # fused against single-tensor Adam, TF32 matmuls alike
     assert graphed_history[-1]["neg_elbo"] == pytest.approx(eager_history[-1]["neg_elbo"], rel=1e-4)
     again, _ = trained(images, graphed=True, device="cuda")
     assert max_abs_diff(graphed, again) == 0  # replays are deterministic from the seed

@@ -130,12 +130,14 @@ class GraphedTrainer:
 
 
 def _hyperparameters_as_tensors(optimizer: torch.optim.Optimizer, device: torch.device) -> list[torch.Tensor]:
-    """Each group's learning rate and betas as tensors on the device, which Adam reads at every
-    step (the schedule fills the learning rate's in place); returns the beta1 tensors."""
+    """Each group's learning rate and beta1 as tensors on the device, which Adam reads at every
+    step (the schedule fills the learning rate's in place); returns the beta1 tensors. beta2,
+    which no schedule changes, stays a number: Adam's update passes 1 - beta2 where only a
+    number goes (addcmul_'s value), and a tensor there would be read back to the host."""
     beta1 = []
     for group in optimizer.param_groups:
         group["lr"] = torch.tensor(float(group["lr"]), device=device)
-        group["betas"] = tuple(torch.tensor(float(b), device=device) for b in group["betas"])
+        group["betas"] = (torch.tensor(float(group["betas"][0]), device=device), float(group["betas"][1]))
         beta1.append(group["betas"][0])
     return beta1
 
