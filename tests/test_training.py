@@ -19,13 +19,16 @@ CONFIG = TrainConfig(seed=0, epochs=2, batch_size=32, lr=2e-3, lr_schedule="onec
                      binarize=True, bf16=False, kl_warmup_epochs=0)
 
 
-def make_trainer(images: torch.Tensor, config: TrainConfig = CONFIG, graphed: bool = False,
-                 device: str = "cpu", as_on_cuda: bool = False) -> tuple[VAE, Trainer, Callable[[int], dict]]:
+SMALL = VAEConfig(latent_dim=4, hidden_dims=(64,))
+
+
+def make_trainer(images: torch.Tensor, config: TrainConfig = CONFIG, graphed: bool = False, device: str = "cpu",
+                 as_on_cuda: bool = False, model_config: VAEConfig = SMALL) -> tuple[VAE, Trainer, Callable]:
     """The model, its trainer, and epoch -> mean terms: Trainer.epoch, or a GraphedTrainer's.
     as_on_cuda: the graphed trainer's Adam made capturable, as Trainer.create makes it on a GPU
-    (torch refuses that on a CPU unless its device check is widened)."""
+    (torch refuses that on a CPU unless its device check is widened: see host_reads)."""
     torch.manual_seed(config.seed)
-    model = VAE(VAEConfig(latent_dim=4, hidden_dims=(64,))).to(device)
+    model = VAE(model_config).to(device)
     trainer = Trainer.create(model, config, train_images=len(images), capturable=graphed, device=torch.device(device))
     for group in trainer.optimizer.param_groups if as_on_cuda else ():
         group["capturable"] = True
@@ -123,14 +126,11 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("config", [CONFIG, replace(CONFIG, kl_warmup_epochs=2)], ids=["iwae-dreg", "kl-warmup"])
-def test_the_walk_with_the_gpus_adam_trains_as_trainer_epoch_does(mnist_dir, config, monkeypatch):
-    """The optimiser a GPU worker's graphs run, Trainer.create's capturable Adam with its learning
-    rate and beta1 in tensors, which the CPU tests otherwise never reach: torch allows it on
-    accelerators only, so its device check is widened for this test. Through the graphed walk it
-    gives the fused Adam's model, on this torch and a GPU image's 2.11 alike (3e-6 here); a
-    warm-up left in the weights is 0.02 off. And what a graph captures reads nothing back to
-    the host: torch's foreach Adam did, three times a step, with beta1 and beta2 in tensors."""
+@pytest.fixture
+def host_reads(monkeypatch) -> HostReads:
+    """What the part of the step a graph captures reads back to the host, recorded while the
+    walk runs; torch's device check for capturable optimisers widened to the CPU, so that the
+    walk can run the Adam a GPU worker's graphs run (make_trainer's as_on_cuda)."""
     adam = importlib.import_module("torch.optim.adam")  # torch.optim's `adam` is the class's, not the module
     monkeypatch.setattr(adam, "_get_capturable_supported_devices", lambda supports_xla=True: ["cuda", "cpu"])
     reads, body = HostReads(), GraphedTrainer._body
@@ -139,6 +139,20 @@ def test_the_walk_with_the_gpus_adam_trains_as_trainer_epoch_does(mnist_dir, con
         with reads:
             body(self, step)
     monkeypatch.setattr(GraphedTrainer, "_body", watched)
+    with reads:  # what it sees: .item()
+        torch.ones(()).item()
+    assert reads.seen == ["aten::_local_scalar_dense"]
+    reads.seen.clear()
+    return reads
+
+
+@pytest.mark.parametrize("config", [CONFIG, replace(CONFIG, kl_warmup_epochs=2)], ids=["iwae-dreg", "kl-warmup"])
+def test_the_walk_with_the_gpus_adam_trains_as_trainer_epoch_does(mnist_dir, config, host_reads):
+    """The optimiser a GPU worker's graphs run, Trainer.create's capturable Adam with its learning
+    rate and beta1 in tensors, which the CPU tests otherwise never reach. Through the graphed walk
+    it gives the fused Adam's model, on this torch and a GPU image's 2.11 alike (6e-6 here); a
+    warm-up left in the weights is 0.02 off. And what a graph captures reads nothing back to
+    the host: torch's foreach Adam did, three times a step, with beta1 and beta2 in tensors."""
     images = load_split(mnist_dir, "train")[0][:WALK]
     eager, _ = trained(images, config)
     model, trainer, epoch = make_trainer(images, config, graphed=True, as_on_cuda=True)
@@ -147,10 +161,19 @@ def test_the_walk_with_the_gpus_adam_trains_as_trainer_epoch_does(mnist_dir, con
     group = trainer.optimizer.param_groups[0]
     assert group["capturable"] and not group["foreach"] and isinstance(group["lr"], torch.Tensor)
     assert max_abs_diff(eager, model) <= 1e-4
-    assert reads.seen == []
-    with reads:  # what it would have seen
-        torch.ones(()).item()
-    assert reads.seen == ["aten::_local_scalar_dense"]
+    assert host_reads.seen == []
+
+
+@pytest.mark.parametrize("model_config", [
+    replace(SMALL, arch="conv"), replace(SMALL, mid_latent_dim=3, mid_hidden_dims=(16,), mid_layout="top_down",
+                                         prior="vamp", pseudo_inputs=10, activation="silu")],
+    ids=["conv", "two-level-vampprior-silu"])
+def test_no_architecture_reads_back_to_the_host_in_the_captured_step(mnist_dir, model_config, host_reads):
+    """The other architectures' captured steps, which GPU workers capture too: a value read back
+    anywhere in the model or its loss would stop the capture on a GPU."""
+    images = load_split(mnist_dir, "train")[0][:100]
+    make_trainer(images, replace(CONFIG, epochs=1), graphed=True, as_on_cuda=True, model_config=model_config)[2](0)
+    assert host_reads.seen == []
 
 
 def _eager_beta1(images, config) -> float:
