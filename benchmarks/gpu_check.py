@@ -10,8 +10,9 @@ It imports only vae/ (the maths of training lives there) and measures:
     losses agree within --tolerance; a GPU only: on a CPU that is the CPU against itself);
  2. for the default model and the paper preset: the pipeline's epoch (training, as one Ray
     worker runs it: on a GPU vae/cuda_graph.py's draws, replays and schedule; then validation)
-    against the floor, the captured step replayed alone on unchanged buffers, and the eager
-    step in fp32 and with bf16 autocast; the graph's model against the eager fp32 one (their
+    against the floor, the captured step replayed alone on unchanged buffers (on a GPU also
+    with torch's single-tensor Adam, which vae/graph_adam.py replaces), and the eager step in
+    fp32 and with bf16 autocast; the graph's model against the eager fp32 one (their
     validation -ELBO within 0.1%: the same draws and recipe, launched differently);
  3. the default recipe's 30 epochs, in seconds of training;
  4. the importance-weighted estimate L_k (k=5000) on the test images, in seconds, with the
@@ -41,9 +42,10 @@ sys.path.insert(0, str(ROOT))
 from vae import rng  # noqa: E402
 from vae.cuda_graph import GraphedTrainer  # noqa: E402
 from vae.data import DataError, load_split, to_float  # noqa: E402
+from vae.graph_adam import GraphAdam  # noqa: E402
 from vae.model import VAE, ImageDecoder, VAEConfig  # noqa: E402
 from vae.objectives import iwae_log_lik  # noqa: E402
-from vae.training import TrainConfig, Trainer, validate, validation_set  # noqa: E402
+from vae.training import TrainConfig, Trainer, learning_rate_schedule, validate, validation_set  # noqa: E402
 
 # params.yaml's model and train section, and the README's paper preset (784-512-256-50 SiLU,
 # dynamically binarised, IWAE k=5 with DReG, 250 epochs).
@@ -73,16 +75,28 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+class TorchsAdam(GraphAdam):
+    """What GraphAdam replaces, for the floor's comparison: torch's own capturable update (its
+    single-tensor one: the foreach one cannot be captured with beta1 in a tensor). torch runs it
+    on accelerators only."""
+
+    def step(self, closure=None):
+        return torch.optim.Adam.step(self, closure)
+
+
 class Run:
     """One preset's model and trainer on the device, eager or as vae/cuda_graph.py runs it."""
 
     def __init__(self, preset, images: torch.Tensor, val: torch.Tensor, device: torch.device, epochs: int,
-                 graphed: bool, bf16: bool = False):
+                 graphed: bool, bf16: bool = False, adam: type[GraphAdam] = GraphAdam):
         model_config, config = preset
         self.config = replace(config, epochs=epochs, bf16=bf16)
         torch.manual_seed(self.config.seed)  # the same initial weights on every device
         self.model = VAE(model_config).to(device)
         self.trainer = Trainer.create(self.model, self.config, len(images), capturable=graphed, device=device)
+        if adam is not GraphAdam:
+            self.trainer.optimizer = adam(self.model.parameters(), lr=self.config.lr)
+            self.trainer.schedule = learning_rate_schedule(self.trainer.optimizer, self.config, len(images))
         self.images, self.device = images.to(device), device
         self.graphed = GraphedTrainer(self.trainer, self.images) if graphed else None
         x, eps = validation_set(val, self.config.seed, model_config.noise_dim, self.config.binarize)
@@ -175,6 +189,10 @@ def training_rows(name: str, preset, train, val, device, epochs: int) -> list[tu
              f"{best['pipeline'] / best['floor']:.2f}x the floor"),
             (f"{name}: floor, the captured step alone, s/epoch", f"{best['floor']:.3f}",
              f"{images / best['floor']:,.0f} img/s")]
+    if device.type == "cuda":  # GraphAdam's few kernels against torch's one update per parameter
+        torchs = Run(preset, train, val, device, epochs, graphed=True, adam=TorchsAdam).floor_seconds()
+        rows.append((f"{name}: floor with torch's single-tensor Adam, s/epoch", f"{torchs:.3f}",
+                     f"{torchs / best['floor']:.2f}x the floor"))
     for kind in ("eager", "eager bf16"):
         rows.append((f"{name}: {kind} step (+ validation), s/epoch", f"{best[kind]:.3f}",
                      f"{best[kind] / best['pipeline']:.2f}x the pipeline's"))

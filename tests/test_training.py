@@ -1,5 +1,4 @@
 """vae/training.py and vae/cuda_graph.py: training with nothing but torch, in one process."""
-import importlib
 import io
 from dataclasses import replace
 from typing import Callable
@@ -10,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from vae.cuda_graph import GraphedTrainer
 from vae.data import load_split
+from vae.graph_adam import GraphAdam
 from vae.model import VAE, VAEConfig
 from vae.training import Shard, TrainConfig, Trainer, learning_rate_schedule, validate, validation_set
 
@@ -23,15 +23,11 @@ SMALL = VAEConfig(latent_dim=4, hidden_dims=(64,))
 
 
 def make_trainer(images: torch.Tensor, config: TrainConfig = CONFIG, graphed: bool = False, device: str = "cpu",
-                 as_on_cuda: bool = False, model_config: VAEConfig = SMALL) -> tuple[VAE, Trainer, Callable]:
-    """The model, its trainer, and epoch -> mean terms: Trainer.epoch, or a GraphedTrainer's.
-    as_on_cuda: the graphed trainer's Adam made capturable, as Trainer.create makes it on a GPU
-    (torch refuses that on a CPU unless its device check is widened: see host_reads)."""
+                 model_config: VAEConfig = SMALL) -> tuple[VAE, Trainer, Callable[[int], dict]]:
+    """The model, its trainer, and epoch -> mean terms: Trainer.epoch, or a GraphedTrainer's."""
     torch.manual_seed(config.seed)
     model = VAE(model_config).to(device)
     trainer = Trainer.create(model, config, train_images=len(images), capturable=graphed, device=torch.device(device))
-    for group in trainer.optimizer.param_groups if as_on_cuda else ():
-        group["capturable"] = True
     images = images.to(device)
     return model, trainer, GraphedTrainer(trainer, images).epoch if graphed else lambda e: trainer.epoch(images, e)
 
@@ -95,11 +91,11 @@ def test_the_graphed_walk_trains_as_trainer_epoch_does(mnist_dir, config):
     images = load_split(mnist_dir, "train")[0][:WALK]
     eager, eager_history = trained(images, config)
     graphed, graphed_history = trained(images, config, graphed=True)
-    # Only the Adam implementation differs (fused against single-tensor): rounding, 1.4e-5 at most
-    # here, against 0.02 with the warm-up's steps left in.
+    # Only the Adam implementation differs (fused against GraphAdam): rounding, 6e-6 at most in
+    # the weights and 2.1e-5 in the epochs' means here, against 0.02 with the warm-up's steps left in.
     assert max_abs_diff(eager, graphed) <= 1e-4
     for a, b in zip(eager_history, graphed_history):
-        assert a == pytest.approx(b, rel=1e-5)
+        assert a == pytest.approx(b, rel=1e-4)
     _, trainer, epoch = make_trainer(images, config, graphed=True)
     epoch(0)
     beta1 = trainer.optimizer.param_groups[0]["betas"][0]
@@ -129,10 +125,7 @@ class HostReads(TorchDispatchMode):
 @pytest.fixture
 def host_reads(monkeypatch) -> HostReads:
     """What the part of the step a graph captures reads back to the host, recorded while the
-    walk runs; torch's device check for capturable optimisers widened to the CPU, so that the
-    walk can run the Adam a GPU worker's graphs run (make_trainer's as_on_cuda)."""
-    adam = importlib.import_module("torch.optim.adam")  # torch.optim's `adam` is the class's, not the module
-    monkeypatch.setattr(adam, "_get_capturable_supported_devices", lambda supports_xla=True: ["cuda", "cpu"])
+    walk runs."""
     reads, body = HostReads(), GraphedTrainer._body
 
     def watched(self, step):
@@ -146,34 +139,69 @@ def host_reads(monkeypatch) -> HostReads:
     return reads
 
 
-@pytest.mark.parametrize("config", [CONFIG, replace(CONFIG, kl_warmup_epochs=2)], ids=["iwae-dreg", "kl-warmup"])
-def test_the_walk_with_the_gpus_adam_trains_as_trainer_epoch_does(mnist_dir, config, host_reads):
-    """The optimiser a GPU worker's graphs run, Trainer.create's capturable Adam with its learning
-    rate and beta1 in tensors, which the CPU tests otherwise never reach. Through the graphed walk
-    it gives the fused Adam's model, on this torch and a GPU image's 2.11 alike (6e-6 here); a
-    warm-up left in the weights is 0.02 off. And what a graph captures reads nothing back to
-    the host: torch's foreach Adam did, three times a step, with beta1 and beta2 in tensors."""
-    images = load_split(mnist_dir, "train")[0][:WALK]
-    eager, _ = trained(images, config)
-    model, trainer, epoch = make_trainer(images, config, graphed=True, as_on_cuda=True)
-    for e in range(config.epochs):
-        epoch(e)
-    group = trainer.optimizer.param_groups[0]
-    assert group["capturable"] and not group["foreach"] and isinstance(group["lr"], torch.Tensor)
-    assert max_abs_diff(eager, model) <= 1e-4
-    assert host_reads.seen == []
-
-
 @pytest.mark.parametrize("model_config", [
-    replace(SMALL, arch="conv"), replace(SMALL, mid_latent_dim=3, mid_hidden_dims=(16,), mid_layout="top_down",
-                                         prior="vamp", pseudo_inputs=10, activation="silu")],
-    ids=["conv", "two-level-vampprior-silu"])
-def test_no_architecture_reads_back_to_the_host_in_the_captured_step(mnist_dir, model_config, host_reads):
-    """The other architectures' captured steps, which GPU workers capture too: a value read back
-    anywhere in the model or its loss would stop the capture on a GPU."""
+    SMALL, replace(SMALL, arch="conv"),
+    replace(SMALL, mid_latent_dim=3, mid_hidden_dims=(16,), mid_layout="top_down", prior="vamp", pseudo_inputs=10,
+            activation="silu")], ids=["mlp", "conv", "two-level-vampprior-silu"])
+def test_the_captured_step_reads_nothing_back_to_the_host(mnist_dir, model_config, host_reads):
+    """Every architecture's step as a GPU captures it, GraphAdam's update included: a value read
+    back to the host anywhere in it would stop the capture on a GPU. torch's foreach Adam read
+    three a step, with beta1 and beta2 in tensors."""
     images = load_split(mnist_dir, "train")[0][:100]
-    make_trainer(images, replace(CONFIG, epochs=1), graphed=True, as_on_cuda=True, model_config=model_config)[2](0)
+    make_trainer(images, replace(CONFIG, epochs=1, kl_warmup_epochs=1), graphed=True, model_config=model_config)[2](0)
     assert host_reads.seen == []
+
+
+@pytest.mark.parametrize("hyperparameters", ["numbers", "tensors"])
+def test_graph_adam_steps_as_torchs_adam_and_shares_its_checkpoints(hyperparameters):
+    """GraphAdam against torch's Adam on the same gradients under the one-cycle schedule (the
+    learning rate and momentum change every step), its learning rate and beta1 numbers or, as
+    the graphs read them, tensors; then each one's checkpoint (through torch.save, as
+    Trainer.state_dict saves it) resumed by the other, which steps on as the first does."""
+    config = replace(CONFIG, epochs=1)
+    torch.manual_seed(0)
+    start = [torch.randn(5, 3), torch.randn(3)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(12)]
+
+    def optimiser(graph: bool):
+        params = [p.clone().requires_grad_() for p in start]
+        made = GraphAdam(params, lr=config.lr) if graph else torch.optim.Adam(params, lr=config.lr)
+        return params, made, learning_rate_schedule(made, config, train_images=12 * config.batch_size)
+
+    def run(params, made, schedule, steps):
+        for step in steps:
+            for p, g in zip(params, grads[step]):
+                p.grad = g.clone()
+            made.step()
+            schedule.step()
+            group = made.param_groups[0]
+            if hyperparameters == "tensors" and isinstance(made, GraphAdam):
+                group["lr"] = torch.tensor(float(group["lr"]))
+                group["betas"] = (torch.tensor(float(group["betas"][0])), group["betas"][1])
+
+    def resumed(source, graph: bool):
+        params, made, schedule = optimiser(graph)
+        with torch.no_grad():
+            for p, q in zip(params, source[0]):
+                p.copy_(q)
+        buffer = io.BytesIO()  # Trainer's checkpoint of the optimiser and schedule, and its loading
+        torch.save(Trainer(None, source[1], source[2], config, noise_dim=1).state_dict(), buffer)
+        saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+        Trainer(None, made, schedule, config, noise_dim=1).load_state_dict(saved)
+        return params, made, schedule
+
+    def distance(a, b) -> float:
+        return max((x - y).abs().max().item() for x, y in zip(a[0], b[0]))
+    ours, theirs = optimiser(True), optimiser(False)
+    run(*ours, range(6))
+    run(*theirs, range(6))
+    assert float(ours[1].param_groups[0]["betas"][0]) < 0.95  # the momentum has moved from its start
+    assert 0 < distance(ours, theirs) <= 1e-6  # 1.2e-7 here: rounding
+    from_theirs, from_ours = resumed(theirs, True), resumed(ours, False)
+    for optimisers in (ours, theirs, from_theirs, from_ours):
+        run(*optimisers, range(6, 12))
+    assert distance(ours, theirs) <= 1e-6
+    assert distance(from_theirs, theirs) <= 1e-6 and distance(from_ours, ours) <= 1e-6
 
 
 def _eager_beta1(images, config) -> float:

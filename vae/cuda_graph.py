@@ -30,6 +30,7 @@ import torch
 
 from vae import rng
 from vae.data import to_float
+from vae.graph_adam import GraphAdam
 from vae.model import INPUT_DIM
 from vae.training import TERMS, Trainer, batch_sums, means
 
@@ -53,8 +54,8 @@ class GraphedTrainer:
     def __init__(self, trainer: Trainer, images: torch.Tensor):
         if trainer.shard.world != 1:
             raise ValueError(f"CUDA-graph training runs one worker, not {trainer.shard.world}")
-        if trainer.optimizer.param_groups[0]["fused"]:
-            raise ValueError("CUDA-graph training needs Trainer.create(..., capturable=True)")
+        if not isinstance(trainer.optimizer, GraphAdam):
+            raise ValueError("CUDA-graph training needs Trainer.create(..., capturable=True): its GraphAdam")
         self.trainer, self.images = trainer, images  # images: uint8, on the device, read by the graphs
         self.sums = torch.zeros(len(TERMS) + 1, dtype=torch.float64, device=trainer.device)
         self.beta1 = _hyperparameters_as_tensors(trainer.optimizer, trainer.device)
@@ -130,9 +131,9 @@ class GraphedTrainer:
 
 
 def _hyperparameters_as_tensors(optimizer: torch.optim.Optimizer, device: torch.device) -> list[torch.Tensor]:
-    """Each group's learning rate and beta1 as tensors on the device, which Adam reads at every
-    step (the schedule fills the learning rate's in place); returns the beta1 tensors. beta2,
-    which no schedule changes, stays a number: Adam's update passes 1 - beta2 where only a
+    """Each group's learning rate and beta1 as tensors on the device, which GraphAdam reads at
+    every step (the schedule fills the learning rate's in place); returns the beta1 tensors.
+    beta2, which no schedule changes, stays a number: its update passes 1 - beta2 where only a
     number goes (addcmul_'s value), and a tensor there would be read back to the host."""
     beta1 = []
     for group in optimizer.param_groups:

@@ -22,6 +22,7 @@ from torch import nn
 
 from vae import rng
 from vae.data import to_float
+from vae.graph_adam import GraphAdam
 from vae.model import VAE
 from vae.objectives import elbo_terms, iwae_terms
 
@@ -112,18 +113,13 @@ class Trainer:
     @classmethod
     def create(cls, model: VAE, config: TrainConfig, train_images: int, capturable: bool = False,
                **where) -> "Trainer":
-        """capturable: an Adam for vae/cuda_graph.py, which can read its learning rate and beta1
-        from tensors: torch's single-tensor one, capturable on CUDA."""
-        if not capturable:
+        """capturable: the Adam vae/cuda_graph.py captures, which reads its learning rate and
+        beta1 from tensors (vae/graph_adam.py)."""
+        if capturable:
+            optimizer = GraphAdam(model.parameters(), lr=config.lr)
+        else:
             # Fused: one kernel for every parameter, instead of a dozen ops each (a third of a CPU step).
             optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
-        else:
-            # Neither fused (it takes beta1 as a number, which a graph would freeze at capture,
-            # stopping the one-cycle schedule's momentum) nor foreach: torch 2.11 to 2.14's foreach
-            # Adam turns a tensor beta1 into a number (.item(), in _foreach_lerp_ and _foreach_pow),
-            # a host sync that a capture refuses. The single-tensor one reads it as a tensor.
-            on_cuda = next(model.parameters()).is_cuda
-            optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, foreach=False, capturable=on_cuda)
         return cls(model, optimizer, learning_rate_schedule(optimizer, config, train_images), config,
                    model.config.noise_dim, **where)
 
