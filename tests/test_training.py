@@ -202,7 +202,7 @@ def test_on_a_gpu_the_captured_graph_trains_as_the_eager_step_does(mnist_dir):
     images = load_split(mnist_dir, "train")[0][:WALK]
     eager, eager_history = trained(images, device="cuda")
     graphed, graphed_history = trained(images, graphed=True, device="cuda")
-    assert max_abs_diff(eager, graphed) <= 1e-4  # fused against single-tensor Adam, TF32 matmuls alike
+    assert max_abs_diff(eager, graphed) <= 1e-4  # fused against GraphAdam, TF32 matmuls alike
     assert graphed_history[-1]["neg_elbo"] == pytest.approx(eager_history[-1]["neg_elbo"], rel=1e-4)
     again, _ = trained(images, graphed=True, device="cuda")
     assert max_abs_diff(graphed, again) == 0  # replays are deterministic from the seed
