@@ -6,11 +6,12 @@ from typing import Callable
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from vae.cuda_graph import GraphedTrainer
 from vae.data import load_split
 from vae.model import VAE, VAEConfig
-from vae.training import Shard, TrainConfig, Trainer, learning_rate_schedule, validate, validation_set
+from vae.training import TERMS, Shard, TrainConfig, Trainer, learning_rate_schedule, validate, validation_set
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 
@@ -121,34 +122,60 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.fixture
-def host_reads(monkeypatch) -> HostReads:
-    """What the part of the step a graph captures reads back to the host, recorded while the
-    walk runs."""
-    reads, body = HostReads(), GraphedTrainer._body
-
-    def watched(self, step):
-        with reads:
-            body(self, step)
-    monkeypatch.setattr(GraphedTrainer, "_body", watched)
-    with reads:  # what it sees: .item()
-        torch.ones(()).item()
-    assert reads.seen == ["aten::_local_scalar_dense"]
-    reads.seen.clear()
-    return reads
-
-
-@pytest.mark.parametrize("model_config", [
+# Every architecture, for the tests of the captured step.
+ARCHITECTURES = pytest.mark.parametrize("model_config", [
     SMALL, replace(SMALL, arch="conv"),
     replace(SMALL, mid_latent_dim=3, mid_hidden_dims=(16,), mid_layout="top_down", prior="vamp", pseudo_inputs=10,
             activation="silu")], ids=["mlp", "conv", "two-level-vampprior-silu"])
-def test_the_captured_step_reads_nothing_back_to_the_host(mnist_dir, model_config, host_reads):
-    """Every architecture's step as a GPU captures it, GraphAdam's update included: a value read
-    back to the host anywhere in it would stop the capture on a GPU. torch's foreach Adam read
-    three a step, with beta1 and beta2 in tensors."""
-    images = load_split(mnist_dir, "train")[0][:100]
-    make_trainer(images, replace(CONFIG, epochs=1, kl_warmup_epochs=1), graphed=True, model_config=model_config)[2](0)
-    assert host_reads.seen == []
+
+
+class HostTensors(TorchDispatchMode):
+    """The ops run under it that take a tensor held by the host. With the step's own tensors on
+    a device, each is a copy from the host or a host number that torch reads at launch: a CUDA
+    graph would replay the value it had at capture (a learning rate that never moves)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tree_leaves((args, kwargs))):
+            self.seen.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@ARCHITECTURES
+def test_the_captured_step_takes_nothing_from_the_host(model_config):
+    """The captured step of each size, GraphAdam's update included, on the `meta` device: tensors
+    with shapes and no values. There a read back to the host fails, as a capture on a GPU does
+    (torch's foreach Adam read beta1 and beta2 back, three reads a step), and HostTensors sees
+    any host tensor the step takes, the 0-dim ones torch would otherwise accept beside a GPU's.
+    The KL weight and the learning rate and beta1 are device tensors for that reason."""
+    meta = torch.device("meta")
+    config = replace(CONFIG, kl_warmup_epochs=2)
+    trainer = Trainer.create(VAE(model_config).to(meta), config, 100, capturable=True, device=meta)
+    graphed = GraphedTrainer(trainer, torch.zeros((100, 784), dtype=torch.uint8, device=meta))
+    assert sorted(graphed.steps) == [4, 32]  # the full batch and the epoch's last
+    taken, half = HostTensors(), torch.tensor(0.5)
+    with taken:  # what it sees: a host number beside a device tensor
+        torch.ones((), device=meta) * half
+    assert taken.seen == ["aten::mul"]
+    taken.seen.clear()
+    with taken:
+        for step in graphed.steps.values():
+            graphed._body(step)
+    assert taken.seen == []
+
+
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "graphed"])
+def test_an_epoch_reads_back_to_the_host_only_its_means(graphed):
+    """Between its steps too an epoch leaves the GPU running: its one read back is the terms'
+    means at its end, after the last step (a read per step would make the host wait for each)."""
+    images = torch.randint(0, 256, (100, 784), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    epoch = make_trainer(images, replace(CONFIG, kl_warmup_epochs=2), graphed=graphed)[2]
+    with HostReads() as reads:
+        epoch(0)
+    assert reads.seen == ["aten::_local_scalar_dense"] * len(TERMS)
 
 
 def _eager_beta1(images, config) -> float:

@@ -13,6 +13,7 @@ mean, whatever the worker count. With one worker and no reduction this is plain 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -133,16 +134,21 @@ class Trainer:
     def update(self, x: torch.Tensor, eps: torch.Tensor, global_batch: int) -> dict[str, torch.Tensor]:
         """Forward, backward and the optimiser's update, the part of a step a CUDA graph captures:
         no host sync, gradients assigned (not accumulated) only if they were set to None before."""
-        # No autocast cache: a CUDA graph must not keep casts made outside it (and one forward
-        # casts each weight once anyway).
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False,
-                            enabled=self.config.bf16 and self.device.type == "cuda"):
+        with self._autocast():
             terms = iwae_terms(self.model, x, eps, dreg=self.config.dreg, kl_weight=self.kl_weight)
         # DDP averages over workers: scaling by world/global_batch makes that the global mean.
         loss = terms["loss"].sum() * self.shard.world / global_batch
         loss.backward()
         self.optimizer.step()
         return terms
+
+    def _autocast(self):
+        """bf16 autocast on CUDA when asked for, else nothing (on any device, `meta` included,
+        where the tests run the captured step). No autocast cache: a CUDA graph must not keep
+        casts made outside it (and one forward casts each weight once anyway)."""
+        if self.config.bf16 and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+        return contextlib.nullcontext()
 
     def state_dict(self) -> dict:
         """The optimiser and schedule as host tensors and numbers: a checkpoint made on a GPU
