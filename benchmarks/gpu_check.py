@@ -125,14 +125,20 @@ class Run:
         return min(timed(replays, self.device) for _ in range(2))
 
 
-def guarded(rows: list, section: str, make_rows) -> None:
-    """rows += make_rows(), each printed as it comes (a run cut short still shows them); an
-    error costs that section's rows only, as one FAIL row naming it: a GPU node's time is dear."""
+def attempted(section: str, make_rows) -> list[tuple[str, str, str]]:
+    """make_rows(), or one FAIL row naming its error: a GPU node's time is dear, so an error
+    costs these rows only."""
     try:
-        made = make_rows()
+        return make_rows()
     except Exception as e:
         traceback.print_exc()
-        made = [(section, "error", f"FAIL: {type(e).__name__}: {e}"[:300])]
+        return [(section, "error", f"FAIL: {type(e).__name__}: {e}"[:300])]
+
+
+def guarded(rows: list, section: str, make_rows) -> None:
+    """rows += attempted(section, make_rows), each printed as it comes (a run cut short still
+    shows them)."""
+    made = attempted(section, make_rows)
     for row in made:
         print(" | ".join(row), flush=True)
     rows += made
@@ -190,9 +196,12 @@ def training_rows(name: str, preset, train, val, device, epochs: int) -> list[tu
             (f"{name}: floor, the captured step alone, s/epoch", f"{best['floor']:.3f}",
              f"{images / best['floor']:,.0f} img/s")]
     if device.type == "cuda":  # GraphAdam's few kernels against torch's one update per parameter
-        torchs = Run(preset, train, val, device, epochs, graphed=True, adam=TorchsAdam).floor_seconds()
-        rows.append((f"{name}: floor with torch's single-tensor Adam, s/epoch", f"{torchs:.3f}",
-                     f"{torchs / best['floor']:.2f}x the floor"))
+        label = f"{name}: floor with torch's single-tensor Adam, s/epoch"
+
+        def torchs_floor():  # never run before the GPU session: its failure costs its row only
+            torchs = Run(preset, train, val, device, epochs, graphed=True, adam=TorchsAdam).floor_seconds()
+            return [(label, f"{torchs:.3f}", f"{torchs / best['floor']:.2f}x the floor")]
+        rows += attempted(label, torchs_floor)
     for kind in ("eager", "eager bf16"):
         rows.append((f"{name}: {kind} step (+ validation), s/epoch", f"{best[kind]:.3f}",
                      f"{best[kind] / best['pipeline']:.2f}x the pipeline's"))
