@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 from filelock import FileLock
 
 from pipeline import registry, tracking
 from pipeline.files import Layout, atomic_dir, atomic_path, write_json
 from pipeline.params import ExportParams, load_params
-from pipeline.serve.session import LATENT_MAP, LATENT_ORDER, LATENT_SPREAD, PRIOR_MIXTURE, open_session
+from pipeline.serve.session import LATENT_MAP, LATENT_ORDER, LATENT_SPREAD, PRIOR_MIXTURE, BySize
 from pipeline.summary import summary
 from vae.model import INPUT_DIM, VAE, ImageDecoder, ImageEncoder, ImageScore
 
@@ -91,37 +92,53 @@ def record_metadata(path: Path, recorded: dict[str, str]) -> None:
     onnx.save(model, str(path))
 
 
-def parity(path: Path, reference, feed, params: ExportParams, name: str, relative: bool = False) -> dict:
-    """onnxruntime against torch on the model at path, at every batch size of
+def parity(sessions: list[ort.InferenceSession], reference, feed, params: ExportParams, name: str,
+           relative: bool = False) -> dict:
+    """onnxruntime against torch, on each of the sessions of one model, at every batch size of
     export.parity_batches: reference(**inputs) gives torch's outputs for feed(batch, generator)'s
     inputs. relative: the difference over max(1, |torch's value|), for outputs of hundreds of
-    nats, where float32 itself carries more than export.tolerance. Raises ParityError naming `name`."""
-    session = open_session(path)
+    nats, where float32 itself carries more than export.tolerance. Raises ParityError naming
+    `name` and the provider."""
     generator = torch.Generator().manual_seed(0)
-    report = {"providers": session.get_providers(), "max_abs_diff": {}}
+    report = {"providers": [session.get_providers()[0] for session in sessions], "max_abs_diff": {}}
     for batch in params.parity_batches:
         inputs = feed(batch, generator)
         with torch.no_grad():
             expected = [t.numpy() for t in reference(**inputs)]
-        actual = session.run(None, {key: value.numpy() for key, value in inputs.items()})
-        worst = 0.0
-        for got, want in zip(actual, expected):
-            if got.shape != want.shape:
-                raise ParityError(f"{name}, batch {batch}: onnxruntime output shape {got.shape}, torch {want.shape}")
-            scale = np.maximum(1.0, np.abs(want)) if relative else 1.0
-            worst = max(worst, float((np.abs(got - want) / scale).max()))
-        report["max_abs_diff"][str(batch)] = worst
+        for session in sessions:
+            worst = _difference(session, inputs, expected, relative, f"{name}, batch {batch}")
+            if worst > params.tolerance:
+                raise ParityError(f"{name} on {session.get_providers()[0]}: onnxruntime differs from torch by "
+                                  f"{worst:.3g}{' (relative)' * relative} at batch {batch} "
+                                  f"(> export.tolerance {params.tolerance:g})")
+            report["max_abs_diff"][str(batch)] = max(worst, report["max_abs_diff"].get(str(batch), 0.0))
     worst = max(report["max_abs_diff"].values())
-    if worst > params.tolerance:
-        raise ParityError(f"{name}: onnxruntime differs from torch by {worst:.3g}{' (relative)' * relative} "
-                          f"(> export.tolerance {params.tolerance:g}): {report['max_abs_diff']}")
     # A relative check says so in the report: its "abs" figures are then over max(1, |value|).
     return {**report, "worst_abs_diff": worst, **({"relative_to_size": True} if relative else {})}
 
 
+def _difference(session: ort.InferenceSession, inputs: dict[str, torch.Tensor], expected: list[np.ndarray],
+                relative: bool, what: str) -> float:
+    """The largest |onnxruntime - torch| of the session's outputs (over max(1, |torch|) if relative)."""
+    actual = session.run(None, {key: value.numpy() for key, value in inputs.items()})
+    worst = 0.0
+    for got, want in zip(actual, expected):
+        if got.shape != want.shape:
+            raise ParityError(f"{what}: onnxruntime output shape {got.shape}, torch {want.shape}")
+        scale = np.maximum(1.0, np.abs(want)) if relative else 1.0
+        worst = max(worst, float((np.abs(got - want) / scale).max()))
+    return worst
+
+
+def served_sessions(path: Path) -> list[ort.InferenceSession]:
+    """The sessions `vae serve` opens on the model: where a GPU is usable, the CUDA provider's
+    (large batches) and the CPU's (small ones), each checked; elsewhere the CPU's."""
+    return BySize.open(path).distinct()
+
+
 def check_parity(decoder: ImageDecoder, latent_dim: int, path: Path, params: ExportParams) -> dict:
-    return parity(path, lambda z: [decoder(z)], lambda n, g: {INPUT: torch.randn(n, latent_dim, generator=g)},
-                  params, "the decoder")
+    return parity(served_sessions(path), lambda z: [decoder(z)],
+                  lambda n, g: {INPUT: torch.randn(n, latent_dim, generator=g)}, params, "the decoder")
 
 
 def check_encoder_and_score(model: VAE, encoder_path: Path, score_path: Path, params: ExportParams) -> dict:
@@ -133,9 +150,10 @@ def check_encoder_and_score(model: VAE, encoder_path: Path, score_path: Path, pa
         return {**images(n, g), "eps": torch.randn(n, params.score_k, model.config.noise_dim, generator=g)}
 
     encoder, score = ImageEncoder(model).eval(), ImageScore(model).eval()
-    return {"encoder": parity(encoder_path, lambda x: list(encoder(x)), images, params, "the encoder"),
-            "score": parity(score_path, lambda x, eps: [score(x, eps)], images_and_noise, params, "the score",
-                            relative=True)}
+    return {"encoder": parity(served_sessions(encoder_path), lambda x: list(encoder(x)), images, params,
+                              "the encoder"),
+            "score": parity(served_sessions(score_path), lambda x, eps: [score(x, eps)], images_and_noise, params,
+                            "the score", relative=True)}
 
 
 # Triton's dims leave out the batch dimension, which max_batch_size makes dynamic.
@@ -207,7 +225,7 @@ def main() -> None:
             if path.is_file():  # dvc.lock is absent when the stage runs outside DVC
                 client.log_artifact(run_id, str(path), "pipeline")
     print(f"export: {layout.decoder_onnx} (opset {params.export.opset}, dynamic batch); onnxruntime "
-          f"{report['providers'][0]} matches torch within {report['worst_abs_diff']:.2g}; registered "
+          f"{' and '.join(report['providers'])} matches torch within {report['worst_abs_diff']:.2g}; registered "
           f"{registry.MODEL_NAME} version {version}"
           f"{' as champion' if champion else ' (champion unchanged)'}", flush=True)
     print(summary(layout), flush=True)  # the last stage: tell the user where everything is

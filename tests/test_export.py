@@ -128,7 +128,8 @@ def test_a_graph_off_by_more_than_the_tolerance_is_named_and_nothing_is_written(
     model = VAE(VAEConfig(latent_dim=LATENT, hidden_dims=(32,))).eval()
     layout = Layout(tmp_path)
     (tmp_path / "models").mkdir()
-    with pytest.raises(ParityError, match="the encoder: onnxruntime differs from torch"):
+    with pytest.raises(ParityError, match=r"the encoder on CPUExecutionProvider: onnxruntime differs from torch by "
+                                          r"\S+ at batch 1 \(> export.tolerance 1e-30\)"):
         export_encoder_and_score(model, layout, ExportParams(tolerance=1e-30, score_k=3))
     assert list((tmp_path / "models").iterdir()) == []
     report = export_encoder_and_score(model, layout, ExportParams(score_k=3))
@@ -172,3 +173,30 @@ def test_a_vamp_priors_mixture_travels_in_the_decoder_and_the_server_draws_from_
     with pytest.warns(UserWarning, match=r"recorded prior mixture is unusable .*not \(K, 3\)"):
         served = DecoderModel(path, max_batch=8)
     assert served.mixture is None and served.parameters()["prior"] == "standard normal"
+
+
+def test_every_session_the_server_opens_is_checked(tmp_path):
+    """With a GPU, `vae serve` opens two sessions on a graph, the CUDA provider's and the CPU's
+    for small batches, and export checks both. Two real CPU sessions stand for them here, the
+    second on a decoder whose weights moved: the first alone passes, the pair does not."""
+    from pipeline.export import ParityError, parity
+    from pipeline.serve.session import open_session
+
+    torch.manual_seed(0)
+    decoder = ImageDecoder(VAE(VAEConfig(latent_dim=LATENT, hidden_dims=(32,)))).eval()
+    moved = ImageDecoder(VAE(VAEConfig(latent_dim=LATENT, hidden_dims=(32,)))).eval()
+    moved.load_state_dict(decoder.state_dict())
+    with torch.no_grad():
+        for weight in moved.parameters():
+            weight.add_(1e-3)
+    for name, module in (("decoder.onnx", decoder), ("moved.onnx", moved)):
+        export_decoder(module, LATENT, tmp_path / name, opset=18)
+
+    def check(*names):
+        return parity([open_session(tmp_path / name, ["CPUExecutionProvider"]) for name in names],
+                      lambda z: [decoder(z)], lambda n, g: {"z": torch.randn(n, LATENT, generator=g)},
+                      ExportParams(), "the decoder")
+    assert check("decoder.onnx")["worst_abs_diff"] <= 1e-5
+    assert check("decoder.onnx", "decoder.onnx")["providers"] == ["CPUExecutionProvider"] * 2
+    with pytest.raises(ParityError, match=r"the decoder on CPUExecutionProvider: .* at batch 1 "):
+        check("decoder.onnx", "moved.onnx")

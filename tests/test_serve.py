@@ -404,6 +404,20 @@ def test_ray_serve_with_two_replicas(decoder_and_onnx, ray_address, tmp_path):
     assert returncode == 0, (tmp_path / "serve.log").read_text()  # SIGTERM took the replicas down itself
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_on_a_gpu_the_served_sessions_hold_exports_tolerance(decoder_and_onnx):
+    """The CUDA session runs in float32 (in TF32, the provider's default, the decoder was 7.8e-5
+    from torch on an H200), so export's check of both served sessions holds on a GPU."""
+    from pipeline.export import check_parity
+    from pipeline.params import ExportParams
+
+    decoder, path, _ = decoder_and_onnx
+    assert BySize.open(path).large.get_provider_options()["CUDAExecutionProvider"]["use_tf32"] == "0"
+    report = check_parity(decoder, LATENT, path, ExportParams())
+    assert report["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
 def test_small_batches_go_to_the_small_batch_session(decoder_and_onnx):
     """BySize's routing, with two real CPU sessions standing for the CPU and the CUDA one."""
     path = decoder_and_onnx[1]

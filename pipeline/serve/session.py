@@ -46,7 +46,16 @@ def cuda_usable() -> bool:
     return True
 
 
-def preferred_providers() -> list[str]:
+# onnxruntime's names and options of the providers to try, best first.
+Providers = list[str | tuple[str, dict[str, str]]]
+# The CUDA provider in full float32. Its default multiplies in TF32 (10-bit mantissas): the
+# decoder's images were 7.8e-5 from torch's on an H200, beyond export.tolerance (1e-5), which
+# the CPU provider holds. Without TF32 every served graph computes what `vae export` checked
+# against torch (benchmarks/gpu_check.py times the CUDA provider both ways).
+CUDA_OPTIONS = {"use_tf32": "0"}
+
+
+def preferred_providers() -> Providers:
     if not cuda_usable():
         return ["CPUExecutionProvider"]
     # The CUDA provider's library links cuBLAS and the CUDA runtime by name, with no path to
@@ -56,10 +65,10 @@ def preferred_providers() -> list[str]:
     # serving starts without torch.
     import torch  # noqa: F401
 
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return [("CUDAExecutionProvider", CUDA_OPTIONS), "CPUExecutionProvider"]
 
 
-def open_session(model: Path | str | bytes, providers: list[str] | None = None) -> ort.InferenceSession:
+def open_session(model: Path | str | bytes, providers: Providers | None = None) -> ort.InferenceSession:
     """A session on a model file, or on the model's bytes (a replica on another node)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: no per-node placement warnings
@@ -82,6 +91,10 @@ class BySize:
         large = open_session(model)
         on_cuda = large.get_providers()[0] == "CUDAExecutionProvider"
         return cls(large, open_session(model, ["CPUExecutionProvider"]) if on_cuda else None, from_batch)
+
+    def distinct(self) -> list[ort.InferenceSession]:
+        """Each session once: the one, or the large batches' and the CPU's."""
+        return [self.large] if self.small is self.large else [self.large, self.small]
 
     def describe(self) -> dict:
         return {"providers": self.large.get_providers(),
