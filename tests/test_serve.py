@@ -1,7 +1,9 @@
 """`vae serve`: the real server process on 127.0.0.1, decoding with onnxruntime."""
 import io
 import json
+import os
 import subprocess
+import sys
 import time
 
 import httpx
@@ -416,6 +418,44 @@ def test_on_a_gpu_the_served_sessions_hold_exports_tolerance(decoder_and_onnx):
     assert BySize.open(path).large.get_provider_options()["CUDAExecutionProvider"]["use_tf32"] == "0"
     report = check_parity(decoder, LATENT, path, ExportParams())
     assert report["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+# A stand-in for the NVIDIA driver's library, for the two calls cuda_usable makes: it sees
+# STAND_IN_GPUS devices, and none when CUDA_VISIBLE_DEVICES is set and empty, as the driver does.
+STAND_IN_DRIVER = r"""
+#include <stdlib.h>
+static int hidden(void) { const char *v = getenv("CUDA_VISIBLE_DEVICES"); return v && !*v; }
+int cuInit(unsigned int flags) { return hidden() ? 100 : 0; }
+int cuDeviceGetCount(int *count) { *count = atoi(getenv("STAND_IN_GPUS")); return 0; }
+"""
+
+
+def cuda_usable_in(env: dict[str, str]) -> bool:
+    """pipeline.serve.session.cuda_usable() in a fresh process with these variables set."""
+    result = subprocess.run([sys.executable, "-c", "from pipeline.serve.session import cuda_usable; "
+                             "print(cuda_usable())"], env={**os.environ, **env}, capture_output=True, text=True,
+                            check=True, timeout=60)
+    return {"True": True, "False": False}[result.stdout.strip()]
+
+
+def test_cuda_is_requested_only_where_the_driver_sees_a_gpu(tmp_path):
+    """The driver's library loading is not enough (onnxruntime would fail on CUDA and log it):
+    cuda_usable asks the driver for its GPUs. A stand-in driver, compiled here, answers as the
+    real one does; a GPU node checks the real one below."""
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(tmp_path / "libcuda.so.1"), "-x", "c", "-"],
+                   input=STAND_IN_DRIVER, text=True, check=True)
+    driver = {"LD_LIBRARY_PATH": str(tmp_path)}
+    assert cuda_usable_in({**driver, "STAND_IN_GPUS": "1"})
+    assert not cuda_usable_in({**driver, "STAND_IN_GPUS": "0"})  # a container: the library, no device
+    assert not cuda_usable_in({**driver, "STAND_IN_GPUS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    if not torch.cuda.is_available():  # and no driver at all
+        assert not cuda_usable_in({})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_on_a_gpu_cuda_is_requested_unless_every_gpu_is_hidden():
+    assert cuda_usable_in({}) and not cuda_usable_in({"CUDA_VISIBLE_DEVICES": ""})
 
 
 def test_small_batches_go_to_the_small_batch_session(decoder_and_onnx):

@@ -2,7 +2,7 @@
 
 onnxruntime-gpu lists CUDAExecutionProvider whether or not a GPU is present, and on a
 machine without one it falls back to CPU with only an error line in the log. So CUDA is
-requested only when the provider is built in *and* the NVIDIA driver library loads; the
+requested only when the provider is built in *and* the NVIDIA driver sees a GPU; the
 providers the sessions really use are what callers report.
 
 With a GPU, small batches still go to a CPU session: a batch of one decoded in 0.034 ms on
@@ -37,13 +37,17 @@ PRIOR_MIXTURE = "vae.prior_mixture"
 
 
 def cuda_usable() -> bool:
+    """Whether the CUDA provider can run here: built in, and the NVIDIA driver sees a GPU. Its
+    library alone is not enough: CUDA_VISIBLE_DEVICES may hide every GPU, and a container may
+    have the library and no device."""
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False
     try:
-        ctypes.CDLL("libcuda.so.1")  # the driver: present only where a GPU can be used
+        driver = ctypes.CDLL("libcuda.so.1")
     except OSError:
         return False
-    return True
+    count = ctypes.c_int(0)  # cuInit: 0 is CUDA_SUCCESS, 100 CUDA_ERROR_NO_DEVICE
+    return driver.cuInit(0) == 0 and driver.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
 
 
 # onnxruntime's names and options of the providers to try, best first.
