@@ -2,8 +2,9 @@
 `vae fetch` from a local copy of MNIST, `vae train` under a local Ray (GPU workers where there
 is a GPU: `train.use_gpu: auto`) killed once its first checkpoint exists and run again to
 resume, `vae evaluate`, `vae export`, the trained model loaded on the CPU alone, `vae serve`
-and `vae serve --ray` (one Ray Serve replica, a GPU share where there is a GPU) under load
-(their providers, answers per second and latency at batches 1, 64 and 1,024), and `dvc repro`
+beside the same with every GPU hidden (the CPU provider alone), and `vae serve --ray` (one Ray
+Serve replica, a GPU share where there is a GPU) under load (their providers, answers per
+second and latency at batches 1, 64 and 1,024; the first two's ratios), and `dvc repro`
 twice in a fresh git repository where DVC and git are installed. benchmarks/gpu_check.py is the GPU
 table; this is the pipeline around it.
 
@@ -124,30 +125,55 @@ print("loaded on", next(model.parameters()).device, "decoded", tuple(images.shap
 """
 
 
-def served(stages: Stages, label: str, options: list[str], seconds: float, clients: int) -> None:
+BATCHES = (1, 64, 1024)  # the load's batch sizes
+
+
+def served(stages: Stages, label: str, options: list[str], seconds: float, clients: int,
+           env: dict[str, str] | None = None) -> dict[int, dict]:
     """`vae serve models OPTIONS` on a free port: the decoder's providers, then /v1/decode flat
-    out from `clients` threads for `seconds` at each batch size; then stopped, all it started."""
+    out from `clients` threads for `seconds` at each batch size; then stopped, all it started.
+    Returns each batch size's figures (see _load) that came back."""
     port, log = stack.free_port(), stages.out / f"{label}.log"
-    server = stack.start([str(BIN / "vae"), "serve", "models", "--port", str(port), *options], log, stages.env,
-                         stages.project)
-    url, start = f"http://127.0.0.1:{port}", time.monotonic()
+    server = stack.start([str(BIN / "vae"), "serve", "models", "--port", str(port), *options], log,
+                         env or stages.env, stages.project)
+    url, start, figures = f"http://127.0.0.1:{port}", time.monotonic(), {}
     try:
         while not stack.http_ok(f"{url}/v2/health/ready"):
             if server.poll() is not None or time.monotonic() - start > 180:
                 stages.row(label, time.monotonic() - start, f"FAILED: did not start ({log.name})")
-                return
+                return figures
             time.sleep(0.2)
         parameters = httpx.get(f"{url}/v2/models/{MODEL_NAME}").json()["parameters"]
         stages.row(f"{label}, started", time.monotonic() - start, f"providers {parameters['providers']}, "
                    f"CPU below batch {parameters['cpu_below_batch']}")
         latent = yaml.safe_load((stages.project / "params.yaml").read_text())["model"]["latent_dim"]
-        for batch in (1, 64, 1024):
-            stages.row(f"{label}, batch {batch}", seconds, _load(f"{url}/v1/decode", batch, latent, seconds, clients))
+        for batch in BATCHES:
+            result = _load(f"{url}/v1/decode", batch, latent, seconds, clients)
+            if result.get("rps"):
+                figures[batch] = result
+            stages.row(f"{label}, batch {batch}", seconds, _described(result, batch))
     finally:
         stack.stop(server, first=signal.SIGINT)  # and a local Ray it started
+    return figures
 
 
-def _load(url: str, batch: int, latent: int, seconds: float, clients: int) -> str:
+def against_cpu(stages: Stages, served: dict[int, dict], cpu: dict[int, dict]) -> None:
+    """`vae serve` as it runs here against the same on the CPU provider alone, batch by batch."""
+    for batch in sorted(served.keys() & cpu.keys()):
+        ours, theirs = served[batch], cpu[batch]
+        stages.row(f"  batch {batch}: vs CPU alone", 0, f"{ours['rps'] / theirs['rps']:.2f}x the answers per "
+                   f"second, p50 {ours['p50']:.1f} vs {theirs['p50']:.1f} ms")
+
+
+def _described(result: dict, batch: int) -> str:
+    if not result.get("rps"):
+        return f"FAILED: {result['errors']} errors, no answer"
+    return (f"{result['rps']:,.0f} req/s, {result['rps'] * batch:,.0f} img/s, p50 {result['p50']:.1f} ms, "
+            f"p99 {result['p99']:.1f} ms, {result['errors']} errors")
+
+
+def _load(url: str, batch: int, latent: int, seconds: float, clients: int) -> dict:
+    """/v1/decode flat out: answers per second, p50 and p99 latency (ms) and errors."""
     body = {"z": [[0.1 * ((i + j) % 7 - 3) for j in range(latent)] for i in range(batch)]}
     latencies, errors, stop = [], [], time.monotonic() + seconds
 
@@ -164,10 +190,10 @@ def _load(url: str, batch: int, latent: int, seconds: float, clients: int) -> st
     for t in threads:
         t.join()
     if not latencies:
-        return f"FAILED: {len(errors)} errors, no answer"
+        return {"errors": len(errors)}
     ms = sorted(1e3 * s for s in latencies)
-    return (f"{len(ms) / seconds:,.0f} req/s, {len(ms) * batch / seconds:,.0f} img/s, p50 "
-            f"{statistics.median(ms):.1f} ms, p99 {ms[int(0.99 * (len(ms) - 1))]:.1f} ms, {len(errors)} errors")
+    return {"rps": len(ms) / seconds, "p50": statistics.median(ms), "p99": ms[int(0.99 * (len(ms) - 1))],
+            "errors": len(errors)}
 
 
 def main() -> int:
@@ -190,7 +216,10 @@ def main() -> int:
         stages.run("evaluate", str(BIN / "vae"), "evaluate")
         stages.run("export", str(BIN / "vae"), "export")
         stages.run("model on the CPU alone", sys.executable, "-c", LOAD_ON_CPU, env={**env, "CUDA_VISIBLE_DEVICES": ""})
-        served(stages, "serve", [], args.seconds, args.clients)
+        figures = served(stages, "serve", [], args.seconds, args.clients)
+        # The reference, side by side: the same server with every GPU hidden, on the CPU provider.
+        cpu = served(stages, "serve, CPU alone", [], args.seconds, args.clients, {**env, "CUDA_VISIBLE_DEVICES": ""})
+        against_cpu(stages, figures, cpu)
         served(stages, "serve --ray", ["--ray", "--replicas", "1"], args.seconds, args.clients)
         if not (shutil.which("dvc", path=env["PATH"]) and shutil.which("git")):
             stages.row("dvc repro", 0, "skipped: no dvc or no git here")
