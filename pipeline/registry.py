@@ -67,10 +67,12 @@ def log_graphs(layout: Layout, run_id: str, z, images) -> str:
     import onnxruntime
     from mlflow.models import infer_signature
 
-    # The flavor records MLflow's default providers (CUDA, then CPU), so the model uses a GPU
-    # wherever it is loaded with one; MLflow's check of the input example then loads it here,
-    # where onnxruntime would log CUDA's absence as an error, and MLflow warn of it, before
-    # falling back to CPU. Export reports the providers in use itself.
+    from pipeline.serve.session import CUDA_OPTIONS  # here: the serving module imports this one
+
+    # The flavor records the providers `vae serve` asks for (CUDA in float32, then CPU), so
+    # the model uses a GPU wherever it is loaded with one; MLflow's check of the input example
+    # then loads it here, where onnxruntime would log CUDA's absence as an error, and MLflow
+    # warn of it, before falling back to CPU. Export reports the providers in use itself.
     # And a uv environment has no pip, whose version MLflow would write into the model's
     # conda.yaml: it warns of that, though the requirements it needs are given here.
     onnxruntime.set_default_logger_severity(4)
@@ -85,6 +87,8 @@ def log_graphs(layout: Layout, run_id: str, z, images) -> str:
             info = mlflow.onnx.log_model(onnx.load(str(layout.decoder_onnx)), name="decoder", input_example=z,
                                          signature=infer_signature(z, images), registered_model_name=MODEL_NAME,
                                          pip_requirements=requirements, save_as_external_data=False,
+                                         onnx_execution_providers=[("CUDAExecutionProvider", CUDA_OPTIONS),
+                                                                   "CPUExecutionProvider"],
                                          extra_files=[str(layout.encoder_onnx), str(layout.score_onnx)])
     finally:
         for logger, level in zip(quieted, levels):

@@ -159,6 +159,9 @@ def test_decoder_registered_with_onnx_flavor_and_aliases(repro, monkeypatch, tmp
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # MLflow's downloads below stay there
     model = mlflow.pyfunc.load_model("models:/vae-decoder@champion")
     assert list(model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 20]
+    # Loaded where a GPU is usable, on CUDA in float32, as `vae serve` runs it (TF32 is CUDA's default).
+    assert model.metadata.flavors["onnx"]["providers"] == [["CUDAExecutionProvider", {"use_tf32": "0"}],
+                                                         "CPUExecutionProvider"]
     images = model.predict(np.zeros((2, 20), dtype=np.float32))
     # One file, as export wrote it: no weights apart, which a graph sent as bytes would lose.
     logged = [a.path for a in mlflow.artifacts.list_artifacts("models:/vae-decoder@champion")]
