@@ -157,10 +157,10 @@ def served(stages: Stages, label: str, options: list[str], seconds: float, clien
     return figures
 
 
-def against_cpu(stages: Stages, served: dict[int, dict], cpu: dict[int, dict]) -> None:
+def against_cpu(stages: Stages, figures: dict[int, dict], cpu: dict[int, dict]) -> None:
     """`vae serve` as it runs here against the same on the CPU provider alone, batch by batch."""
-    for batch in sorted(served.keys() & cpu.keys()):
-        ours, theirs = served[batch], cpu[batch]
+    for batch in sorted(figures.keys() & cpu.keys()):
+        ours, theirs = figures[batch], cpu[batch]
         stages.row(f"  batch {batch}: vs CPU alone", 0, f"{ours['rps'] / theirs['rps']:.2f}x the answers per "
                    f"second, p50 {ours['p50']:.1f} vs {theirs['p50']:.1f} ms")
 
