@@ -67,7 +67,7 @@ def log_graphs(layout: Layout, run_id: str, z, images) -> str:
     import onnxruntime
     from mlflow.models import infer_signature
 
-    from pipeline.serve.session import CUDA_OPTIONS  # here: the serving module imports this one
+    from pipeline.serve.session import GPU_PROVIDERS  # here: the serving module imports this one
 
     # The flavor records the providers `vae serve` asks for (CUDA in float32, then CPU), so
     # the model uses a GPU wherever it is loaded with one; MLflow's check of the input example
@@ -87,8 +87,7 @@ def log_graphs(layout: Layout, run_id: str, z, images) -> str:
             info = mlflow.onnx.log_model(onnx.load(str(layout.decoder_onnx)), name="decoder", input_example=z,
                                          signature=infer_signature(z, images), registered_model_name=MODEL_NAME,
                                          pip_requirements=requirements, save_as_external_data=False,
-                                         onnx_execution_providers=[("CUDAExecutionProvider", CUDA_OPTIONS),
-                                                                   "CPUExecutionProvider"],
+                                         onnx_execution_providers=list(GPU_PROVIDERS),
                                          extra_files=[str(layout.encoder_onnx), str(layout.score_onnx)])
     finally:
         for logger, level in zip(quieted, levels):

@@ -57,6 +57,8 @@ Providers = list[str | tuple[str, dict[str, str]]]
 # the CPU provider holds. Without TF32 every served graph computes what `vae export` checked
 # against torch (benchmarks/gpu_check.py times the CUDA provider both ways).
 CUDA_OPTIONS = {"use_tf32": "0"}
+# What a GPU machine asks for: CUDA so, then the CPU (for what CUDA cannot run).
+GPU_PROVIDERS: Providers = [("CUDAExecutionProvider", CUDA_OPTIONS), "CPUExecutionProvider"]
 
 
 def preferred_providers() -> Providers:
@@ -69,7 +71,7 @@ def preferred_providers() -> Providers:
     # serving starts without torch.
     import torch  # noqa: F401
 
-    return [("CUDAExecutionProvider", CUDA_OPTIONS), "CPUExecutionProvider"]
+    return list(GPU_PROVIDERS)
 
 
 def open_session(model: Path | str | bytes, providers: Providers | None = None) -> ort.InferenceSession:
