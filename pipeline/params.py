@@ -94,6 +94,10 @@ class TrainParams(Section):
     # Costs seconds of compiling per run and needs a C++ compiler (g++ or clang++). GPU workers
     # ignore it: a lone one replays its whole step as a CUDA graph (vae/cuda_graph.py).
     compile: bool = False
+    # A lone GPU worker replays its whole step (forward, backward, Adam) as one CUDA graph
+    # (vae/cuda_graph.py); false: it steps eagerly, as CPU workers and several GPU workers do.
+    # The same draws either way: the two models differ by float rounding.
+    cuda_graph: bool = True
     max_failures: int = Field(2, ge=0)  # worker-group restarts from the last checkpoint
     # A Ray cluster to join, e.g. ray://head:10001 or head:6379 (null: $RAY_ADDRESS, else a local Ray).
     ray_address: str | None = None

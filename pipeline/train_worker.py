@@ -93,10 +93,21 @@ def pseudo_inputs(train_images: torch.Tensor, params: Params) -> torch.Tensor:
     return to_float(train_images[chosen])
 
 
-def uses_cuda_graph(device: torch.device, world: int) -> bool:
-    """Whether a worker replays its step as a CUDA graph (vae/cuda_graph.py): alone on a GPU.
-    Several GPU workers train eagerly: DDP's all-reduce is not captured."""
-    return device.type == "cuda" and world == 1
+def uses_cuda_graph(params: Params, device: torch.device, world: int) -> bool:
+    """Whether a worker replays its step as a CUDA graph (vae/cuda_graph.py): alone on a GPU,
+    unless train.cuda_graph is false. Several GPU workers train eagerly: DDP's all-reduce is not
+    captured."""
+    return params.train.cuda_graph and device.type == "cuda" and world == 1
+
+
+def graphed_epoch(trainer: Trainer, images: torch.Tensor) -> Callable[[int], dict]:
+    """The epoch of GraphedTrainer, whose steps are warmed up and captured here. A failure says
+    how to train without the graph."""
+    try:
+        return GraphedTrainer(trainer, images).epoch
+    except RuntimeError as e:
+        raise RuntimeError(f"preparing the training step's CUDA graph failed: {e}\n"
+                           f"(train.cuda_graph: false trains this worker eagerly)") from e
 
 
 def _all_reduce(sums: torch.Tensor) -> None:
@@ -138,7 +149,7 @@ class Worker:
         ray_context = ray.train.get_context()
         shard = Shard(ray_context.get_world_rank(), ray_context.get_world_size())
         device = ray.train.torch.get_device()
-        graphed = uses_cuda_graph(device, shard.world)
+        graphed = uses_cuda_graph(params, device, shard.world)
         torch.manual_seed(params.train.seed)  # same initial weights on every rank
         with warnings.catch_warnings():  # zero-copy, read-only views of the object store: never written
             warnings.simplefilter("ignore", UserWarning)
@@ -160,7 +171,7 @@ class Worker:
             val_images, params.train.seed, model.config.noise_dim, params.data.binarize == "dynamic"))
         train_images = train_images.to(device)
         if graphed:
-            train_epoch = GraphedTrainer(trainer, train_images).epoch
+            train_epoch = graphed_epoch(trainer, train_images)
         else:
             def train_epoch(epoch: int) -> dict:
                 return trainer.epoch(train_images, epoch)

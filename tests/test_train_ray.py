@@ -14,8 +14,9 @@ from mlflow import MlflowClient
 
 from pipeline import compat
 from pipeline.params import Params
-from pipeline.train_worker import compile_model
-from vae.model import VAE
+from pipeline.train_worker import compile_model, graphed_epoch, uses_cuda_graph
+from vae.model import VAE, VAEConfig
+from vae.training import TrainConfig, Trainer
 
 from helpers import BIN, INTERRUPTED_RUN, SMALL_MODEL, fit_in_folder, stack
 
@@ -80,6 +81,27 @@ def test_compile_names_a_missing_cxx_compiler(monkeypatch):
         compile_model(torch.nn.Linear(2, 2), torch.device("cpu"))
 
 
+def test_only_a_lone_gpu_worker_replays_a_cuda_graph_and_only_if_asked():
+    on, off = Params(), Params.model_validate({"train": {"cuda_graph": False}})
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert uses_cuda_graph(on, cuda, 1)
+    assert not uses_cuda_graph(off, cuda, 1)
+    assert not uses_cuda_graph(on, cuda, 2)  # DDP's all-reduce is not captured
+    assert not uses_cuda_graph(on, cpu, 1)
+
+
+def test_a_graph_that_cannot_be_prepared_names_the_eager_way_out():
+    """A failure while the graph's step is warmed up or captured says how to train without it.
+    Here the warm-up's first forward fails (images 10 pixels wide for a 784-pixel model)."""
+    config = TrainConfig(seed=0, epochs=1, batch_size=4, lr=1e-3, lr_schedule="constant", iwae_k=1, dreg=False,
+                         binarize=False, bf16=False, kl_warmup_epochs=0)
+    model = VAE(VAEConfig(latent_dim=2, hidden_dims=(8,)))
+    trainer = Trainer.create(model, config, 8, capturable=True)
+    with pytest.raises(RuntimeError, match=r"training step's CUDA graph failed: .*shapes(.|\n)*"
+                                           r"train.cuda_graph: false trains this worker eagerly"):
+        graphed_epoch(trainer, torch.zeros((8, 10), dtype=torch.uint8))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
@@ -87,13 +109,18 @@ def test_a_gpu_worker_trains_as_a_cpu_worker_does_and_its_model_loads_on_a_cpu(t
                                                                                bf16):
     """One GPU worker (its step a CUDA graph) against one CPU worker, same params: different
     draws (each device's generators), so not the same weights, but as good a model; the state
-    the driver read from the checkpoint holds host tensors only."""
+    the driver read from the checkpoint holds host tensors only. In fp32, against the same GPU
+    worker stepping eagerly (train.cuda_graph: false): the same draws, so the same model but
+    for rounding (the graph's Adam against torch's fused one)."""
     gpu = train(tmp_path, mnist_dir, "gpu", num_workers=1, use_gpu=True, bf16=bf16, epochs=2)
     cpu = train(tmp_path, mnist_dir, "cpu", num_workers=1, use_gpu=False, epochs=2)
     assert gpu.device == "cuda" and cpu.device == "cpu"
     # An untrained model scores 784 ln 2 = 543.4; two epochs of 640 images reach about 250.
     assert gpu.history[-1]["val_neg_elbo"] == pytest.approx(cpu.history[-1]["val_neg_elbo"], rel=0.05)
     assert all(t.device.type == "cpu" for t in [*gpu.model.values(), *gpu.best["model"].values()])
+    if not bf16:  # in bf16, rounding differences flip casts: no tight bound
+        eager = train(tmp_path, mnist_dir, "gpu-eager", num_workers=1, use_gpu=True, cuda_graph=False, epochs=2)
+        assert max_abs_diff(gpu.model, eager.model) <= 1e-4  # 6e-6 on a CPU (test_training.py's walk)
 
 
 # Ray's GCS marks a node dead after health_check_failure_threshold missed checks, one every
