@@ -224,15 +224,23 @@ def test_graphed_training_refuses_what_it_cannot_capture(mnist_dir):
 
 @pytest.mark.gpu
 @CUDA
-def test_on_a_gpu_the_captured_graph_trains_as_the_eager_step_does(mnist_dir):
-    """The real capture: the CUDA-graph epochs against eager epochs on the same GPU, same draws."""
+@ARCHITECTURES
+def test_on_a_gpu_the_captured_graph_trains_as_the_eager_step_does(mnist_dir, model_config):
+    """The real capture, of every architecture, with DReG, binarisation and KL warm-up: the
+    CUDA-graph epochs against eager epochs on the same GPU, same draws, and against themselves."""
     images = load_split(mnist_dir, "train")[0][:WALK]
-    eager, eager_history = trained(images, device="cuda")
-    graphed, graphed_history = trained(images, graphed=True, device="cuda")
-    assert max_abs_diff(eager, graphed) <= 1e-4  # fused against GraphAdam, TF32 matmuls alike
-    assert graphed_history[-1]["neg_elbo"] == pytest.approx(eager_history[-1]["neg_elbo"], rel=1e-4)
-    again, _ = trained(images, graphed=True, device="cuda")
-    assert max_abs_diff(graphed, again) == 0  # replays are deterministic from the seed
+    config, how = replace(CONFIG, kl_warmup_epochs=2), {"device": "cuda", "model_config": model_config}
+    eager, eager_history = trained(images, config, **how)
+    graphed, graphed_history = trained(images, config, graphed=True, **how)
+    again, again_history = trained(images, config, graphed=True, **how)
+    for a, b, c in zip(eager_history, graphed_history, again_history):
+        assert b == pytest.approx(a, rel=1e-4) and c == pytest.approx(b, rel=1e-4)
+    # A convolutional model's weights are left out: cuDNN may sum their gradients in any order,
+    # and Adam turns rounding in a near-zero gradient into a step of up to the learning rate (on
+    # a CPU, eager and graphed conv models differ by 5.6e-3 where their means agree to 1e-6).
+    if model_config.arch != "conv":
+        assert max_abs_diff(eager, graphed) <= 1e-4  # fused against GraphAdam: rounding
+        assert max_abs_diff(graphed, again) == 0  # replays are deterministic from the seed
 
 
 def test_kl_warmup_ramps_the_weight_the_trainer_trains_with(mnist_dir):
