@@ -130,7 +130,9 @@ def test_a_gpu_kit_travels_in_checked_parts_and_runs_the_table(built_kit, tmp_pa
     missing = on_the_node("tests", "table")
     assert missing.returncode == 0, missing.stdout + missing.stderr
     assert f"missing from {kit}: {last.name}" in missing.stdout and not (node / "site/gpu_kit_probe").exists()
-    assert "3 skipped" in (out / "pytest_gpu.txt").read_text()  # the GPU tests, collected with the kit's wheels
+    # The GPU tests, collected with the kit's wheels and each skipped here (no CUDA): no error.
+    summary = (out / "pytest_gpu.txt").read_text().strip().splitlines()[-1]
+    assert re.fullmatch(r"=+ \d+ skipped, \d+ deselected in .*", summary), summary
     assert "| L_2 on 100 test images" in (out / "gpu_check.txt").read_text()  # the rest of the table ran
 
     last.rename(parts[-1])
