@@ -102,10 +102,16 @@ def test_a_graph_that_cannot_be_prepared_names_the_eager_way_out():
         graphed_epoch(trainer, torch.zeros((8, 10), dtype=torch.uint8))
 
 
+@pytest.fixture(scope="module")
+def cpu_worker_run(tmp_path_factory, mnist_dir, ray_address):
+    """One CPU worker's 2 epochs: the GPU tests' reference, trained once for both of them."""
+    return train(tmp_path_factory.mktemp("cpu-reference"), mnist_dir, "cpu", num_workers=1, use_gpu=False, epochs=2)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-def test_a_gpu_worker_trains_as_a_cpu_worker_does_and_its_model_loads_on_a_cpu(tmp_path, mnist_dir, ray_address,
+def test_a_gpu_worker_trains_as_a_cpu_worker_does_and_its_model_loads_on_a_cpu(tmp_path, mnist_dir, cpu_worker_run,
                                                                                bf16):
     """One GPU worker (its step a CUDA graph) against one CPU worker, same params: different
     draws (each device's generators), so not the same weights, but as good a model; the state
@@ -113,7 +119,7 @@ def test_a_gpu_worker_trains_as_a_cpu_worker_does_and_its_model_loads_on_a_cpu(t
     worker stepping eagerly (train.cuda_graph: false): the same draws, so the same model but
     for rounding (the graph's Adam against torch's fused one)."""
     gpu = train(tmp_path, mnist_dir, "gpu", num_workers=1, use_gpu=True, bf16=bf16, epochs=2)
-    cpu = train(tmp_path, mnist_dir, "cpu", num_workers=1, use_gpu=False, epochs=2)
+    cpu = cpu_worker_run
     assert gpu.device == "cuda" and cpu.device == "cpu"
     # An untrained model scores 784 ln 2 = 543.4; two epochs of 640 images reach about 250.
     assert gpu.history[-1]["val_neg_elbo"] == pytest.approx(cpu.history[-1]["val_neg_elbo"], rel=0.05)
