@@ -77,7 +77,7 @@ def fit(layout: Layout, params: Params, run_id: str) -> TrainState:
     context = WorkerContext(run_id=run_id, tracking_uri=tracking.tracking_uri(layout),
                             data=tuple(ray.put(a) for a in load_training_data(layout, params)))
     storage = params.train.storage_path or str(layout.ray_results)
-    graphed = workers == 1 and params.train.cuda_graph
+    graphed = train_worker.uses_cuda_graph(params, torch.device("cuda"), workers)  # the workers' own rule
     where = ("GPU, each step a CUDA graph" if graphed else "GPU (NCCL)") if use_gpu else "CPU (Gloo)"
     print(f"train: {workers} Ray worker{'s' * (workers > 1)} on {where}, "
           f"{cpus} CPU{'s' * (cpus > 1)} each, checkpoints in {storage}", flush=True)
