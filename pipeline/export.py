@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,11 @@ from vae.model import INPUT_DIM, VAE, ImageDecoder, ImageEncoder, ImageScore
 INPUT, OUTPUT = "z", "image"
 
 
+# torch.onnx's warning for a second axis of the same dimension, here only where both names match.
+SAME_AXIS_NAME = (r"# The axis name: (\w+) will not be used, "
+                  r"since it shares the same shape constraints with another axis: \1\.")
+
+
 class ParityError(RuntimeError):
     """onnxruntime and PyTorch disagree beyond the tolerance."""
 
@@ -39,10 +45,14 @@ def export_onnx(module: torch.nn.Module, examples: dict[str, torch.Tensor], batc
     """module to ONNX with the dynamo exporter, its inputs named as `examples` and the batch
     axis of each (batch_axes) dynamic; traced with a batch of 2 (torch.export specialises 0 and 1)."""
     batch = torch.export.Dim("batch", min=1, max=65536)
-    program = torch.onnx.export(module.eval(), tuple(examples.values()), dynamo=True, opset_version=opset,
-                                input_names=list(examples), output_names=outputs,
-                                dynamic_shapes={name: {axis: batch} for name, axis in batch_axes.items()},
-                                verbose=False)
+    with warnings.catch_warnings():
+        # Inputs that share the batch axis (the score graph's x and eps) share its name too;
+        # torch warns that the second's name "will not be used", though it is the same name.
+        warnings.filterwarnings("ignore", SAME_AXIS_NAME, UserWarning)
+        program = torch.onnx.export(module.eval(), tuple(examples.values()), dynamo=True, opset_version=opset,
+                                    input_names=list(examples), output_names=outputs,
+                                    dynamic_shapes={name: {axis: batch} for name, axis in batch_axes.items()},
+                                    verbose=False)
     program.save(str(path))
 
 

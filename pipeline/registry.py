@@ -11,7 +11,9 @@ the Triton repository give the three graphs.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import tempfile
 from dataclasses import astuple, dataclass
 from pathlib import Path
@@ -64,35 +66,50 @@ def log_graphs(layout: Layout, run_id: str, z, images) -> str:
     Each graph one file, as export wrote it: not the flavor's default of the weights apart."""
     import mlflow
     import onnx
-    import onnxruntime
     from mlflow.models import infer_signature
 
     from pipeline.serve.session import GPU_PROVIDERS  # here: the serving module imports this one
 
-    # The flavor records the providers `vae serve` asks for (CUDA in float32, then CPU), so
-    # the model uses a GPU wherever it is loaded with one; MLflow's check of the input example
-    # then loads it here, where onnxruntime would log CUDA's absence as an error, and MLflow
-    # warn of it, before falling back to CPU. Export reports the providers in use itself.
-    # And a uv environment has no pip, whose version MLflow would write into the model's
-    # conda.yaml: it warns of that, though the requirements it needs are given here.
+    mlflow.set_tracking_uri(tracking.tracking_uri(layout))
+    requirements = environment.pinned(DECODER_REQUIREMENTS)
+    with _mlflow_quiet(), mlflow.start_run(run_id=run_id):
+        info = mlflow.onnx.log_model(onnx.load(str(layout.decoder_onnx)), name="decoder", input_example=z,
+                                     signature=infer_signature(z, images), registered_model_name=MODEL_NAME,
+                                     pip_requirements=requirements, save_as_external_data=False,
+                                     onnx_execution_providers=list(GPU_PROVIDERS),
+                                     extra_files=[str(layout.encoder_onnx), str(layout.score_onnx)])
+    return str(info.registered_model_version)
+
+
+@contextlib.contextmanager
+def _mlflow_quiet():
+    """Logging the decoder without chatter that is not the user's concern, restored after:
+    - The flavor records the providers `vae serve` asks for (CUDA in float32, then CPU), so the
+      model uses a GPU wherever it is loaded with one; MLflow's check of the input example then
+      loads it here, where onnxruntime would log CUDA's absence as an error, and MLflow warn of
+      it, before falling back to CPU. Export reports the providers in use itself.
+    - A uv environment has no pip, whose version MLflow would write into the model's conda.yaml:
+      it warns of that, though the requirements it needs are given here.
+    - MLflow copies each extra file in with a "Downloading artifacts" progress bar of its own."""
+    import onnxruntime
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR as BARS
+
     onnxruntime.set_default_logger_severity(4)
     quieted = [logging.getLogger(name) for name in ("mlflow.onnx", "mlflow.utils.environment")]
     levels = [logger.level for logger in quieted]
+    bars = os.environ.get(BARS.name)
     for logger in quieted:
         logger.setLevel(logging.ERROR)
-    mlflow.set_tracking_uri(tracking.tracking_uri(layout))
-    requirements = environment.pinned(DECODER_REQUIREMENTS)
+    BARS.set(False)
     try:
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.onnx.log_model(onnx.load(str(layout.decoder_onnx)), name="decoder", input_example=z,
-                                         signature=infer_signature(z, images), registered_model_name=MODEL_NAME,
-                                         pip_requirements=requirements, save_as_external_data=False,
-                                         onnx_execution_providers=list(GPU_PROVIDERS),
-                                         extra_files=[str(layout.encoder_onnx), str(layout.score_onnx)])
+        yield
     finally:
         for logger, level in zip(quieted, levels):
             logger.setLevel(level)
-    return str(info.registered_model_version)
+        if bars is None:
+            BARS.unset()
+        else:
+            BARS.set(bars)
 
 
 def promote(client, version: str, neg_elbo: float) -> bool:

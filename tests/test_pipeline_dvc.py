@@ -82,6 +82,7 @@ def test_every_stage_ran_and_every_declared_output_exists(repro):
     assert "Traceback" not in log, log  # Ray stays quiet (no dashboard, no placement-group cleaner noise)
     assert "failed to initialize" not in log, log  # nor MLflow about the CUDA provider a CPU machine lacks
     assert "INFO mlflow" not in log and "WARNING mlflow" not in log, log  # nor MLflow's chatter
+    assert "Downloading artifacts" not in log and "UserWarning" not in log, log  # nor export's
     assert log.count("Browse the run:") == 1  # the summary, once
 
 
