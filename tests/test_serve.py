@@ -36,14 +36,18 @@ def decoder_and_onnx(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(decoder_and_onnx, tmp_path_factory):
+def server_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("server") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def server(decoder_and_onnx, server_log):
     """`vae serve` on the export folder: the three graphs."""
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    with vae_serve(str(decoder_and_onnx[1].parent), log_path, "--max-batch", "16") as url:
+    with vae_serve(str(decoder_and_onnx[1].parent), server_log, "--max-batch", "16") as url:
         yield url
 
 
-def test_health_and_metadata(server):
+def test_health_and_metadata(server, server_log, decoder_and_onnx):
     assert httpx.get(f"{server}/v2/health/live").json() == {"live": True}
     meta = httpx.get(f"{server}/v2/models/vae-decoder").json()
     assert meta["parameters"]["latent_dim"] == LATENT
@@ -52,6 +56,11 @@ def test_health_and_metadata(server):
     gpu = torch.cuda.is_available()
     assert meta["parameters"]["providers"] == ["CUDAExecutionProvider"] * gpu + ["CPUExecutionProvider"]
     assert meta["parameters"]["cpu_below_batch"] == (CUDA_FROM_BATCH if gpu else None)
+    # ... and its first line says as much, with what it serves.
+    where = f"CUDAExecutionProvider (batches under {CUDA_FROM_BATCH} on CPUExecutionProvider)" if gpu else \
+        "CPUExecutionProvider"
+    assert server_log.read_text().startswith(
+        f"serve: vae-decoder, vae-encoder, vae-score from {decoder_and_onnx[1].parent} on {where}\n")
     assert meta["inputs"] == [{"name": "z", "datatype": "FP32", "shape": [-1, LATENT]}]
     assert meta["outputs"][0]["shape"] == [-1, 1, 28, 28]
     # Exported without the latent record: the page's sliders in index order, no map.

@@ -217,6 +217,7 @@ def create_app(files: ModelFiles | Path | str | bytes, max_batch: int = 1024) ->
     def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.state.models = models
     return app
 
 
@@ -236,4 +237,7 @@ def run(source: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int =
 
     from pipeline.registry import resolve
 
-    uvicorn.run(create_app(resolve(source), max_batch), host=host, port=port)
+    app = create_app(resolve(source), max_batch)
+    models = app.state.models
+    print(f"serve: {', '.join(models)} from {source} on {models[MODEL_NAME].sessions.where()}", flush=True)
+    uvicorn.run(app, host=host, port=port)

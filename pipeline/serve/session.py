@@ -102,6 +102,12 @@ class BySize:
         """Each session once: the one, or the large batches' and the CPU's."""
         return [self.large] if self.small is self.large else [self.large, self.small]
 
+    def where(self) -> str:
+        """The providers in use, in words for a log line."""
+        if self.small is self.large:
+            return self.large.get_providers()[0]
+        return f"{self.large.get_providers()[0]} (batches under {self.from_batch} on CPUExecutionProvider)"
+
     def describe(self) -> dict:
         return {"providers": self.large.get_providers(),
                 "cpu_below_batch": self.from_batch if self.small is not self.large else None}
