@@ -55,7 +55,8 @@ def score_shard(model: VAE, x: torch.Tensor, start: int, params: Params, device:
     model = model.to(device).eval()
     sums = dict.fromkeys(TERMS, 0.0)
     batches = range(0, len(x), params.eval.batch_size)
-    for first in tqdm(batches, desc="evaluate", unit="batch", disable=not progress, mininterval=5):
+    where = "GPU" if device.type == "cuda" else "CPU"
+    for first in tqdm(batches, desc=f"evaluate on {where}", unit="batch", disable=not progress, mininterval=5):
         batch, index = x[first:first + params.eval.batch_size].to(device), start + first
         elbo = image_noise(params.eval.seed, "elbo", index, len(batch), device)
         eps = draw_noise(elbo, 1, len(batch), model.config.noise_dim, device)[0]
@@ -97,7 +98,8 @@ def _shard_sums(x: torch.Tensor, params: Params, model: VAE) -> dict[str, float]
     task = ray.remote(num_cpus=1, num_gpus=gpus)(_score_on_worker)
     pending = [task.remote(model.to_checkpoint(), shard, start, params) for start, shard in shards]
     total = dict.fromkeys(TERMS, 0.0)
-    with tqdm(total=len(pending), desc=f"evaluate ({len(pending)} Ray workers)", unit="shard") as bar:
+    each = "a GPU" if gpus else "a CPU"
+    with tqdm(total=len(pending), desc=f"evaluate on {len(pending)} Ray workers, {each} each", unit="shard") as bar:
         while pending:
             (done,), pending = ray.wait(pending)
             for name, value in ray.get(done).items():

@@ -86,12 +86,15 @@ def test_estimate_does_not_depend_on_the_batch_size(trained):
     assert other_seed["nll_iwae"] != large["nll_iwae"]  # the noise is eval.seed's
 
 
-def test_two_ray_workers_give_the_figures_of_one_process(trained, ray_address):
+def test_two_ray_workers_give_the_figures_of_one_process(trained, ray_address, capsys):
     """eval.num_workers: 2 shards the images over Ray workers; each image's noise comes from
-    its global index, so the figures are those of one process."""
+    its global index, so the figures are those of one process. Each progress bar says where."""
     model, x, _ = trained
+    where = "GPU" if torch.cuda.is_available() else "CPU"  # the test cluster holds this machine's GPUs
     one = score(model, x, params(iwae_k=20, batch_size=64))
+    assert f"evaluate on {where}: 100%" in capsys.readouterr().err
     two = score(model, x, params(iwae_k=20, batch_size=64, num_workers=2))
+    assert f"evaluate on 2 Ray workers, a {where} each: 100%" in capsys.readouterr().err
     for name in ("neg_elbo", "recon", "kl", "nll_iwae"):
         assert two[name] == pytest.approx(one[name], abs=1e-4), name
     assert two["active_units"] == one["active_units"] and two["test_images"] == len(x)

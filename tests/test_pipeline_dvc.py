@@ -78,6 +78,7 @@ def test_every_stage_ran_and_every_declared_output_exists(repro):
         assert target.exists(), f"{path} declared in dvc.yaml but not written"
         assert target.is_dir() or target.stat().st_size > 0
     assert not list(repo.rglob("*.tmp")), "a temporary file was left behind"
+    assert f"evaluate on {'GPU' if torch.cuda.is_available() else 'CPU'}: 100%" in log  # where it ran, reported
     assert "Browse the run:" in log and "Serve the model (decoder, encoder, score):\n  vae serve models/" in log
     assert "Traceback" not in log, log  # Ray stays quiet (no dashboard, no placement-group cleaner noise)
     assert "failed to initialize" not in log, log  # nor MLflow about the CUDA provider a CPU machine lacks
