@@ -56,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_text in STAGES.items():
         sub.add_parser(name, help=help_text)
-    sub.add_parser("env", help="the project version, uv.lock's hash, and whether the environment matches it")
+    sub.add_parser("env", help="the project version, uv.lock's hash, whether the environment matches it, the devices")
     sweep = sub.add_parser("sweep", help="run the queued experiments (`dvc exp run --queue`), N at a time")
     sweep.add_argument("-j", "--jobs", type=within(int, 1), default=1, help="experiments at once (default: 1)")
     serve = sub.add_parser("serve", help="serve the exported graphs over HTTP with onnxruntime")

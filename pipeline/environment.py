@@ -94,9 +94,25 @@ def project_version() -> str:
         return "(not installed: run from a checkout)"
 
 
+def devices() -> str:
+    """What would compute here: the CUDA GPUs torch sees (training and evaluation take them)
+    and the provider `vae serve` would open its sessions on."""
+    import onnxruntime
+    import torch
+
+    from pipeline.serve.session import cuda_usable  # here: serving imports this module
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    names = sorted({torch.cuda.get_device_name(i) for i in range(count)})
+    gpus = f"{count} CUDA GPU{'s' * (count > 1)} ({', '.join(names)}; CUDA {torch.version.cuda})" if count else \
+        "no CUDA GPU"
+    provider = "CUDAExecutionProvider" if cuda_usable() else "CPUExecutionProvider"
+    return f"devices: torch {torch.__version__} sees {gpus}; onnxruntime {onnxruntime.__version__} serves on {provider}"
+
+
 def describe() -> str:
     """`vae env`: the project version, the lock, the interpreter, and whether they agree: a
-    node's own torch (a GPU image's) is listed as a difference, not refused."""
+    node's own torch (a GPU image's) is listed as a difference, not refused. Then the devices."""
     lines = [f"{PROJECT} {project_version()}",
              f"uv.lock sha256 {lock_sha256()} ({LOCK})",
              f"python {platform.python_version()} on {platform.system().lower()} {platform.machine()}"]
@@ -107,4 +123,4 @@ def describe() -> str:
         lines.append(f"environment: {len(base)} locked packages, " + (
             "all installed at their locked versions" if not problems else
             f"{len(problems)} differ (run `make install`):\n  " + "\n  ".join(problems)))
-    return "\n".join(lines)
+    return "\n".join([*lines, devices()])

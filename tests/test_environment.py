@@ -83,6 +83,15 @@ def test_vae_version_and_env_name_the_lock():
     env = subprocess.run([str(BIN / "vae"), "env"], capture_output=True, text=True, check=True).stdout
     assert f"uv.lock sha256 {digest}" in env
     assert "all installed at their locked versions" in env, env
+    import onnxruntime
+    import torch
+
+    from pipeline.serve.session import cuda_usable
+
+    devices = env.splitlines()[-1]  # what would compute here
+    assert devices.startswith(f"devices: torch {torch.__version__} sees {torch.cuda.device_count() or 'no'} CUDA GPU")
+    assert devices.endswith(f"; onnxruntime {onnxruntime.__version__} serves on "
+                            f"{'CUDA' if cuda_usable() else 'CPU'}ExecutionProvider"), devices
 
 
 def test_env_on_a_node_with_its_own_torch_and_no_install_reports_instead_of_failing(monkeypatch):
