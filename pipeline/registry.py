@@ -83,7 +83,8 @@ def log_graphs(layout: Layout, run_id: str, z, images) -> str:
 
 @contextlib.contextmanager
 def _mlflow_quiet():
-    """Logging the decoder without chatter that is not the user's concern, restored after:
+    """Logging the decoder without chatter that is not the user's concern (the loggers and the
+    progress bars as they were after; onnxruntime's default severity, which has no getter, stays):
     - The flavor records the providers `vae serve` asks for (CUDA in float32, then CPU), so the
       model uses a GPU wherever it is loaded with one; MLflow's check of the input example then
       loads it here, where onnxruntime would log CUDA's absence as an error, and MLflow warn of
