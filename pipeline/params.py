@@ -99,6 +99,11 @@ class TrainParams(Section):
     # The same draws either way: the two models differ by float rounding.
     cuda_graph: bool = True
     max_failures: int = Field(2, ge=0)  # worker-group restarts from the last checkpoint
+    # The least seconds between two checkpoints: one is saved after an epoch once this many
+    # have passed since the last, and always after the last epoch (0: after every epoch). Ray
+    # takes one report a poll of its controller (every 0.5 s here): a GPU's fast epochs, each
+    # reported, would each wait for it.
+    checkpoint_seconds: float = Field(2.0, ge=0)
     # A Ray cluster to join, e.g. ray://head:10001 or head:6379 (null: $RAY_ADDRESS, else a local Ray).
     ray_address: str | None = None
     # Where Ray keeps checkpoints: an absolute path or fsspec URI such as s3://bucket/vae
@@ -106,7 +111,8 @@ class TrainParams(Section):
     storage_path: str | None = None
 
     # Keys that say where and how wide training runs, not which model it makes.
-    PLACEMENT: ClassVar[set[str]] = {"num_workers", "cpus_per_worker", "max_failures", "ray_address", "storage_path"}
+    PLACEMENT: ClassVar[set[str]] = {"num_workers", "cpus_per_worker", "max_failures", "checkpoint_seconds",
+                                     "ray_address", "storage_path"}
 
 
 class EvalParams(Section):

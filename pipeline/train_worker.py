@@ -138,6 +138,7 @@ class Worker:
     validation: tuple[torch.Tensor, torch.Tensor]  # (inputs, noise), on the worker's device
     state: TrainState
     log: Callable[[dict, int], None] | None  # rank 0's MLflow logger
+    last_checkpoint: float = field(default_factory=time.monotonic)  # when training started, at first
 
     @classmethod
     def setup(cls, params: Params, context: WorkerContext) -> "Worker":
@@ -198,7 +199,26 @@ class Worker:
             print(f"epoch {epoch + 1:>3}/{self.params.train.epochs}  train {train['neg_elbo']:8.3f}  "
                   f"val {val['neg_elbo']:8.3f}  {seconds:6.1f} s  {row['samples_per_second']:8.0f} img/s",
                   flush=True)
-        _report(self.state, self.trainer, row)
+        if self.checkpoint_due(epoch):
+            _report(self.state, self.trainer, row)
+            self.last_checkpoint = time.monotonic()
+
+    def checkpoint_due(self, epoch: int) -> bool:
+        """After the last epoch, and after another once train.checkpoint_seconds have passed since
+        the last checkpoint: by rank 0's clock, since every rank must report to Ray together."""
+        if epoch + 1 == self.params.train.epochs:
+            return True
+        return _agreed(time.monotonic() - self.last_checkpoint >= self.params.train.checkpoint_seconds,
+                       self.trainer.device)
+
+
+def _agreed(flag: bool, device: torch.device) -> bool:
+    """Rank 0's flag, on every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)  # on the device: NCCL sends only those
+    dist.broadcast(value, src=0)
+    return bool(value.item())
 
 
 def _restore(trainer: Trainer) -> TrainState:

@@ -164,9 +164,11 @@ def fit_in_folder(root: Path, mnist_dir: Path, model: dict = SMALL_MODEL, **trai
 
 
 # The run that both interruption tests (a killed worker, a killed `dvc repro`) must end with:
-# PyTorch's example model, epochs long enough for a kill to land mid-run.
+# PyTorch's example model, epochs long enough for a kill to land mid-run, each checkpointed
+# (the tests kill right after epoch 1's).
 INTERRUPTED_RUN = {"model": {"latent_dim": 20, "hidden_dims": [400]}, "images": 4800, "epochs": 3,
-                   "batch_size": 32, "num_workers": 2}
+                   "batch_size": 32, "num_workers": 2, "checkpoint_seconds": 0}
+TRAIN_KEYS = ("epochs", "batch_size", "num_workers", "checkpoint_seconds")  # INTERRUPTED_RUN's train section
 
 
 def copy_repro(repo: Path, target: Path) -> Path:

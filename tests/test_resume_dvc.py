@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from helpers import INTERRUPTED_RUN, bucket_keys, copy_project, git_env, run, set_params
+from helpers import INTERRUPTED_RUN, TRAIN_KEYS, bucket_keys, copy_project, git_env, run, set_params
 
 
 def test_killed_repro_resumes_from_s3_to_the_uninterrupted_model(tmp_path, mnist_dir, ray_address, s3,
@@ -21,7 +21,7 @@ def test_killed_repro_resumes_from_s3_to_the_uninterrupted_model(tmp_path, mnist
     set_params(repo, {"data": {"source": str(mnist_dir), "val_size": 200, "max_train_images": run_["images"]},
                       "model": run_["model"],
                       "train": {"storage_path": f"s3://ray/{tmp_path.name}",
-                                **{k: run_[k] for k in ("epochs", "batch_size", "num_workers")}}})
+                                **{k: run_[k] for k in TRAIN_KEYS}}})
     env = git_env(RAY_ADDRESS=ray_address, **s3)
     with open(tmp_path / "killed.log", "w") as log:
         # `dvc repro train`: fetch, then train; evaluate and export are beside the point here.

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import time
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -14,11 +15,11 @@ from mlflow import MlflowClient
 
 from pipeline import compat
 from pipeline.params import Params
-from pipeline.train_worker import compile_model, graphed_epoch, uses_cuda_graph
+from pipeline.train_worker import Worker, _agreed, compile_model, graphed_epoch, uses_cuda_graph
 from vae.model import VAE, VAEConfig
 from vae.training import TrainConfig, Trainer
 
-from helpers import BIN, INTERRUPTED_RUN, SMALL_MODEL, fit_in_folder, stack
+from helpers import BIN, INTERRUPTED_RUN, SMALL_MODEL, TRAIN_KEYS, fit_in_folder, free_port, stack
 
 
 def train(tmp_path, mnist_dir, name, **train_params):
@@ -36,7 +37,8 @@ def test_a_rerun_resumes_the_ray_run_of_the_same_model_and_no_other():
 
     base = Params()
     placed = base.model_copy(update={"train": base.train.model_copy(update={
-        "num_workers": 3, "storage_path": "s3://ray/x", "max_failures": 0, "ray_address": "head:6379"})})
+        "num_workers": 3, "storage_path": "s3://ray/x", "max_failures": 0, "ray_address": "head:6379",
+        "checkpoint_seconds": 60.0})})
     assert run_name(placed) == run_name(base)
     for section, change in (("train", {"epochs": base.train.epochs + 1}), ("train", {"seed": 1}),
                             ("model", {"latent_dim": base.model.latent_dim + 1}), ("data", {"val_size": 999})):
@@ -100,6 +102,39 @@ def test_a_graph_that_cannot_be_prepared_names_the_eager_way_out():
     with pytest.raises(RuntimeError, match=r"training step's CUDA graph failed: .*shapes(.|\n)*"
                                            r"train.cuda_graph: false trains this worker eagerly"):
         graphed_epoch(trainer, torch.zeros((8, 10), dtype=torch.uint8))
+
+
+def test_a_checkpoint_waits_for_checkpoint_seconds_except_after_the_last_epoch():
+    def due(epoch: int, seconds: float, since: float) -> bool:
+        params = Params.model_validate({"train": {"epochs": 5, "checkpoint_seconds": seconds}})
+        worker = Worker(params, None, None, SimpleNamespace(device=torch.device("cpu")), None, 0, None, None, None,
+                        last_checkpoint=time.monotonic() - since)
+        return worker.checkpoint_due(epoch)
+
+    assert not due(0, seconds=2, since=0.5) and due(0, seconds=2, since=2.5)
+    assert due(4, seconds=2, since=0)  # the last epoch's: what the driver reads the model from
+    assert due(0, seconds=0, since=0)  # 0: every epoch
+
+
+def _agree(rank: int, port: int, flags: tuple, out) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    out.put((rank, [_agreed(flag, torch.device("cpu")) for flag in flags[rank]]))
+    torch.distributed.destroy_process_group()
+
+
+def test_every_rank_takes_rank_0s_decision_to_checkpoint():
+    """Ranks whose clocks disagree must still report to Ray together: rank 0 decides, over a
+    real two-process Gloo group."""
+    context = torch.multiprocessing.get_context("spawn")
+    out, flags = context.Queue(), ((True, False), (False, True))  # rank: its own flags
+    port = free_port()
+    processes = [context.Process(target=_agree, args=(rank, port, flags, out)) for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    results = dict(out.get(timeout=120) for _ in processes)
+    for process in processes:
+        process.join(timeout=60)
+    assert results == {0: [True, False], 1: [True, False]}
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +215,7 @@ def test_a_lost_node_is_survived_to_the_same_model(tmp_path, mnist_dir, uninterr
         run_ = INTERRUPTED_RUN
         (project / "params.yaml").write_text(yaml.safe_dump({
             "data": {"val_size": 200, "max_train_images": run_["images"]}, "model": run_["model"],
-            "train": {**{k: run_[k] for k in ("epochs", "batch_size", "num_workers")}, "max_failures": 1,
+            "train": {**{k: run_[k] for k in TRAIN_KEYS}, "max_failures": 1,
                       "storage_path": str(storage)}}))
         env = {**os.environ, "RAY_ADDRESS": address, **FAST_FAILURE_DETECTION}
         env.pop("MLFLOW_TRACKING_URI", None)
