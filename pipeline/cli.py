@@ -15,8 +15,10 @@ from pathlib import Path
 
 from pipeline.params import ParamsError
 from pipeline.ray_connect import PlacementError
+from pipeline.registry import GraphError
 from pipeline.sweep import SweepError
 from vae.data import DataError
+from vae.model import ModelFileError
 
 STAGES = {
     "fetch": "download MNIST and check it byte for byte",
@@ -130,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             print(environment.describe())
         else:
             importlib.import_module(f"pipeline.{args.command}").main()
-    except (ParamsError, DataError, FileNotFoundError, LookupError, ConnectionError, SweepError, PlacementError) as e:
+    except (ParamsError, DataError, ModelFileError, GraphError, FileNotFoundError, LookupError, ConnectionError,
+            SweepError, PlacementError) as e:
         print(f"vae {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

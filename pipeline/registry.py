@@ -28,6 +28,10 @@ FOLDER_FILES = ("decoder.onnx", "encoder.onnx", "score.onnx")
 REGISTERED_FILES = ("model.onnx", "extra_files/encoder.onnx", "extra_files/score.onnx")
 
 
+class GraphError(ValueError):
+    """A file that should hold an ONNX graph and does not: cut short, corrupted, or something else."""
+
+
 @dataclass(frozen=True)
 class ModelFiles:
     """The export stage's graphs, as files or as bytes (a replica on another node): the
@@ -46,10 +50,17 @@ class ModelFiles:
         """Each graph as one self-contained serialisation: weights an ONNX file keeps in an
         external data file beside it (as MLflow's flavor logged them by default) are inlined,
         since a session opened on bytes has no folder to look for them in."""
-        import onnx
+        return ModelFiles(*(_graph_bytes(f) if isinstance(f, Path) else f for f in astuple(self)))
 
-        return ModelFiles(*(onnx.load(str(f)).SerializeToString() if isinstance(f, Path) else f
-                            for f in astuple(self)))
+
+def _graph_bytes(path: Path) -> bytes:
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        return onnx.load(str(path)).SerializeToString()
+    except DecodeError as e:
+        raise GraphError(f"{path}: not an ONNX graph, cut short or corrupted ({e})") from None
 
 
 # What loading the logged decoder needs, named rather than inferred, at uv.lock's versions:

@@ -9,7 +9,7 @@ from torch.distributions import Bernoulli, Normal
 from pipeline import compat
 from vae import rng
 from vae.densities import gaussian_kl, gaussian_log_prob
-from vae.model import VAE, ImageDecoder, ImageEncoder, ImageScore, VAEConfig
+from vae.model import VAE, ImageDecoder, ImageEncoder, ImageScore, ModelFileError, VAEConfig
 from vae.objectives import draw_noise, elbo_terms, iwae_log_lik, iwae_terms
 
 
@@ -37,6 +37,54 @@ def test_checkpoint_loads_with_weights_only(model):
     assert restored.config == model.config
     z = torch.randn(2, 8)
     torch.testing.assert_close(restored.decoder(z), model.decoder(z))
+
+
+class _RunsCode:
+    """A pickle that runs code when unpickled: it would create the file it names."""
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _saved(checkpoint) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    return buffer.getvalue()
+
+
+def _edited(model, section: str, **changes) -> dict:
+    checkpoint = model.to_checkpoint()
+    checkpoint[section] = {**checkpoint[section], **changes}
+    return checkpoint
+
+
+@pytest.mark.parametrize("contents, message", [
+    (lambda m, tmp: b"", "not a readable model file, cut short or corrupted"),
+    (lambda m, tmp: _saved(m.to_checkpoint())[:3000], "not a readable model file, cut short or corrupted"),
+    (lambda m, tmp: b"not a model at all", "torch's weights-only loader refused it (Unsupported operand"),
+    (lambda m, tmp: _saved({"config": {}, "state_dict": _RunsCode(tmp / "ran")}),
+     "refused it (Unsupported global: GLOBAL io.open was not an allowed global by default), and nothing in it "
+     "was unpickled"),
+    (lambda m, tmp: _saved({"model": m.state_dict()}), "not a model file (it has no 'config' and 'state_dict'"),
+    (lambda m, tmp: _saved(_edited(m, "config", arch="resnet")),
+     "its config is not a VAE's (model.arch: unknown architecture 'resnet'"),
+    (lambda m, tmp: _saved(_edited(m, "config", depth=3)), "its config is not a VAE's (VAEConfig.__init__() got an "
+     "unexpected keyword argument 'depth')"),
+    (lambda m, tmp: _saved(_edited(m, "config", latent_dim=9)), "its weights do not fit its config (Error(s) in "
+     "loading state_dict for VAE: size mismatch for encoder.head.weight"),
+], ids=["empty", "cut short", "not torch's", "runs code", "no config", "bad arch", "unknown key", "misshapen"])
+def test_a_file_that_is_not_a_saved_model_is_named_with_what_is_wrong(model, tmp_path, contents, message):
+    path = tmp_path / "vae.pt"
+    path.write_bytes(contents(model, tmp_path))
+    with pytest.raises(ModelFileError) as error:
+        VAE.load(path)
+    assert str(error.value).startswith(f"{path}: ") and message in str(error.value)
+    assert len(str(error.value)) < 400 and "\n" not in str(error.value)  # one line, not torch's pages of advice
+    assert not (tmp_path / "ran").exists()
+    path.write_bytes(_saved(model.to_checkpoint()))  # the same path with a saved model loads
+    assert VAE.load(path).config == model.config
 
 
 def test_unknown_architecture_is_named():

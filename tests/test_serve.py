@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from pipeline.export import export_decoder, export_encoder, export_score
+from pipeline.registry import GraphError, ModelFiles
 from pipeline.serve.ray_serve import replica_gpus
-from pipeline.serve.session import CUDA_FROM_BATCH, BySize, open_session
+from pipeline.serve.session import CUDA_FROM_BATCH, BySize, open_models, open_session
 from vae.model import VAE, ImageDecoder, ImageEncoder, ImageScore, VAEConfig
 
 from helpers import BIN, free_port, vae_serve
@@ -240,9 +241,6 @@ def test_huge_pngs_infinite_binary_tensors_and_bad_seeds_are_refused(server):
 
 
 def test_graphs_of_different_models_are_refused_naming_the_sizes(decoder_and_onnx, tmp_path):
-    from pipeline.registry import ModelFiles
-    from pipeline.serve.session import open_models
-
     export_encoder(VAE(VAEConfig(latent_dim=LATENT + 1, hidden_dims=(8,))), tmp_path / "encoder.onnx", opset=18)
     with pytest.raises(LookupError, match=f"the encoder's latent size {LATENT + 1} is not the decoder's {LATENT}"):
         open_models(ModelFiles(decoder_and_onnx[1], tmp_path / "encoder.onnx"), max_batch=4)
@@ -253,8 +251,6 @@ def test_a_graph_with_its_weights_beside_it_travels_to_a_replica_whole(decoder_a
     in a data file beside it (MLflow's flavor logged the registry's decoder so by default):
     those weights go inline, and the bytes decode alone as the file does."""
     import onnx
-
-    from pipeline.registry import ModelFiles
 
     onnx.save_model(onnx.load(str(decoder_and_onnx[1])), str(tmp_path / "model.onnx"), save_as_external_data=True,
                     location="model.data", size_threshold=0)
@@ -282,6 +278,39 @@ def test_a_decoder_alone_serves_and_says_where_the_encoder_is(decoder_and_onnx, 
 def test_missing_model_file_is_a_clear_error(tmp_path):
     result = subprocess.run([str(BIN / "vae"), "serve", str(tmp_path / "none.onnx")], capture_output=True, text=True)
     assert result.returncode == 2 and "none.onnx: no such ONNX model" in result.stderr
+
+
+def _cut_short(folder, name: str):
+    """A copy of the export stage's folder with graph `name` cut short, as a failed copy leaves it."""
+    shutil.copytree(folder, folder.parent / "copy")
+    graph = folder.parent / "copy" / name
+    graph.write_bytes(graph.read_bytes()[:2000])
+    return graph
+
+
+@pytest.mark.parametrize("name", ["decoder.onnx", "encoder.onnx", "score.onnx"])
+def test_a_graph_cut_short_is_named_by_its_file(decoder_and_onnx, tmp_path, name):
+    shutil.copytree(decoder_and_onnx[1].parent, tmp_path / "models")
+    graph = _cut_short(tmp_path / "models", name)
+    files = ModelFiles.in_folder(graph.parent)
+    with pytest.raises(GraphError, match=f"^{graph}: not an ONNX graph onnxruntime can open .*INVALID_PROTOBUF"):
+        open_models(files, 8)
+    with pytest.raises(GraphError, match=f"^{graph}: not an ONNX graph, cut short or corrupted"):
+        files.read()  # what `vae serve --ray` sends its replicas
+    with pytest.raises(GraphError, match="^vae-decoder's graph: not an ONNX graph onnxruntime can open"):
+        open_models(ModelFiles(graph.read_bytes()), 8)  # bytes, as a replica gets them
+
+
+@pytest.mark.integration  # runs `vae serve`, which stops before it serves
+@pytest.mark.parametrize("ray", [False, True], ids=["serve", "serve --ray"])
+def test_a_graph_cut_short_stops_serve_before_anything_starts(decoder_and_onnx, tmp_path, ray):
+    shutil.copytree(decoder_and_onnx[1].parent, tmp_path / "models")
+    graph = _cut_short(tmp_path / "models", "score.onnx")
+    result = subprocess.run([str(BIN / "vae"), "serve", *(["--ray"] if ray else []), str(graph.parent)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()  # the error alone: no traceback, no Ray or Serve started
+    assert line.startswith(f"vae serve: error: {graph}: not an ONNX graph")
 
 
 @pytest.mark.parametrize("command, flag, value, message", [

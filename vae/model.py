@@ -14,6 +14,8 @@ state_dict plus `asdict(config)`: no pickled classes, loadable with weights_only
 from __future__ import annotations
 
 import math
+import pickle
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -35,6 +37,10 @@ CONV_FLAT = CONV_CHANNELS[-1] * 7 * 7
 PRIORS = ("standard", "vamp")
 # With a second stochastic layer, how it is wired (see the module's docstring).
 MID_LAYOUTS = ("chain", "top_down")
+
+
+class ModelFileError(ValueError):
+    """A file that is not a saved model: unreadable, cut short, or holding something else."""
 
 
 @dataclass(frozen=True)
@@ -340,8 +346,38 @@ class VAE(nn.Module):
 
     @classmethod
     def load(cls, path) -> "VAE":
-        """The model `vae train` saved at path, in eval mode (weights only: nothing unpickled)."""
-        return cls.from_checkpoint(torch.load(path, map_location="cpu", weights_only=True)).eval()
+        """The model `vae train` saved at path, in eval mode (weights only: nothing unpickled).
+        A file that is not one is a ModelFileError naming the file and what is wrong with it."""
+        try:
+            with warnings.catch_warnings():  # torch's advice on a pickle protocol it was not written with
+                warnings.simplefilter("ignore", UserWarning)
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except pickle.UnpicklingError as e:  # unknown bytes, or objects beyond tensors and plain data
+            detail = str(e).partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0]
+            raise ModelFileError(f"{path}: not a model file: torch's weights-only loader refused it "
+                                 f"({_gist(detail or e)}), and nothing in it was unpickled") from None
+        except (RuntimeError, EOFError, OSError) as e:
+            reason = f" ({_gist(e)})" if str(e) else ""
+            raise ModelFileError(f"{path}: not a readable model file, cut short or corrupted{reason}") from None
+        if not (isinstance(checkpoint, dict) and {"config", "state_dict"} <= checkpoint.keys()):
+            raise ModelFileError(f"{path}: not a model file (it has no 'config' and 'state_dict', as a saved "
+                                 f"VAE has)")
+        try:
+            return cls.from_checkpoint(checkpoint).eval()
+        except (TypeError, ValueError) as e:  # VAEConfig's: an unknown key, a bad value
+            raise ModelFileError(f"{path}: its config is not a VAE's ({_gist(e)})") from None
+        except RuntimeError as e:  # load_state_dict's: missing, unexpected or misshapen weights
+            raise ModelFileError(f"{path}: its weights do not fit its config ({_gist(e)})") from None
+
+
+def _gist(error: Exception, limit: int = 200) -> str:
+    """A library's error in a line: its first sentence, at most `limit` characters (torch's go
+    on for lines of advice, or list every missing weight)."""
+    text = " ".join(str(error).split())
+    text = text.split(". ")[0]
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _detached(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -46,14 +46,15 @@ def deployment(graphs: ModelFiles, max_batch: int, replicas: int, replica_cpus: 
 
 def run(files: ModelFiles, source: str, host: str, port: int, max_batch: int, replicas: int,
         replica_cpus: float = 1.0) -> None:
-    connect_ray(num_workers=replicas)  # first: it decides the local Ray's auth before ray is imported
+    graphs = files.read()  # before Ray starts: a file that holds no graph fails in a moment
+    connect_ray(num_workers=replicas)  # first of Ray: it decides the local Ray's auth before ray is imported
     from ray import serve
 
     nodes = node_resources()
     gpus = replica_gpus(nodes, replicas)
     require_room(nodes, replicas, replica_cpus, gpus, None, "replica", "--replicas, --replica-cpus")
     serve.start(http_options={"host": host, "port": port})
-    serve.run(deployment(files.read(), max_batch, replicas, replica_cpus, gpus), name=DEPLOYMENT,
+    serve.run(deployment(graphs, max_batch, replicas, replica_cpus, gpus), name=DEPLOYMENT,
               route_prefix="/")
     held = f", {gpus:g} GPU each" if gpus else ""
     print(f"serve: {replicas} Ray Serve replicas of {source} on http://{host}:{port}{held}", flush=True)

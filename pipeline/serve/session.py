@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf
 
-from pipeline.registry import ENCODER_NAME, MODEL_NAME, SCORE_NAME, ModelFiles
+from pipeline.registry import ENCODER_NAME, MODEL_NAME, SCORE_NAME, GraphError, ModelFiles
 
 # The smallest batch sent to the CUDA session; below it, the CPU's (see the module's note).
 CUDA_FROM_BATCH = 32
@@ -222,14 +223,27 @@ def score_noise(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+# What onnxruntime raises for a file that holds no graph it can run (each derives from Exception alone).
+_UNREADABLE = (InvalidProtobuf, InvalidGraph, Fail)
+
+
+def _open(kind: type[OnnxModel], graph: Path | bytes, max_batch: int) -> OnnxModel:
+    """kind's model on the graph; a file onnxruntime cannot open is a GraphError naming it."""
+    try:
+        return kind(graph, max_batch)
+    except _UNREADABLE as e:
+        where = graph if isinstance(graph, Path) else f"{kind.name}'s graph"
+        raise GraphError(f"{where}: not an ONNX graph onnxruntime can open ({e})") from None
+
+
 def open_models(files: ModelFiles, max_batch: int) -> dict[str, OnnxModel]:
     """The served models by their protocol names; an encoder or score graph whose latent or
     image size does not fit the decoder's is a LookupError (`vae serve` reports it) naming both."""
-    models = {MODEL_NAME: DecoderModel(files.decoder, max_batch)}
+    models = {MODEL_NAME: _open(DecoderModel, files.decoder, max_batch)}
     if files.encoder is not None:
-        models[ENCODER_NAME] = EncoderModel(files.encoder, max_batch)
+        models[ENCODER_NAME] = _open(EncoderModel, files.encoder, max_batch)
     if files.score is not None:
-        models[SCORE_NAME] = ScoreModel(files.score, max_batch)
+        models[SCORE_NAME] = _open(ScoreModel, files.score, max_batch)
     latent = models[MODEL_NAME].latent_dim
     if ENCODER_NAME in models and models[ENCODER_NAME].outputs["mu"][1] != latent:
         raise LookupError(f"the encoder's latent size {models[ENCODER_NAME].outputs['mu'][1]} is not the decoder's "
