@@ -22,7 +22,7 @@ import torch
 from filelock import FileLock
 
 from pipeline import registry, tracking
-from pipeline.files import Layout, atomic_dir, atomic_path, write_json
+from pipeline.files import Layout, atomic_dir, atomic_path, read_json, write_json
 from pipeline.params import ExportParams, load_params
 from pipeline.serve.session import LATENT_MAP, LATENT_ORDER, LATENT_SPREAD, PRIOR_MIXTURE, BySize
 from pipeline.summary import summary
@@ -76,7 +76,7 @@ def latent_metadata(layout: Layout) -> dict[str, str]:
     stage's per-dimension spread (most used first) and latent map, where they exist."""
     recorded = {}
     if layout.latent_stats.exists():
-        stats = json.loads(layout.latent_stats.read_text())
+        stats = read_json(layout.latent_stats, "order", "spread")
         recorded |= {LATENT_ORDER: json.dumps(stats["order"]), LATENT_SPREAD: json.dumps(stats["spread"])}
     if layout.latent_plot.exists():
         recorded[LATENT_MAP] = base64.b64encode(layout.latent_plot.read_bytes()).decode()
@@ -207,6 +207,8 @@ def main() -> None:
     client, run_id = tracking.open_run(layout)
     with tracking.failing_marks(client, run_id):
         model = VAE.load(layout.model)
+        # Read first: what decides the champion must be there before any graph is written.
+        neg_elbo = read_json(layout.eval_metrics, "neg_elbo")["neg_elbo"]
         decoder, latent_dim = ImageDecoder(model), model.config.latent_dim
         with atomic_path(layout.decoder_onnx) as tmp:
             export_decoder(decoder, latent_dim, tmp, params.export.opset)
@@ -226,7 +228,6 @@ def main() -> None:
         z = np.zeros((1, latent_dim), dtype=np.float32)
         with torch.no_grad():
             images = decoder(torch.from_numpy(z)).numpy()
-        neg_elbo = json.loads(layout.eval_metrics.read_text())["neg_elbo"]
         # Experiments exporting at once: each compares with the champion and moves it in turn.
         with FileLock(layout.registry_lock):
             version = registry.log_graphs(layout, run_id, z, images)

@@ -114,3 +114,21 @@ def write_bytes(path: Path, data: bytes) -> None:
 
 def write_json(path: Path, obj: object) -> None:
     write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+class StageFileError(ValueError):
+    """A file one stage wrote for a later one is missing, not JSON, or lacks what it holds."""
+
+
+def read_json(path: Path, *keys: str) -> dict:
+    """The JSON object a stage wrote at path, with at least `keys` in it."""
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StageFileError(f"{path}: missing; `dvc repro` writes it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StageFileError(f"{path}: not JSON ({e}); `dvc repro` writes it again") from None
+    missing = [key for key in keys if not isinstance(value, dict) or key not in value]
+    if missing:
+        raise StageFileError(f"{path}: has no {', '.join(map(repr, missing))}; `dvc repro` writes it again")
+    return value

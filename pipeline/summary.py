@@ -1,18 +1,17 @@
 """`vae summary`: where the pipeline's results are, and how to browse them."""
 from __future__ import annotations
 
-import json
-
 from pipeline import tracking
-from pipeline.files import Layout
+from pipeline.files import Layout, read_json
 
 
-def _read(path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _read(path, *keys: str) -> dict:
+    return read_json(path, *keys) if path.is_file() else {}
 
 
 def summary(layout: Layout) -> str:
-    ev, run = _read(layout.eval_metrics), _read(layout.mlflow_run)
+    ev = _read(layout.eval_metrics, "neg_elbo", "recon", "kl", "iwae_k", "nll_iwae")
+    run = _read(layout.mlflow_run, "run_id", "experiment")
     lines = ["", "Results:"]
     if ev:
         lines.append(f"  test -ELBO {ev['neg_elbo']:.2f} nats/image (recon {ev['recon']:.2f}, KL {ev['kl']:.2f}); "

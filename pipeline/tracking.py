@@ -7,7 +7,6 @@ Tracking URI: $MLFLOW_TRACKING_URI, else an absolute sqlite:/// file in the repo
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -22,7 +21,7 @@ import yaml
 from filelock import FileLock
 
 from pipeline import compat, environment
-from pipeline.files import Layout, write_json
+from pipeline.files import Layout, read_json, write_json
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "vae-mnist"
@@ -118,7 +117,7 @@ def open_run(layout: Layout) -> tuple["MlflowClient", str]:  # noqa: F821
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    recorded = json.loads(layout.mlflow_run.read_text())["run_id"]
+    recorded = read_json(layout.mlflow_run, "run_id")["run_id"]
     client = MlflowClient(tracking_uri(layout))
     try:
         client.get_run(recorded)

@@ -205,3 +205,34 @@ def test_every_session_the_server_opens_is_checked(tmp_path):
     assert check("decoder.onnx", "decoder.onnx")["providers"] == ["CPUExecutionProvider"] * 2
     with pytest.raises(ParityError, match=r"the decoder on CPUExecutionProvider: .* at batch 1 "):
         check("decoder.onnx", "moved.onnx")
+
+
+def test_an_eval_metrics_file_cut_short_stops_export_before_it_writes_a_graph(tmp_path, monkeypatch):
+    """metrics/eval.json decides the champion: cut short, the stage names it and writes nothing,
+    and its MLflow run is marked FAILED with that error."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from pipeline import export
+    from pipeline.files import Layout, StageFileError
+
+    from helpers import ROOT
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    shutil.copy(ROOT / "params.yaml", tmp_path)
+    layout = Layout()
+    layout.model.parent.mkdir()
+    torch.save(VAE(VAEConfig(latent_dim=LATENT, hidden_dims=(32,))).to_checkpoint(), layout.model)
+    layout.mlflow_run.write_text('{"run_id": "0123456789abcdef"}')
+    layout.eval_metrics.parent.mkdir()
+    layout.eval_metrics.write_text('{"neg_elbo": ')
+    with pytest.raises(StageFileError, match=f"^{layout.eval_metrics}: not JSON"):
+        export.main()
+    assert sorted(p.name for p in layout.model.parent.iterdir()) == ["mlflow_run.json", "vae.pt"]
+    assert sorted(p.name for p in layout.eval_metrics.parent.iterdir()) == ["eval.json"]
+    client = MlflowClient(f"sqlite:///{layout.mlflow_db}")
+    [run] = client.search_runs([client.get_experiment_by_name("vae-mnist").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["error"].startswith("StageFileError: ")

@@ -1,7 +1,7 @@
 """pipeline/files.py: outputs are replaced whole or not at all."""
 import pytest
 
-from pipeline.files import Layout, atomic_dir, atomic_path
+from pipeline.files import Layout, StageFileError, atomic_dir, atomic_path, read_json
 
 
 def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -69,3 +69,22 @@ def test_stores_resolve_to_the_repository_dvc_names(tmp_path, monkeypatch):
     assert layout.ray_results == repo / ".ray_results" and layout.mlflow_artifacts == repo / "mlartifacts"
     monkeypatch.delenv("DVC_ROOT")
     assert Layout().mlflow_db == copy / "mlflow.db"  # outside DVC: the current directory
+
+
+@pytest.mark.parametrize("text, message", [
+    (None, "missing; `dvc repro` writes it"),
+    ('{"run_id": ', "not JSON (Expecting value: line 1 column 12 (char 11)); `dvc repro` writes it again"),
+    ("\xff", "not JSON ("),
+    ('{"experiment": "vae-mnist"}', "has no 'run_id'; `dvc repro` writes it again"),
+    ('["run_id"]', "has no 'run_id'"),
+])
+def test_a_file_one_stage_wrote_for_another_is_named_when_it_is_not_what_was_written(tmp_path, text, message):
+    path = tmp_path / "mlflow_run.json"
+    if text is not None:
+        path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(StageFileError) as error:
+        read_json(path, "run_id")
+    assert str(error.value).startswith(f"{path}: {message}")
+    path.write_text('{"run_id": "abc", "experiment": "vae-mnist"}')
+    assert read_json(path, "run_id") == {"run_id": "abc", "experiment": "vae-mnist"}
+
