@@ -18,6 +18,7 @@ from pipeline.params import ParamsError
 from pipeline.ray_connect import PlacementError
 from pipeline.registry import GraphError
 from pipeline.sweep import SweepError
+from pipeline.train_worker import CheckpointError
 from vae.data import DataError
 from vae.model import ModelFileError
 
@@ -133,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             print(environment.describe())
         else:
             importlib.import_module(f"pipeline.{args.command}").main()
-    except (ParamsError, DataError, ModelFileError, GraphError, StageFileError, FileNotFoundError, LookupError,
-            ConnectionError, SweepError, PlacementError) as e:
+    except (ParamsError, DataError, ModelFileError, GraphError, StageFileError, CheckpointError, FileNotFoundError,
+            LookupError, ConnectionError, SweepError, PlacementError) as e:
         print(f"vae {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

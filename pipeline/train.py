@@ -28,7 +28,7 @@ from pipeline.ray_connect import (
     torch_trainer,
     workers_for,
 )
-from pipeline.train_worker import TrainState, WorkerContext, train_loop_per_worker
+from pipeline.train_worker import CheckpointError, TrainState, WorkerContext, train_loop_per_worker
 from vae.data import load_split
 from vae.model import VAE
 
@@ -63,6 +63,7 @@ def load_training_data(layout: Layout, params: Params):
 def fit(layout: Layout, params: Params, run_id: str) -> TrainState:
     """Run the TorchTrainer; return the final training state from its last checkpoint."""
     import ray
+    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
     connect_ray(params.train.num_workers, params.train.ray_address)
@@ -89,9 +90,16 @@ def fit(layout: Layout, params: Params, run_id: str) -> TrainState:
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=params.train.max_failures),
                              logging_config=LoggingConfig(log_level="WARNING")))
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.WorkerGroupError as e:
+        # A checkpoint no rerun can resume from: the workers' own words, not Ray's tracebacks.
+        unreadable = [error for error in e.worker_failures.values() if isinstance(error, CheckpointError)]
+        if unreadable:
+            raise unreadable[0] from None
+        raise
     with result.checkpoint.as_directory() as path:
-        state = TrainState.from_checkpoint(torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True))
+        state = TrainState.from_checkpoint(train_worker.load_checkpoint(Path(path), result.checkpoint.path))
     state.device, state.workers = "cuda" if use_gpu else "cpu", workers
     return state
 

@@ -6,6 +6,8 @@ a rerun of the same params and code, resumes from the last one.
 from __future__ import annotations
 
 import logging
+import os
+import pickle
 import tempfile
 import time
 import warnings
@@ -20,7 +22,7 @@ from pipeline import compat, tracking
 from pipeline.params import Params
 from vae.cuda_graph import GraphedTrainer
 from vae.data import to_float
-from vae.model import VAE
+from vae.model import VAE, gist
 from vae.training import Shard, Trainer, to_host, validate, validation_set
 
 
@@ -229,10 +231,24 @@ def _restore(trainer: Trainer) -> TrainState:
     if checkpoint is None:
         return TrainState()
     with checkpoint.as_directory() as path:
-        saved = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+        saved = load_checkpoint(Path(path), checkpoint.path)
     trainer.model.load_state_dict(saved["model"])
     trainer.load_state_dict(saved)
     return TrainState.from_checkpoint(saved)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint of the Ray run that cannot be read, which every rerun would resume from."""
+
+
+def load_checkpoint(folder: Path, where: str) -> dict:
+    """What _report saved in a checkpoint's folder (a local copy of the checkpoint at `where`)."""
+    try:
+        return torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"Ray's checkpoint {where} cannot be read ({gist(e) or type(e).__name__}). A rerun "
+                              f"resumes from the run's latest checkpoint: delete the run's folder, "
+                              f"{os.path.dirname(where)}, to train from the start") from None
 
 
 def _report(state: TrainState, trainer: Trainer, metrics: dict) -> None:

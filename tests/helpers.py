@@ -145,15 +145,17 @@ SMALL_MODEL = {"latent_dim": 8, "hidden_dims": [128]}
 
 
 def fit_in_folder(root: Path, mnist_dir: Path, model: dict = SMALL_MODEL, **train_params):
-    """pipeline.train.fit() in a fresh project folder (own MLflow store and Ray storage),
-    with small data; returns the final training state."""
+    """pipeline.train.fit() in a project folder (own MLflow store and Ray storage; a folder
+    used before keeps its Ray storage, as a rerun would), with small data; returns the final
+    training state."""
     from pipeline import tracking
     from pipeline.files import Layout
     from pipeline.params import Params
     from pipeline.train import fit
 
-    (root / "data").mkdir(parents=True)
-    (root / "data" / "mnist").symlink_to(mnist_dir)
+    if not (root / "data" / "mnist").exists():
+        (root / "data").mkdir(parents=True)
+        (root / "data" / "mnist").symlink_to(mnist_dir)
     layout = Layout(root)
     empty_mlflow_store(layout.mlflow_db)
     params = Params.model_validate({

@@ -1,5 +1,6 @@
 """pipeline/train.py under a real Ray cluster: the same model whatever the worker count,
 and training that survives a whole node lost mid-run (its training worker with it)."""
+import io
 import json
 import os
 import shutil
@@ -15,7 +16,15 @@ from mlflow import MlflowClient
 
 from pipeline import compat
 from pipeline.params import Params
-from pipeline.train_worker import Worker, _agreed, compile_model, graphed_epoch, uses_cuda_graph
+from pipeline.train_worker import (
+    CheckpointError,
+    Worker,
+    _agreed,
+    compile_model,
+    graphed_epoch,
+    load_checkpoint,
+    uses_cuda_graph,
+)
 from vae.model import VAE, VAEConfig
 from vae.training import TrainConfig, Trainer
 
@@ -135,6 +144,34 @@ def test_every_rank_takes_rank_0s_decision_to_checkpoint():
     for process in processes:
         process.join(timeout=60)
     assert results == {0: [True, False], 1: [True, False]}
+
+
+def test_a_checkpoint_that_cannot_be_read_names_itself_and_how_to_start_afresh(tmp_path):
+    folder = tmp_path / "vae-0123456789ab" / "checkpoint_2026-12-06_10-00-00.000000"
+    folder.mkdir(parents=True)
+    buffer = io.BytesIO()
+    torch.save({"epoch": 1, "model": VAE(VAEConfig(latent_dim=2, hidden_dims=(8,))).state_dict()}, buffer)
+    (folder / "state.pt").write_bytes(buffer.getvalue())
+    assert load_checkpoint(folder, str(folder))["epoch"] == 1
+    (folder / "state.pt").write_bytes(buffer.getvalue()[:1000])  # cut short
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(folder, str(folder))
+    assert str(error.value).startswith(f"Ray's checkpoint {folder} cannot be read (")
+    assert str(error.value).endswith(f"delete the run's folder, {folder.parent}, to train from the start")
+
+
+@pytest.mark.integration  # two Ray Train runs
+def test_a_rerun_stops_at_a_checkpoint_that_cannot_be_read_with_the_workers_error(tmp_path, mnist_dir,
+                                                                                   ray_address):
+    """The worker's CheckpointError reaches the driver as itself (`vae train` prints it in a line), not
+    wrapped in Ray's WorkerGroupError."""
+    run = {"images": 64, "num_workers": 1, "max_failures": 0}
+    train(tmp_path, mnist_dir, "run", **run)
+    # One epoch, one checkpoint (beside Ray's checkpoint_manager_snapshot.json).
+    [checkpoint] = [p for p in (tmp_path / "run" / ".ray_results").glob("vae-*/checkpoint_*") if p.is_dir()]
+    (checkpoint / "state.pt").write_bytes((checkpoint / "state.pt").read_bytes()[:2000])
+    with pytest.raises(CheckpointError, match=f"^Ray's checkpoint {checkpoint} cannot be read"):
+        train(tmp_path, mnist_dir, "run", **run)
 
 
 @pytest.fixture(scope="module")

@@ -357,9 +357,9 @@ class VAE(nn.Module):
         except pickle.UnpicklingError as e:  # unknown bytes, or objects beyond tensors and plain data
             detail = str(e).partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0]
             raise ModelFileError(f"{path}: not a model file: torch's weights-only loader refused it "
-                                 f"({_gist(detail or e)}), and nothing in it was unpickled") from None
+                                 f"({gist(detail or e)}), and nothing in it was unpickled") from None
         except (RuntimeError, EOFError, OSError) as e:
-            reason = f" ({_gist(e)})" if str(e) else ""
+            reason = f" ({gist(e)})" if str(e) else ""
             raise ModelFileError(f"{path}: not a readable model file, cut short or corrupted{reason}") from None
         if not (isinstance(checkpoint, dict) and {"config", "state_dict"} <= checkpoint.keys()):
             raise ModelFileError(f"{path}: not a model file (it has no 'config' and 'state_dict', as a saved "
@@ -367,12 +367,12 @@ class VAE(nn.Module):
         try:
             return cls.from_checkpoint(checkpoint).eval()
         except (TypeError, ValueError) as e:  # VAEConfig's: an unknown key, a bad value
-            raise ModelFileError(f"{path}: its config is not a VAE's ({_gist(e)})") from None
+            raise ModelFileError(f"{path}: its config is not a VAE's ({gist(e)})") from None
         except RuntimeError as e:  # load_state_dict's: missing, unexpected or misshapen weights
-            raise ModelFileError(f"{path}: its weights do not fit its config ({_gist(e)})") from None
+            raise ModelFileError(f"{path}: its weights do not fit its config ({gist(e)})") from None
 
 
-def _gist(error: Exception, limit: int = 200) -> str:
+def gist(error: Exception, limit: int = 200) -> str:
     """A library's error in a line: its first sentence, at most `limit` characters (torch's go
     on for lines of advice, or list every missing weight)."""
     text = " ".join(str(error).split())
