@@ -36,9 +36,11 @@ def read_images(path: Path, model: OnnxModel) -> tuple[np.ndarray, list[str]]:
     a note for each PNG converted to 28x28 grey. IDX and .npy hold uint8 (0-255) or, for .npy,
     floats in [0, 1]; shaped (N, 28, 28) or (N, 784)."""
     notes = []
+    if path.is_dir():
+        raise InputError(f"{path}: a folder; image files are read (IDX, .npy or PNG)")
     try:
         if path.suffix.lower() == ".png":
-            x, note = png_image(path.read_bytes(), model)
+            x, note = png_image(path.read_bytes(), model, what="the file", hint="")
             notes += [f"{path}: {note}"] if note else []
             return x, notes
         array = np.load(path, allow_pickle=False) if path.suffix.lower() == ".npy" else read_idx(path)

@@ -81,6 +81,12 @@ def test_sample_writes_the_servers_grid_or_the_images(graphs, tmp_path):
         assert np.abs(np.asarray(grid, dtype=int) - np.asarray(want, dtype=int)).max() <= 1
 
 
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize("name, content, message", [
     ("labels-idx1-ubyte", encode_idx(np.zeros(3, dtype=np.uint8)), "shape [3]; images (N, 28, 28) or (N, 784)"),
     ("cut-idx3-ubyte", encode_idx(np.zeros((2, 28, 28), dtype=np.uint8))[:100], "truncated"),
@@ -88,11 +94,15 @@ def test_sample_writes_the_servers_grid_or_the_images(graphs, tmp_path):
     ("bright.npy", np.full((2, 784), 2.0), "images 0 to 1: x: values from 2 to 2"),
     ("ints.npy", np.zeros((2, 784), dtype=np.int64), "int64 values; uint8 (0-255) or floats in [0, 1]"),
     ("small.npy", np.zeros((2, 10, 10), dtype=np.uint8), "shape [2, 10, 10]"),
-    ("photo.png", b"\x89PNG\r\n\x1a\n not really", "not a PNG image"),
+    ("photo.png", b"\x89PNG\r\n\x1a\n not really", "photo.png: the file is not a PNG image"),
+    ("cut.png", _png()[:45], "cut.png: the file is not a readable PNG image: "),
+    ("folder", None, "folder: a folder; image files are read (IDX, .npy or PNG)"),
 ])
 def test_bad_inputs_are_named_and_leave_the_output_as_it_was(graphs, tmp_path, name, content, message):
     path = tmp_path / name
-    if isinstance(content, bytes):
+    if content is None:
+        path.mkdir()
+    elif isinstance(content, bytes):
         path.write_bytes(content)
     else:
         np.save(path, content)

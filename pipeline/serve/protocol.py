@@ -139,10 +139,15 @@ def json_images(body: bytes, model: OnnxModel) -> np.ndarray:
 MAX_PNG_PIXELS = 4096 * 4096
 
 
-def png_image(body: bytes, model: OnnxModel) -> tuple[np.ndarray, str | None]:
+PNG_HINT = ' (send a PNG as image/png, or JSON {"x": [[...]]})'
+
+
+def png_image(body: bytes, model: OnnxModel, what: str = "the body", hint: str = PNG_HINT
+              ) -> tuple[np.ndarray, str | None]:
     """A PNG body as one image x (1, 784) in [0, 1]; one that is not 28x28 grey is converted to
     grey and resized (bilinear) to 28x28, and the note returned says from what. MNIST's digits
-    are light on dark: a dark digit on white is taken as drawn, and scores as unlikely."""
+    are light on dark: a dark digit on white is taken as drawn, and scores as unlikely. An error
+    calls the bytes `what`, and one that is no PNG at all adds `hint`."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -151,9 +156,9 @@ def png_image(body: bytes, model: OnnxModel) -> tuple[np.ndarray, str | None]:
             raise ApiError(400, f"PNG of {image.width}x{image.height} pixels; at most {MAX_PNG_PIXELS} allowed")
         image.load()
     except UnidentifiedImageError:
-        raise ApiError(400, "the body is not a PNG image (send a PNG as image/png, or JSON {\"x\": [[...]]})") from None
+        raise ApiError(400, f"{what} is not a PNG image{hint}") from None
     except (OSError, SyntaxError, ValueError) as e:  # a PNG cut short or corrupt
-        raise ApiError(400, f"the body is not a readable PNG image: {e}") from None
+        raise ApiError(400, f"{what} is not a readable PNG image: {e}") from None
     note = None
     if image.size != (28, 28) or image.mode != "L":
         note = f"converted from a {image.width}x{image.height} {image.mode} PNG to 28x28 grey"
