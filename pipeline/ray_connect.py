@@ -6,7 +6,9 @@ import logging
 import math
 import os
 import secrets
+import socket
 import sys
+import urllib.parse
 
 from pipeline import compat
 
@@ -41,11 +43,32 @@ def connect_ray(num_workers: int | str = 1, address: str | None = None) -> None:
     quiet = {"logging_level": logging.WARNING, "log_to_driver": True,
              "logging_config": ray.LoggingConfig(log_level="ERROR")}
     if not local:
+        require_answer(address)
         ray.init(address=address, **quiet)
     else:
         # "local": a new Ray of our own, not whatever `ray start` last left on this machine.
         cpus = max(os.cpu_count() or 1, num_workers if isinstance(num_workers, int) else 1)
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
+
+
+def require_answer(address: str | None, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, naming the address and where it was set, when nothing listens at the
+    Ray cluster's address: ray.init would retry for minutes. "auto" and other addresses
+    without a port are left to Ray."""
+    target = address or os.environ.get("RAY_ADDRESS", "")
+    parts = urllib.parse.urlsplit(target if "://" in target else f"//{target}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a port that is not a number: Ray's own error says so
+        return
+    if not (host and port):
+        return
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        where = "train.ray_address" if address else "RAY_ADDRESS"
+        raise ConnectionError(f"no Ray cluster answers at {target} ({where}): {e}. Start it (`ray start --head`, "
+                              f"or `make up`), or unset {where} to start a Ray of this machine's own") from None
 
 
 def local_ray(address: str | None = None) -> bool:

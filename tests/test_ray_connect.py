@@ -7,7 +7,15 @@ import sys
 import pytest
 
 from pipeline.params import ParamsError
-from pipeline.ray_connect import PlacementError, gpu_workers, require_room, share_cpus, workers_fit, workers_for
+from pipeline.ray_connect import (
+    PlacementError,
+    gpu_workers,
+    require_answer,
+    require_room,
+    share_cpus,
+    workers_fit,
+    workers_for,
+)
 
 # A client that Ray refuses retries for ~20 s by default; 3 tries tell as much.
 QUICK_GIVE_UP = {"RAY_gcs_server_port_wait_time_s": "3"}
@@ -65,6 +73,21 @@ def test_auto_workers_are_one_per_gpu_else_one_per_node():
     assert workers_for("auto", nodes(16, 16, 0), 0) == 2  # a node without CPUs holds no worker
     assert workers_for("auto", nodes(16, 16), 4) == 4  # GPUs: one worker each
     assert workers_for(3, nodes(2), 0) == 3
+
+
+def test_an_address_where_no_ray_answers_is_named_in_seconds(monkeypatch, ray_address):
+    """ray.init retried such an address for minutes. Named with where it was set."""
+    from helpers import free_port
+
+    silent = f"127.0.0.1:{free_port()}"
+    monkeypatch.setenv("RAY_ADDRESS", silent)
+    with pytest.raises(ConnectionError, match=f"^no Ray cluster answers at {silent} \\(RAY_ADDRESS\\): .*unset "
+                                              f"RAY_ADDRESS to start a Ray of this machine's own$"):
+        require_answer(None)
+    with pytest.raises(ConnectionError, match=f"at ray://{silent} \\(train.ray_address\\)"):
+        require_answer(f"ray://{silent}")
+    for answered in (ray_address, "auto"):
+        require_answer(answered)  # a cluster that listens; an address Ray resolves itself
 
 
 def test_a_client_without_the_clusters_token_or_with_a_wrong_one_is_refused(ray_address):

@@ -313,6 +313,16 @@ def test_a_graph_cut_short_stops_serve_before_anything_starts(decoder_and_onnx, 
     assert line.startswith(f"vae serve: error: {graph}: not an ONNX graph")
 
 
+@pytest.mark.integration  # runs `vae serve --ray`, which stops before it serves
+def test_serve_on_a_ray_address_where_nothing_answers_names_it_in_seconds(decoder_and_onnx):
+    silent = f"127.0.0.1:{free_port()}"
+    result = subprocess.run([str(BIN / "vae"), "serve", "--ray", str(decoder_and_onnx[1].parent)], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "RAY_ADDRESS": silent})
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()  # before ray.init, which retried for minutes
+    assert line.startswith(f"vae serve: error: no Ray cluster answers at {silent} (RAY_ADDRESS): ")
+
+
 @pytest.mark.parametrize("command, flag, value, message", [
     ("serve", "--port", "70000", "must be 1 to 65535, not 70000"),  # uvicorn bound 4464 and reported 70000
     ("serve", "--port", "http", "'http' is not an integer"),
