@@ -12,6 +12,8 @@ def _read(path, *keys: str) -> dict:
 def summary(layout: Layout) -> str:
     ev = _read(layout.eval_metrics, "neg_elbo", "recon", "kl", "iwae_k", "nll_iwae")
     run = _read(layout.mlflow_run, "run_id", "experiment")
+    if not (ev or run or layout.model.exists()):
+        return f"\nResults: none yet in {layout.root}; `make repro` (or `dvc repro`) runs the pipeline"
     lines = ["", "Results:"]
     if ev:
         lines.append(f"  test -ELBO {ev['neg_elbo']:.2f} nats/image (recon {ev['recon']:.2f}, KL {ev['kl']:.2f}); "
@@ -22,9 +24,10 @@ def summary(layout: Layout) -> str:
             lines.append(f"  {label + ':':14}{path.relative_to(layout.root)}")
     if run:
         lines.append(f"  {'MLflow run:':14}{run['run_id']} (experiment {run['experiment']})")
-    lines += ["Browse the run:", f"  {tracking.browse_hint(layout)}",
-              "Serve the model (decoder, encoder, score):",
-              f"  vae serve {layout.decoder_onnx.parent.relative_to(layout.root)}/"]
+    lines += ["Browse the run:", f"  {tracking.browse_hint(layout)}"]
+    if layout.decoder_onnx.exists():
+        lines += ["Serve the model (decoder, encoder, score):",
+                  f"  vae serve {layout.decoder_onnx.parent.relative_to(layout.root)}/"]
     return "\n".join(lines)
 
 
