@@ -223,7 +223,8 @@ def score_noise(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-# What onnxruntime raises for a file that holds no graph it can run (each derives from Exception alone).
+# What onnxruntime raises when it cannot open a graph: a file cut short, corrupted or not ONNX (or, for
+# Fail, anything else it fails at); each derives from Exception alone.
 _UNREADABLE = (InvalidProtobuf, InvalidGraph, Fail)
 
 
@@ -233,7 +234,7 @@ def _open(kind: type[OnnxModel], graph: Path | bytes, max_batch: int) -> OnnxMod
         return kind(graph, max_batch)
     except _UNREADABLE as e:
         where = graph if isinstance(graph, Path) else f"{kind.name}'s graph"
-        raise GraphError(f"{where}: not an ONNX graph onnxruntime can open ({e})") from None
+        raise GraphError(f"{where}: onnxruntime cannot open it ({e})") from None  # ORT names the cause
 
 
 def open_models(files: ModelFiles, max_batch: int) -> dict[str, OnnxModel]:
