@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
+import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -41,17 +41,28 @@ def tracking_uri(layout: Layout) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{layout.mlflow_db}"
 
 
+def hide_credentials(text: str, uri: str | None = None) -> str:
+    """text with the credentials a tracking URI may carry (`https://user:password@host`, which
+    MLflow's client sends as basic auth) replaced by ***, for what is printed, tagged or written
+    to files; uri: $MLFLOW_TRACKING_URI unless given."""
+    userinfo = urllib.parse.urlsplit(uri or os.environ.get("MLFLOW_TRACKING_URI", "")).netloc.rpartition("@")[0]
+    return text.replace(f"{userinfo}@", "***@") if userinfo else text
+
+
 def require_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail in seconds, naming the URI, when an HTTP tracking server does not answer: before
-    any training starts, rather than after MLflow's minutes of retries."""
+    any training starts, rather than after MLflow's minutes of retries. Through requests, as
+    MLflow's client goes: credentials in the URI are sent as basic auth."""
     if not uri.startswith(("http://", "https://")):
         return
+    import requests
+
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
-            return
-    except OSError as e:
-        raise ConnectionError(f"MLflow tracking server {uri} is unreachable ({e}); start it, or unset "
-                              f"MLFLOW_TRACKING_URI to log into this repository's mlflow.db") from None
+        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s).raise_for_status()
+    except requests.RequestException as e:
+        raise ConnectionError(hide_credentials(
+            f"MLflow tracking server {uri} is unreachable ({e}); start it, or unset MLFLOW_TRACKING_URI to log "
+            f"into this repository's mlflow.db", uri)) from None
 
 
 def _git(root: Path, *args: str) -> str | None:
@@ -104,7 +115,8 @@ def start_run(layout: Layout, params: dict[str, object], tags: dict[str, str]) -
         run = client.create_run(_experiment_id(client, layout), tags={**lineage_tags(layout), **tags})
     run_id = run.info.run_id
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
-    write_json(layout.mlflow_run, {"run_id": run_id, "tracking_uri": uri, "experiment": EXPERIMENT})
+    write_json(layout.mlflow_run, {"run_id": run_id, "tracking_uri": hide_credentials(uri, uri),
+                                   "experiment": EXPERIMENT})
     return run_id
 
 
@@ -131,7 +143,8 @@ def open_run(layout: Layout) -> tuple["MlflowClient", str]:  # noqa: F821
                                max_results=1)
     if found:
         return client, found[0].info.run_id
-    log.warning("MLflow run %s not found at %s; logging into a new run", recorded, client.tracking_uri)
+    log.warning("MLflow run %s not found at %s; logging into a new run", recorded,
+                hide_credentials(client.tracking_uri))
     return client, client.create_run(experiment, tags=tags).info.run_id
 
 
@@ -147,9 +160,10 @@ def best_effort(what: str, call, *args, **kwargs):
         return call(*args, **kwargs)
     except Exception as e:  # MlflowException or a requests error, whichever the client raised
         _gave_up = what
-        print(f"WARNING: MLflow stopped answering while logging {what} ({type(e).__name__}: {e}). "
-              f"Training goes on and writes its outputs, but this process logs nothing more to MLflow, "
-              f"so the run there is incomplete.", file=sys.stderr, flush=True)
+        print(hide_credentials(
+            f"WARNING: MLflow stopped answering while logging {what} ({type(e).__name__}: {e}). Training goes on "
+            f"and writes its outputs, but this process logs nothing more to MLflow, so the run there is "
+            f"incomplete."), file=sys.stderr, flush=True)
         return None
 
 
@@ -164,7 +178,8 @@ def failing_marks(client, run_id: str) -> Iterator[None]:
     try:
         yield
     except BaseException as e:
-        best_effort("the run's error", client.set_tag, run_id, "error", f"{type(e).__name__}: {e}"[:ERROR_CHARS])
+        error = hide_credentials(f"{type(e).__name__}: {e}")[:ERROR_CHARS]
+        best_effort("the run's error", client.set_tag, run_id, "error", error)
         best_effort("the run's FAILED status", client.set_terminated, run_id, status="FAILED")
         raise
 
@@ -193,4 +208,4 @@ def browse_hint(layout: Layout) -> str:
     uri = tracking_uri(layout)
     if uri.startswith("sqlite:"):
         return f"mlflow ui --backend-store-uri {uri}"
-    return f"open {uri} in a browser"
+    return f"open {hide_credentials(uri, uri)} in a browser"

@@ -32,6 +32,32 @@ def test_lineage_tags_name_commit_dirtiness_and_dvc_experiment(tmp_path, monkeyp
     assert tracking.lineage_tags(Layout(tmp_path))["sweep"] == "lr-grid"
 
 
+def test_credentials_in_a_tracking_uri_are_hidden_wherever_the_uri_is_shown(monkeypatch):
+    uri = "https://alice:s3cr%40t@mlflow.example.com:5000/"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    said = tracking.hide_credentials(f"API request to {uri}api/2.0/mlflow/runs/create failed")
+    assert said == "API request to https://***@mlflow.example.com:5000/api/2.0/mlflow/runs/create failed"
+    assert tracking.browse_hint(Layout()) == "open https://***@mlflow.example.com:5000/ in a browser"
+    assert tracking.hide_credentials("https://token@host/x", "https://token@host") == "https://***@host/x"
+    for plain in ("http://127.0.0.1:5000", "sqlite:////tmp/mlflow.db"):  # nothing to hide
+        assert tracking.hide_credentials(f"at {plain}", plain) == f"at {plain}"
+
+
+def test_a_run_on_a_server_named_with_credentials_is_reached_and_records_none_of_them(tmp_path, monkeypatch,
+                                                                                       mlflow_server):
+    """MLflow's client sends a URI's user and password as basic auth, and so does the reachability
+    check (urllib's took the user for part of the host name: "unreachable"). models/mlflow_run.json,
+    a DVC output pushed to the remote, must not carry the password."""
+    with_credentials = mlflow_server.replace("http://", "http://alice:s3cret@")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", with_credentials)
+    tracking.require_reachable(with_credentials)
+    layout = Layout(tmp_path)
+    run_id = tracking.start_run(layout, {"train.epochs": 1}, {})
+    recorded = layout.mlflow_run.read_text()
+    assert run_id in recorded and "s3cret" not in recorded and "alice:***@" not in recorded
+    assert mlflow_server.replace("http://", "http://***@") in recorded
+
+
 @pytest.mark.integration  # starts `vae train`
 def test_unreachable_tracking_server_fails_before_training(tmp_path):
     (tmp_path / "params.yaml").write_text("train:\n  epochs: 1\n")
