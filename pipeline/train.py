@@ -30,7 +30,7 @@ from pipeline.ray_connect import (
 )
 from pipeline.train_worker import CheckpointError, TrainState, WorkerContext, train_loop_per_worker
 from vae.data import load_split
-from vae.model import VAE
+from vae.model import VAE, gist
 
 # The files whose change makes a different model: part of the Ray run name, so a rerun
 # after a code change starts fresh instead of resuming a stale run.
@@ -60,12 +60,31 @@ def load_training_data(layout: Layout, params: Params):
     return train.numpy(), val.numpy()
 
 
+def require_storage(storage: str) -> None:
+    """Fail before Ray starts, naming train.storage_path, when its object store does not answer
+    (Ray's controller would die of it, in a traceback, after Ray started). Resolved as Ray
+    resolves it (pyarrow.fs, which reads AWS_ENDPOINT_URL and the keys from the environment)."""
+    if "://" not in storage:
+        return
+    import pyarrow
+    import pyarrow.fs
+
+    try:
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(storage)
+        filesystem.get_file_info(path)
+    except (OSError, pyarrow.ArrowException) as e:
+        raise ConnectionError(f"train.storage_path: {storage} cannot be reached ({gist(e)}); an S3-compatible "
+                              f"server needs AWS_ENDPOINT_URL and its keys in the environment") from None
+
+
 def fit(layout: Layout, params: Params, run_id: str) -> TrainState:
     """Run the TorchTrainer; return the final training state from its last checkpoint."""
     import ray
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
+    storage = params.train.storage_path or str(layout.ray_results)
+    require_storage(storage)
     connect_ray(params.train.num_workers, params.train.ray_address)
     trainer_class = torch_trainer()
     nodes = node_resources()
@@ -77,7 +96,6 @@ def fit(layout: Layout, params: Params, run_id: str) -> TrainState:
                  "train.num_workers, train.cpus_per_worker")
     context = WorkerContext(run_id=run_id, tracking_uri=tracking.tracking_uri(layout),
                             data=tuple(ray.put(a) for a in load_training_data(layout, params)))
-    storage = params.train.storage_path or str(layout.ray_results)
     graphed = train_worker.uses_cuda_graph(params, torch.device("cuda"), workers)  # the workers' own rule
     where = ("GPU, each step a CUDA graph" if graphed else "GPU (NCCL)") if use_gpu else "CPU (Gloo)"
     print(f"train: {workers} Ray worker{'s' * (workers > 1)} on {where}, "

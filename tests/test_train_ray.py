@@ -146,6 +146,21 @@ def test_every_rank_takes_rank_0s_decision_to_checkpoint():
     assert results == {0: [True, False], 1: [True, False]}
 
 
+def test_checkpoint_storage_that_does_not_answer_is_named_before_ray_starts(tmp_path, monkeypatch, s3):
+    """Ray's controller died of it, in a traceback, after Ray had started."""
+    from pipeline.train import require_storage
+
+    for name, value in s3.items():
+        monkeypatch.setenv(name, value)
+    require_storage("s3://ray/vae-mnist")  # the real S3 server answers
+    require_storage(str(tmp_path / "ray_results"))  # a local folder: Ray makes it
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    with pytest.raises(ConnectionError, match=r"^train.storage_path: s3://ray/vae-mnist cannot be reached \(.*"
+                                              r"Could not connect to server.*\); an S3-compatible server needs "
+                                              r"AWS_ENDPOINT_URL and its keys in the environment$"):
+        require_storage("s3://ray/vae-mnist")
+
+
 def test_a_checkpoint_that_cannot_be_read_names_itself_and_how_to_start_afresh(tmp_path):
     folder = tmp_path / "vae-0123456789ab" / "checkpoint_2026-12-06_10-00-00.000000"
     folder.mkdir(parents=True)
