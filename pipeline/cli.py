@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from pipeline.export import ExportError
 from pipeline.files import StageFileError
 from pipeline.params import ParamsError
 from pipeline.ray_connect import PlacementError
@@ -134,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             print(environment.describe())
         else:
             importlib.import_module(f"pipeline.{args.command}").main()
-    except (ParamsError, DataError, ModelFileError, GraphError, StageFileError, CheckpointError, FileNotFoundError,
-            LookupError, ConnectionError, SweepError, PlacementError) as e:
+    except (ParamsError, DataError, ModelFileError, GraphError, StageFileError, CheckpointError, ExportError,
+            FileNotFoundError, LookupError, ConnectionError, SweepError, PlacementError) as e:
         print(f"vae {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -23,8 +23,8 @@ from filelock import FileLock
 
 from pipeline import registry, tracking
 from pipeline.files import Layout, atomic_dir, atomic_path, read_json, write_json
-from pipeline.params import ExportParams, load_params
-from pipeline.serve.session import LATENT_MAP, LATENT_ORDER, LATENT_SPREAD, PRIOR_MIXTURE, BySize
+from pipeline.params import ExportParams, ParamsError, load_params
+from pipeline.serve.session import LATENT_MAP, LATENT_ORDER, LATENT_SPREAD, PRIOR_MIXTURE, UNREADABLE, BySize
 from pipeline.summary import summary
 from vae.model import INPUT_DIM, VAE, ImageDecoder, ImageEncoder, ImageScore
 
@@ -36,7 +36,11 @@ SAME_AXIS_NAME = (r"# The axis name: (\w+) will not be used, "
                   r"since it shares the same shape constraints with another axis: \1\.")
 
 
-class ParityError(RuntimeError):
+class ExportError(RuntimeError):
+    """A graph the stage cannot vouch for: not at export.opset, or one onnxruntime cannot open."""
+
+
+class ParityError(ExportError):
     """onnxruntime and PyTorch disagree beyond the tolerance."""
 
 
@@ -44,6 +48,9 @@ def export_onnx(module: torch.nn.Module, examples: dict[str, torch.Tensor], batc
                 outputs: list[str], path: Path, opset: int) -> None:
     """module to ONNX with the dynamo exporter, its inputs named as `examples` and the batch
     axis of each (batch_axes) dynamic; traced with a batch of 2 (torch.export specialises 0 and 1)."""
+    if opset > onnx.defs.onnx_opset_version():  # the exporter would warn, and write its own opset instead
+        raise ParamsError(f"export.opset: {opset}: onnx {onnx.__version__} writes opsets up to "
+                          f"{onnx.defs.onnx_opset_version()}")
     batch = torch.export.Dim("batch", min=1, max=65536)
     with warnings.catch_warnings():
         # Inputs that share the batch axis (the score graph's x and eps) share its name too;
@@ -54,6 +61,9 @@ def export_onnx(module: torch.nn.Module, examples: dict[str, torch.Tensor], batc
                                     dynamic_shapes={name: {axis: batch} for name, axis in batch_axes.items()},
                                     verbose=False)
     program.save(str(path))
+    written = next(o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx"))
+    if written != opset:
+        raise ExportError(f"export.opset: {opset} asked, but the exporter wrote opset {written}")
 
 
 def export_decoder(decoder: ImageDecoder, latent_dim: int, path: Path, opset: int) -> None:
@@ -140,14 +150,18 @@ def _difference(session: ort.InferenceSession, inputs: dict[str, torch.Tensor], 
     return worst
 
 
-def served_sessions(path: Path) -> list[ort.InferenceSession]:
+def served_sessions(path: Path, name: str = "the graph") -> list[ort.InferenceSession]:
     """The sessions `vae serve` opens on the model: where a GPU is usable, the CUDA provider's
     (large batches) and the CPU's (small ones), each checked; elsewhere the CPU's."""
-    return BySize.open(path).distinct()
+    try:
+        return BySize.open(path).distinct()
+    except UNREADABLE as e:  # a newer opset than it runs, say: its words say which
+        raise ExportError(f"onnxruntime {ort.__version__} cannot open {name} as exported: "
+                          f"{' '.join(str(e).split())}") from None
 
 
 def check_parity(decoder: ImageDecoder, latent_dim: int, path: Path, params: ExportParams) -> dict:
-    return parity(served_sessions(path), lambda z: [decoder(z)],
+    return parity(served_sessions(path, "the decoder"), lambda z: [decoder(z)],
                   lambda n, g: {INPUT: torch.randn(n, latent_dim, generator=g)}, params, "the decoder")
 
 
@@ -160,10 +174,10 @@ def check_encoder_and_score(model: VAE, encoder_path: Path, score_path: Path, pa
         return {**images(n, g), "eps": torch.randn(n, params.score_k, model.config.noise_dim, generator=g)}
 
     encoder, score = ImageEncoder(model).eval(), ImageScore(model).eval()
-    return {"encoder": parity(served_sessions(encoder_path), lambda x: list(encoder(x)), images, params,
-                              "the encoder"),
-            "score": parity(served_sessions(score_path), lambda x, eps: [score(x, eps)], images_and_noise, params,
-                            "the score", relative=True)}
+    return {"encoder": parity(served_sessions(encoder_path, "the encoder"), lambda x: list(encoder(x)), images,
+                              params, "the encoder"),
+            "score": parity(served_sessions(score_path, "the score"), lambda x, eps: [score(x, eps)],
+                            images_and_noise, params, "the score", relative=True)}
 
 
 # Triton's dims leave out the batch dimension, which max_batch_size makes dynamic.

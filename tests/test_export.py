@@ -236,3 +236,23 @@ def test_an_eval_metrics_file_cut_short_stops_export_before_it_writes_a_graph(tm
     client = MlflowClient(f"sqlite:///{layout.mlflow_db}")
     [run] = client.search_runs([client.get_experiment_by_name("vae-mnist").experiment_id])
     assert run.info.status == "FAILED" and run.data.tags["error"].startswith("StageFileError: ")
+
+
+def test_an_opset_the_exporter_or_onnxruntime_cannot_give_is_named_not_written_as_another(tmp_path, monkeypatch):
+    """export.opset 29 used to give opset 18 graphs (onnxscript's converter fell back, in warnings),
+    and export.json said 29; 28 is written, but onnxruntime 1.31 opens up to 26."""
+    from pipeline.export import ExportError, check_parity
+    from pipeline.params import ParamsError
+
+    decoder = ImageDecoder(VAE(VAEConfig(latent_dim=LATENT, hidden_dims=(8,)))).eval()
+    newest = onnx.defs.onnx_opset_version()
+    with pytest.raises(ParamsError, match=f"^export.opset: {newest + 1}: onnx .* writes opsets up to {newest}$"):
+        export_decoder(decoder, LATENT, tmp_path / "past.onnx", opset=newest + 1)
+    assert not (tmp_path / "past.onnx").exists()
+    monkeypatch.setattr(onnx.defs, "onnx_opset_version", lambda: newest + 10)  # as if onnx claimed more
+    with pytest.raises(ExportError, match=f"^export.opset: {newest + 1} asked, but the exporter wrote opset 18$"):
+        export_decoder(decoder, LATENT, tmp_path / "fallen-back.onnx", opset=newest + 1)
+    monkeypatch.undo()
+    export_decoder(decoder, LATENT, tmp_path / "newest.onnx", opset=newest)
+    with pytest.raises(ExportError, match="^onnxruntime .* cannot open the decoder as exported: .*opset"):
+        check_parity(decoder, LATENT, tmp_path / "newest.onnx", ExportParams())

@@ -225,14 +225,14 @@ def score_noise(seed: int) -> np.random.Generator:
 
 # What onnxruntime raises when it cannot open a graph: a file cut short, corrupted or not ONNX (or, for
 # Fail, anything else it fails at); each derives from Exception alone.
-_UNREADABLE = (InvalidProtobuf, InvalidGraph, Fail)
+UNREADABLE = (InvalidProtobuf, InvalidGraph, Fail)
 
 
 def _open(kind: type[OnnxModel], graph: Path | bytes, max_batch: int) -> OnnxModel:
     """kind's model on the graph; a file onnxruntime cannot open is a GraphError naming it."""
     try:
         return kind(graph, max_batch)
-    except _UNREADABLE as e:
+    except UNREADABLE as e:
         where = graph if isinstance(graph, Path) else f"{kind.name}'s graph"
         raise GraphError(f"{where}: onnxruntime cannot open it ({e})") from None  # ORT names the cause
 
