@@ -19,6 +19,7 @@ from pipeline.params import ParamsError
 from pipeline.ray_connect import PlacementError
 from pipeline.registry import GraphError
 from pipeline.sweep import SweepError
+from pipeline.tracking import hide_credentials
 from pipeline.train_worker import CheckpointError
 from vae.data import DataError
 from vae.model import ModelFileError
@@ -137,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             importlib.import_module(f"pipeline.{args.command}").main()
     except (ParamsError, DataError, ModelFileError, GraphError, StageFileError, CheckpointError, ExportError,
             FileNotFoundError, LookupError, ConnectionError, SweepError, PlacementError) as e:
-        print(f"vae {args.command}: error: {e}", file=sys.stderr)
+        # MLflow's errors name the URL they asked, with any password the tracking URI carries.
+        print(hide_credentials(f"vae {args.command}: error: {e}"), file=sys.stderr)
         return 2
     return 0
 

@@ -58,6 +58,17 @@ def test_a_run_on_a_server_named_with_credentials_is_reached_and_records_none_of
     assert mlflow_server.replace("http://", "http://***@") in recorded
 
 
+@pytest.mark.integration  # starts `vae serve`
+def test_an_error_naming_the_tracking_uri_prints_no_password(tmp_path):
+    """MLflow's own errors name the URL they asked, credentials included: `vae` hides them."""
+    uri = f"http://alice:s3cret@127.0.0.1:{free_port()}"  # nothing listens there
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    result = subprocess.run([str(BIN / "vae"), "serve", "models:/vae-decoder@champion"], cwd=tmp_path,
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2 and "s3cret" not in result.stdout + result.stderr
+    assert uri.replace("alice:s3cret@", "***@") in result.stderr  # MLflow's message, still naming the server
+
+
 @pytest.mark.integration  # starts `vae train`
 def test_unreachable_tracking_server_fails_before_training(tmp_path):
     (tmp_path / "params.yaml").write_text("train:\n  epochs: 1\n")
