@@ -60,10 +60,10 @@ def export_onnx(module: torch.nn.Module, examples: dict[str, torch.Tensor], batc
                                     input_names=list(examples), output_names=outputs,
                                     dynamic_shapes={name: {axis: batch} for name, axis in batch_axes.items()},
                                     verbose=False)
-    program.save(str(path))
-    written = next(o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx"))
+    written = program.model.opset_imports.get("")  # the program's, not the saved file read back
     if written != opset:
         raise ExportError(f"export.opset: {opset} asked, but the exporter wrote opset {written}")
+    program.save(str(path))
 
 
 def export_decoder(decoder: ImageDecoder, latent_dim: int, path: Path, opset: int) -> None:
