@@ -7,6 +7,7 @@ Open Inference Protocol v2 (the KServe / Triton HTTP API), so their clients work
        vae-decoder  z FP32 [N, latent_dim]   -> image [N, 1, 28, 28]
        vae-encoder  x FP32 [N, 784] in [0, 1] -> mu, logvar [N, latent_dim]
        vae-score    x FP32 [N, 784] in [0, 1] -> score [N], -L_k in nats (parameters: {"seed": 0})
+  each of the three also as /v2/models/{name}/versions/1/...: one version of each model
 The latent-space page, a worked example of the protocol above (static/, no CDN):
   GET  /                               sliders over the latent dimensions, and a canvas to draw on
   GET  /v1/latent_map.png              the evaluate stage's latent map, when the export recorded it
@@ -51,6 +52,7 @@ from pipeline.serve.protocol import (
     input_array,
     json_images,
     parse_infer,
+    parsed,
     png_image,
     problems,
     rows_array,
@@ -89,10 +91,14 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-# How the image endpoints' bodies are documented in the OpenAPI spec (and fuzzed from it).
-IMAGES_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": inline_schema(ImagesRequest.model_json_schema())},
-    "image/png": {"schema": {"type": "string", "format": "binary"}}}}}
+def json_body(schema: type, more: dict | None = None) -> dict:
+    """How an endpoint that reads its own body documents it in the OpenAPI spec (and is fuzzed
+    from it): JSON of `schema`, and `more` content types."""
+    content = {"application/json": {"schema": inline_schema(schema.model_json_schema())}}
+    return {"requestBody": {"required": True, "content": content | (more or {})}}
+
+
+IMAGES_BODY = json_body(ImagesRequest, {"image/png": {"schema": {"type": "string", "format": "binary"}}})
 SEED = Query(0, ge=0, le=2**32 - 1, description="the score's noise: the same seed, the same score")
 
 
@@ -120,11 +126,13 @@ def create_app(files: ModelFiles | Path | str | bytes, max_batch: int = 1024) ->
             return infer_with(model, batch, parameters)
         return await run_in_threadpool(infer_with, model, batch, parameters)
 
-    def named(name: str) -> OnnxModel:
+    def named(name: str, version: str | None = None) -> OnnxModel:
         if name not in models:
             known = ", ".join(map(repr, models))
             hint = "" if name not in (ENCODER_NAME, SCORE_NAME) else " (serve the export stage's folder, models/)"
             raise ApiError(404, f"unknown model {name!r}; this server has {known}{hint}")
+        if version not in (None, MODEL_VERSION):
+            raise ApiError(404, f"{name} has no version {version!r}; this server has version {MODEL_VERSION!r}")
         return models[name]
 
     async def images(request: Request, model: OnnxModel) -> tuple[np.ndarray, dict]:
@@ -148,19 +156,33 @@ def create_app(files: ModelFiles | Path | str | bytes, max_batch: int = 1024) ->
     def ready():
         return {"ready": True}
 
+    # Each model's endpoints also answer under /versions/{version}, as the protocol has them
+    # (tritonclient's model_version): a server holds version 1 of each model.
     @app.get("/v2/models/{name}")
     def model_metadata(name: str):
         return named(name).metadata()
 
+    @app.get("/v2/models/{name}/versions/{version}")
+    def version_metadata(name: str, version: str):
+        return named(name, version).metadata()
+
     @app.get("/v2/models/{name}/ready")
     def model_ready(name: str):
-        named(name)
-        return {"name": name, "ready": True}
+        return {"name": named(name).name, "ready": True}
 
-    @app.post("/v2/models/{name}/infer", openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": inline_schema(InferRequest.model_json_schema())}}}})
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    def version_ready(name: str, version: str):
+        return {"name": named(name, version).name, "ready": True}
+
+    @app.post("/v2/models/{name}/infer", openapi_extra=json_body(InferRequest))
     async def infer(name: str, request: Request):
-        model = named(name)
+        return await infer_on(named(name), request)
+
+    @app.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=json_body(InferRequest))
+    async def version_infer(name: str, version: str, request: Request):
+        return await infer_on(named(name, version), request)
+
+    async def infer_on(model: OnnxModel, request: Request) -> NumpyJSON:
         body, binary = parse_infer(await request.body(), request.headers.get(HEADER_LENGTH))
         batch = input_array(body, binary, model)
         outputs = await infer_sized(model, batch, request_parameters(body, model))
@@ -175,9 +197,10 @@ def create_app(files: ModelFiles | Path | str | bytes, max_batch: int = 1024) ->
         z = decoder.prior_samples(n, seed)
         return Response(png_grid(decoder.decode(z)), media_type="image/png")  # n is bounded by the query's check
 
-    @app.post("/v1/decode")
-    async def decode_json(request: DecodeRequest):
-        images = (await infer_sized(decoder, rows_array(request.z, decoder)))[decoder.output]
+    @app.post("/v1/decode", openapi_extra=json_body(DecodeRequest))
+    async def decode_json(request: Request):
+        z = rows_array(parsed(DecodeRequest, await request.body()).z, decoder)
+        images = (await infer_sized(decoder, z))[decoder.output]
         return NumpyJSON({"shape": list(images.shape), "images": images})
 
     @app.post("/v1/encode", openapi_extra=IMAGES_BODY)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -61,10 +61,24 @@ class InferRequest(BaseModel):
     outputs: list[RequestedOutput] | None = None
 
 
+SHOWN_PROBLEMS = 3  # a body of a million bad numbers would otherwise get a million lines back
+
+
 def problems(errors: list[dict]) -> str:
-    """Each bad field and what is wrong with it, without echoing the input (a NaN would
-    not even encode as JSON)."""
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in errors)
+    """The first bad fields and what is wrong with each, and how many more, without echoing
+    the input (a NaN would not even encode as JSON)."""
+    shown = [f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in errors[:SHOWN_PROBLEMS]]
+    more = len(errors) - len(shown)
+    return "; ".join(shown) + (f"; and {more} more" if more else "")
+
+
+def parsed(schema: type[BaseModel], body: bytes):
+    """A JSON body validated as `schema`, whatever its content type; a bad one is a 400 naming
+    its problems."""
+    try:
+        return schema.model_validate_json(body)
+    except ValidationError as e:
+        raise ApiError(400, problems(e.errors())) from None
 
 
 def parse_infer(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
@@ -75,10 +89,7 @@ def parse_infer(body: bytes, header_length: str | None) -> tuple[InferRequest, b
             raise ApiError(400, f"Inference-Header-Content-Length: {header_length!r} does not fit a "
                                 f"{len(body)}-byte body")
         split = int(header_length)
-    try:
-        return InferRequest.model_validate_json(body[:split]), body[split:]
-    except ValidationError as e:
-        raise ApiError(400, problems(e.errors())) from None
+    return parsed(InferRequest, body[:split]), body[split:]
 
 
 def input_array(request: InferRequest, binary: bytes, model: OnnxModel) -> np.ndarray:
@@ -109,15 +120,20 @@ def input_array(request: InferRequest, binary: bytes, model: OnnxModel) -> np.nd
     return check_batch(values.reshape(tensor.shape), model)
 
 
+# Rows of numbers whose validation stops at the first bad one: a body of a million strings
+# would otherwise cost seconds of the server's time to list them all.
+Rows = Annotated[list[Annotated[list[float], Field(fail_fast=True)]], Field(fail_fast=True)]
+
+
 class DecodeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    z: list[list[float]]
+    z: Rows
 
 
 class ImagesRequest(BaseModel):
     """`/v1/encode`, `/v1/reconstruct` and `/v1/score` as JSON: rows of 784 grey levels in [0, 1]."""
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    x: list[list[float]]
+    x: Rows
 
 
 def rows_array(rows: list[list[float]], model: OnnxModel) -> np.ndarray:
@@ -129,10 +145,7 @@ def rows_array(rows: list[list[float]], model: OnnxModel) -> np.ndarray:
 
 
 def json_images(body: bytes, model: OnnxModel) -> np.ndarray:
-    try:
-        return rows_array(ImagesRequest.model_validate_json(body).x, model)
-    except ValidationError as e:
-        raise ApiError(400, problems(e.errors())) from None
+    return rows_array(parsed(ImagesRequest, body).x, model)
 
 
 # A PNG larger than this is refused before it is decompressed (a small file can hold a huge image).
