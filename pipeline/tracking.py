@@ -91,8 +91,29 @@ def lineage_tags(layout: Layout) -> dict[str, str]:
     return tags
 
 
+# What a tracking server's refusal of a stage's first request most likely means, by HTTP status.
+REFUSALS = {
+    401: "not authenticated: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of that "
+         "server (for `make up`'s stack, `source .stack/env`)",
+    403: "the account lacks permission, or the server does not allow this host name (`mlflow server "
+         "--allowed-hosts`)",
+    404: "it does not answer MLflow's API: is MLFLOW_TRACKING_URI a tracking server's address?",
+}
+
+
 def _experiment_id(client, layout: Layout) -> str:
-    found = client.get_experiment_by_name(EXPERIMENT)
+    """The pipeline's experiment, created if need be: the first request every stage makes of
+    the store, so a server that refuses it is named here, in one line, not in MLflow's traceback."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.get_experiment_by_name(EXPERIMENT)
+    except MlflowException as e:
+        status = e.get_http_status_code()
+        if status not in REFUSALS:
+            raise
+        raise ConnectionError(hide_credentials(f"MLflow tracking server {client.tracking_uri} refused the pipeline's "
+                                               f"request (HTTP {status}): {REFUSALS[status]}")) from None
     if found:
         return found.experiment_id
     # With the default local store, keep artifacts in the repository; a server decides its own.
@@ -130,6 +151,7 @@ def open_run(layout: Layout) -> tuple["MlflowClient", str]:  # noqa: F821
     from mlflow.exceptions import MlflowException
 
     recorded = read_json(layout.mlflow_run, "run_id")["run_id"]
+    require_reachable(tracking_uri(layout))  # a server still gone fails in seconds, naming it
     client = MlflowClient(tracking_uri(layout))
     try:
         client.get_run(recorded)

@@ -173,3 +173,18 @@ def test_the_stacks_mlflow_asks_for_its_password_and_nothing_logs_it(sweep):
     assert password not in logs
     logged = json.dumps([[r.data.params, r.data.tags] for r in sweep_runs(env)])
     assert env["AWS_SECRET_ACCESS_KEY"] not in logs + logged  # nor the S3 key
+
+
+def test_a_wrong_password_is_named_in_one_line_before_training(sweep):
+    """The stack's MLflow refuses a wrong password: `vae train` says so, and which variables to
+    set, before Ray starts, rather than in MLflow's traceback; and logs nothing."""
+    repo, env, _, _ = sweep
+    before = len(sweep_runs(env))
+    wrong = {**env, "MLFLOW_TRACKING_PASSWORD": "not-" + env["MLFLOW_TRACKING_PASSWORD"]}
+    result = run(["vae", "train"], repo, env=wrong, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"vae train: error: MLflow tracking server {env['MLFLOW_TRACKING_URI']} "
+                                    "refused the pipeline's request (HTTP 401): not authenticated: set "
+                                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"), result.stderr
+    assert wrong["MLFLOW_TRACKING_PASSWORD"] not in result.stdout + result.stderr
+    assert len(sweep_runs(env)) == before

@@ -69,6 +69,20 @@ def test_an_error_naming_the_tracking_uri_prints_no_password(tmp_path):
     assert uri.replace("alice:s3cret@", "***@") in result.stderr  # MLflow's message, still naming the server
 
 
+@pytest.mark.integration  # starts `vae evaluate`
+def test_a_stage_after_train_finds_the_server_still_gone_in_one_line(tmp_path):
+    """evaluate and export open train's run: on a server that does not answer, they fail as
+    train does, naming it, not with MLflow's retries and traceback."""
+    (tmp_path / "params.yaml").write_text("train:\n  epochs: 1\n")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models/mlflow_run.json").write_text('{"run_id": "0123", "experiment": "vae-mnist"}')
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    result = subprocess.run([str(BIN / "vae"), "evaluate"], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": uri}, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"vae evaluate: error: MLflow tracking server {uri} is unreachable")
+
+
 @pytest.mark.integration  # starts `vae train`
 def test_unreachable_tracking_server_fails_before_training(tmp_path):
     (tmp_path / "params.yaml").write_text("train:\n  epochs: 1\n")
