@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from pipeline.export import ExportError
@@ -141,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         # MLflow's errors name the URL they asked, with any password the tracking URI carries.
         print(hide_credentials(f"vae {args.command}: error: {e}"), file=sys.stderr)
         return 2
+    except Exception:  # not one of the errors above: the traceback a bug report needs, password hidden
+        print(hide_credentials(traceback.format_exc()), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -83,6 +83,24 @@ def test_a_stage_after_train_finds_the_server_still_gone_in_one_line(tmp_path):
     assert result.stderr.startswith(f"vae evaluate: error: MLflow tracking server {uri} is unreachable")
 
 
+def test_an_unexpected_error_keeps_its_traceback_without_the_password(monkeypatch, capsys):
+    """An error the CLI does not name (a bug, or a library's error it did not foresee, such as
+    MLflow's after a server goes away mid-stage) prints its traceback, password hidden."""
+    from pipeline import cli, environment
+
+    uri = "https://alice:s3cret@mlflow.example.com"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+
+    def unforeseen():
+        raise RuntimeError(f"API request to {uri}/api/2.0/mlflow/runs/log-batch failed")
+
+    monkeypatch.setattr(environment, "describe", unforeseen)
+    assert cli.main(["env"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):") and "in unforeseen" in err
+    assert "s3cret" not in err and "RuntimeError: API request to https://***@mlflow.example.com/api/" in err
+
+
 @pytest.mark.integration  # starts `vae train`
 def test_unreachable_tracking_server_fails_before_training(tmp_path):
     (tmp_path / "params.yaml").write_text("train:\n  epochs: 1\n")
