@@ -142,6 +142,15 @@ def promote(client, version: str, neg_elbo: float) -> bool:
     return True
 
 
+def bare_name_hint(source: str) -> str:
+    """MLflow 3 reads `models:/NAME` as a logged model's id: a registered model's name alone
+    is "not found". The hint says how to name one of its versions."""
+    name = source.removeprefix("models:/")
+    if "/" in name or "@" in name:
+        return ""
+    return f" (a registered model is served by version or alias: models:/{name}/1, models:/{name}@champion)"
+
+
 def resolve(source: str) -> ModelFiles:
     """The graphs to serve: those of the registered model version a `models:/` URI names,
     fetched from the tracking server ($MLFLOW_TRACKING_URI, else this repository's mlflow.db);
@@ -158,7 +167,7 @@ def resolve(source: str) -> ModelFiles:
             try:
                 folder = Path(download_artifacts(artifact_uri=source, dst_path=download))
             except MlflowException as e:
-                raise LookupError(f"{source}: {e.message}") from None
+                raise LookupError(f"{source}: {e.message}{bare_name_hint(source)}") from None
             return ModelFiles.in_folder(folder, REGISTERED_FILES).read()
     path = Path(source)
     if path.is_dir():

@@ -337,6 +337,9 @@ def test_serve_from_the_registry(repro, tmp_path):
     assert np.mean(inverted["score"]) > np.mean(served["score"])
     missing = run(["vae", "serve", "models:/vae-decoder@nope"], repo, env=env, check=False)
     assert missing.returncode == 2 and "models:/vae-decoder@nope" in missing.stderr
+    bare = run(["vae", "serve", "models:/vae-decoder"], repo, env=env, check=False)  # MLflow 3: a logged model's id
+    assert bare.returncode == 2 and bare.stderr.endswith(
+        "(a registered model is served by version or alias: models:/vae-decoder/1, models:/vae-decoder@champion)\n")
 
 
 def test_mlflow_ui_shows_the_experiment_run_and_loss_chart(repro):
