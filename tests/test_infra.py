@@ -135,6 +135,21 @@ def test_mlflow_answers_the_manifests_host_header_and_refuses_a_foreign_one(mlfl
     assert httpx.get(search).status_code == 200  # 127.0.0.1:<port>
 
 
+def test_a_server_that_refuses_the_host_name_is_named_in_one_line(mlflow_server, tmp_path, monkeypatch):
+    """127.1 is 127.0.0.1 by a name the server does not allow: a stage's first request gets 403,
+    said in one line with the way out, not as MLflow's traceback."""
+    from pipeline import tracking
+    from pipeline.files import Layout
+
+    foreign = mlflow_server.replace("127.0.0.1", "127.1")
+    tracking.require_reachable(foreign)  # /health answers whatever the name
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", foreign)
+    with pytest.raises(ConnectionError, match=rf"^MLflow tracking server {foreign} refused the pipeline's request "
+                                              r"\(HTTP 403\): .* \(`mlflow server --allowed-hosts`\)$"):
+        tracking.start_run(Layout(tmp_path), {}, {})
+    assert not Layout(tmp_path).mlflow_run.exists()
+
+
 def test_the_s3_server_refuses_wrong_and_missing_keys_and_listens_on_loopback_only(s3):
     """SeaweedFS as `make up` starts it: the generated identity alone gets in (a moto server
     would accept any key), and none of its services listens beyond 127.0.0.1."""
