@@ -339,6 +339,25 @@ def test_a_graph_cut_short_stops_serve_before_anything_starts(decoder_and_onnx, 
     assert line.startswith(f"vae serve: error: {graph}: {said}")
 
 
+@pytest.mark.integration  # runs `vae serve --ray`, which stops before Ray starts
+def test_serve_ray_on_a_port_already_taken_names_it_before_ray_starts(decoder_and_onnx):
+    """On a port another server holds, Ray Serve's proxy gave up after Ray had started, in a
+    hundred lines of its actors' tracebacks; the plain server's uvicorn names it already."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray: its proxy binds here
+        result = subprocess.run([str(BIN / "vae"), "serve", "--ray", "--port", str(port),
+                                 str(decoder_and_onnx[1].parent)], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()  # no Ray started, no traceback
+    assert line == (f"vae serve: error: --host 127.0.0.1 --port {port}: cannot listen there (Address already in "
+                    f"use); another server holds the port, or the address is not this machine's")
+
+
 @pytest.mark.integration  # runs `vae serve --ray`, which stops before it serves
 def test_serve_on_a_ray_address_where_nothing_answers_names_it_in_seconds(decoder_and_onnx):
     silent = f"127.0.0.1:{free_port()}"
