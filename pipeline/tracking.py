@@ -110,7 +110,7 @@ def _experiment_id(client, layout: Layout) -> str:
         found = client.get_experiment_by_name(EXPERIMENT)
     except MlflowException as e:
         status = e.get_http_status_code()
-        if status not in REFUSALS:
+        if status not in REFUSALS or not client.tracking_uri.startswith(("http://", "https://")):
             raise
         raise ConnectionError(hide_credentials(f"MLflow tracking server {client.tracking_uri} refused the pipeline's "
                                                f"request (HTTP {status}): {REFUSALS[status]}")) from None
