@@ -339,10 +339,12 @@ def test_a_graph_cut_short_stops_serve_before_anything_starts(decoder_and_onnx, 
     assert line.startswith(f"vae serve: error: {graph}: {said}")
 
 
-@pytest.mark.integration  # runs `vae serve --ray`, which stops before Ray starts
-def test_serve_ray_on_a_port_already_taken_names_it_before_ray_starts(decoder_and_onnx):
+@pytest.mark.integration  # runs `vae serve`, which stops before it opens a graph or starts Ray
+@pytest.mark.parametrize("ray", [False, True])
+def test_a_port_already_taken_is_named_before_anything_starts(decoder_and_onnx, ray):
     """On a port another server holds, Ray Serve's proxy gave up after Ray had started, in a
-    hundred lines of its actors' tracebacks; the plain server's uvicorn names it already."""
+    hundred lines of its actors' tracebacks; uvicorn said so after the graphs were opened (or
+    fetched from the registry), among its log lines, with exit 3."""
     import socket
 
     with socket.socket() as taken:
@@ -350,7 +352,7 @@ def test_serve_ray_on_a_port_already_taken_names_it_before_ray_starts(decoder_an
         taken.listen()
         port = taken.getsockname()[1]
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray: its proxy binds here
-        result = subprocess.run([str(BIN / "vae"), "serve", "--ray", "--port", str(port),
+        result = subprocess.run([str(BIN / "vae"), "serve", *(["--ray"] if ray else []), "--port", str(port),
                                  str(decoder_and_onnx[1].parent)], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()  # no Ray started, no traceback

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import math
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -255,11 +256,25 @@ def request_parameters(body: InferRequest, model: OnnxModel) -> dict:
     return {"seed": seed}
 
 
+def require_free_port(host: str, port: int) -> None:
+    """Fail at once, naming the port, where this machine cannot listen on it: before the graphs
+    are fetched and opened (uvicorn would say so after), and before Ray starts for `--ray` (Ray
+    Serve's proxy gave up in a hundred lines of its actors' tracebacks)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no obstacle
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ConnectionError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); another "
+                                  f"server holds the port, or the address is not this machine's") from None
+
+
 def run(source: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 1024) -> None:
     import uvicorn
 
     from pipeline.registry import resolve
 
+    require_free_port(host, port)
     app = create_app(resolve(source), max_batch)
     models = app.state.models
     print(f"serve: {', '.join(models)} from {source} on {models[MODEL_NAME].sessions.where()}", flush=True)

@@ -8,7 +8,6 @@ a local Ray. The graphs travel to the replicas as bytes, so no node needs the dr
 from __future__ import annotations
 
 import signal
-import socket
 import time
 
 from pipeline.ray_connect import connect_ray, local_ray, node_resources, require_room, workers_fit
@@ -45,20 +44,10 @@ def deployment(graphs: ModelFiles, max_batch: int, replicas: int, replica_cpus: 
     return Graphs.bind(graphs, max_batch)
 
 
-def require_free_port(host: str, port: int) -> None:
-    """Fail at once, naming the port, where this machine cannot listen on it: Ray Serve's proxy
-    would start Ray, retry, and give up in a hundred lines of its actors' tracebacks."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no obstacle
-        try:
-            probe.bind((host, port))
-        except OSError as e:
-            raise ConnectionError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); another "
-                                  f"server holds the port, or the address is not this machine's") from None
-
-
 def run(files: ModelFiles, source: str, host: str, port: int, max_batch: int, replicas: int,
         replica_cpus: float = 1.0) -> None:
+    from pipeline.serve.app import require_free_port
+
     graphs = files.read()  # before Ray starts: a file that holds no graph fails in a moment
     if local_ray():  # the proxy listens on this machine (on a cluster, on the head node)
         require_free_port(host, port)
