@@ -104,6 +104,7 @@ def infer_body(z, **tensor):
     (infer_body(np.zeros((17, LATENT))), 400, "with 1 <= N <= 16"),
     (infer_body(np.zeros((1, LATENT)), name="x"), 400, "exactly one input named 'z'"),
     (infer_body(np.zeros((2, LATENT)), shape=[1, LATENT]), 400, f"needs {LATENT} values, got {2 * LATENT}"),
+    (infer_body(np.zeros((1, LATENT)), shape=[-1, LATENT]), 400, f"z: shape [-1, {LATENT}] has a negative dimension"),
     (infer_body(np.zeros((1, LATENT)), data=["a"] * LATENT), 400, "data is not FP32 numbers"),
     (infer_body(np.zeros((1, LATENT))) | {"outputs": [{"name": "logits"}]}, 400, "unknown output 'logits'"),
     ({"inputs": []}, 400, "inputs: List should have at least 1 item"),

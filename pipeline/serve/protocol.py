@@ -100,6 +100,8 @@ def input_array(request: InferRequest, binary: bytes, model: OnnxModel) -> np.nd
         if output.name not in model.outputs:
             raise ApiError(400, f"outputs: unknown output {output.name!r} (the model has {list(model.outputs)})")
     tensor = request.inputs[0]
+    if any(size < 0 for size in tensor.shape):
+        raise ApiError(400, f"{tensor.name}: shape {tensor.shape} has a negative dimension")
     if tensor.datatype != "FP32":
         raise ApiError(400, f"{tensor.name}: datatype {tensor.datatype}; FP32 required")
     size = (tensor.parameters or {}).get("binary_data_size")
