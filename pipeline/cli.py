@@ -10,6 +10,7 @@ import importlib.metadata
 import logging
 import math
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -99,6 +100,15 @@ def batch_parsers(sub: argparse._SubParsersAction) -> None:
     smp.add_argument("--batch-size", type=batch, default=1024)
 
 
+def stop(signum: int, frame) -> None:
+    """SIGTERM (`kill`, a container's stop, a cancelled CI job) ends a command as Ctrl-C does:
+    its cleanup runs (temporary files removed, the MLflow run marked KILLED), then one line."""
+    raise KeyboardInterrupt
+
+
+INTERRUPTED_HINTS = {"sweep": "the queue's workers go on: `dvc queue status`; `dvc queue stop --kill` stops them"}
+
+
 def main(argv: list[str] | None = None) -> int:
     # As the process exits, Python collects the garbage among every object still alive:
     # millions, after torch, MLflow and sympy are imported, which took 6.6 s of `vae evaluate`'s
@@ -112,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     # Our own modules at INFO; libraries (onnxscript's optimiser, MLflow, ...) only warn.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipeline").setLevel(logging.INFO)
+    signal.signal(signal.SIGTERM, stop)
     try:
         if args.command == "serve" and args.ray:
             from pipeline.registry import resolve
@@ -142,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         # MLflow's errors name the URL they asked, with any password the tracking URI carries.
         print(hide_credentials(f"vae {args.command}: error: {e}"), file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: say so in a line, not a traceback
+        hint = str(e) or INTERRUPTED_HINTS.get(args.command)
+        print(f"vae {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return 130
     except Exception:  # not one of the errors above: the traceback a bug report needs, password hidden
         print(hide_credentials(traceback.format_exc()), file=sys.stderr)
         return 1

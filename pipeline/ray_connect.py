@@ -6,8 +6,10 @@ import logging
 import math
 import os
 import secrets
+import signal
 import socket
 import sys
+import threading
 import urllib.parse
 
 from pipeline import compat
@@ -42,6 +44,7 @@ def connect_ray(num_workers: int | str = 1, address: str | None = None) -> None:
     # cleaner warns about it every few seconds: keep Ray's own loggers at ERROR in workers.
     quiet = {"logging_level": logging.WARNING, "log_to_driver": True,
              "logging_config": ray.LoggingConfig(log_level="ERROR")}
+    sigterm = signal.getsignal(signal.SIGTERM)
     if not local:
         require_answer(address)
         ray.init(address=address, **quiet)
@@ -49,6 +52,10 @@ def connect_ray(num_workers: int | str = 1, address: str | None = None) -> None:
         # "local": a new Ray of our own, not whatever `ray start` last left on this machine.
         cpus = max(os.cpu_count() or 1, num_workers if isinstance(num_workers, int) else 1)
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
+    # ray.init makes SIGTERM exit the driver from inside whatever it waits on, with status 1
+    # and no word of why: a handler the caller installed (the CLI's) stays in charge.
+    if callable(sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, sigterm)
 
 
 def require_answer(address: str | None, timeout_s: float = 5.0) -> None:

@@ -194,15 +194,17 @@ ERROR_CHARS = 5000  # of a failed stage's error, in its run's `error` tag (MLflo
 
 @contextmanager
 def failing_marks(client, run_id: str) -> Iterator[None]:
-    """A stage that raises marks the pipeline's run FAILED, so the UI never shows a dead run
-    as RUNNING, and tags it `error` with what it raised, so the UI says why; the stage's error
-    still propagates (even when the server is gone too)."""
+    """A stage that raises marks the pipeline's run FAILED (KILLED when interrupted: Ctrl-C or
+    SIGTERM), so the UI never shows a dead run as RUNNING, and tags it `error` with what it
+    raised, so the UI says why; the stage's error still propagates (even when the server is gone
+    too)."""
     try:
         yield
     except BaseException as e:
-        error = hide_credentials(f"{type(e).__name__}: {e}")[:ERROR_CHARS]
-        best_effort("the run's error", client.set_tag, run_id, "error", error)
-        best_effort("the run's FAILED status", client.set_terminated, run_id, status="FAILED")
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        error = "interrupted" if status == "KILLED" else f"{type(e).__name__}: {e}"
+        best_effort("the run's error", client.set_tag, run_id, "error", hide_credentials(error)[:ERROR_CHARS])
+        best_effort(f"the run's {status} status", client.set_terminated, run_id, status=status)
         raise
 
 

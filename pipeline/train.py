@@ -110,6 +110,11 @@ def fit(layout: Layout, params: Params, run_id: str) -> TrainState:
                              logging_config=LoggingConfig(log_level="WARNING")))
     try:
         result = trainer.fit()
+    except (KeyboardInterrupt, SystemExit):
+        # Ctrl-C meets Ray Train's own handler, which aborts the run and then exits from inside
+        # ray.get with status 1 and no word of why; SIGTERM, the CLI's (KeyboardInterrupt).
+        raise KeyboardInterrupt(f"run it again to resume from the last checkpoint in "
+                                f"{storage}/{run_name(params)}") from None
     except ray.train.WorkerGroupError as e:
         # A checkpoint no rerun can resume from: the workers' own words, not Ray's tracebacks.
         unreadable = [error for error in e.worker_failures.values() if isinstance(error, CheckpointError)]

@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 from pathlib import Path
 
 import psutil
@@ -144,3 +145,11 @@ def stack_listeners(pids: list[int]) -> dict[int, set[int]]:
 def uninterrupted(tmp_path_factory, mnist_dir, ray_address) -> dict:
     """The final training state of INTERRUPTED_RUN trained without interruption."""
     return fit_in_folder(tmp_path_factory.mktemp("uninterrupted"), mnist_dir, **INTERRUPTED_RUN)
+
+
+@pytest.fixture
+def sigterm_kept():
+    """cli.main installs its SIGTERM handler in the process it runs in: pytest's comes back after."""
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)

@@ -1,4 +1,6 @@
 """pipeline/export.py: every decoder the model can be exports to ONNX and matches torch in onnxruntime."""
+import os
+import time
 import warnings
 
 import onnx
@@ -207,15 +209,11 @@ def test_every_session_the_server_opens_is_checked(tmp_path):
         check("decoder.onnx", "moved.onnx")
 
 
-def test_an_eval_metrics_file_cut_short_stops_export_before_it_writes_a_graph(tmp_path, monkeypatch):
-    """metrics/eval.json decides the champion: cut short, the stage names it and writes nothing,
-    and its MLflow run is marked FAILED with that error."""
+def _export_project(tmp_path, monkeypatch, eval_json: str):
+    """A folder as the export stage finds it after train and evaluate (a small model); its layout."""
     import shutil
 
-    from mlflow import MlflowClient
-
-    from pipeline import export
-    from pipeline.files import Layout, StageFileError
+    from pipeline.files import Layout
 
     from helpers import ROOT
 
@@ -228,14 +226,57 @@ def test_an_eval_metrics_file_cut_short_stops_export_before_it_writes_a_graph(tm
     torch.save(VAE(VAEConfig(latent_dim=LATENT, hidden_dims=(32,))).to_checkpoint(), layout.model)
     layout.mlflow_run.write_text('{"run_id": "0123456789abcdef"}')
     layout.eval_metrics.parent.mkdir()
-    layout.eval_metrics.write_text('{"neg_elbo": ')
+    layout.eval_metrics.write_text(eval_json)
+    return layout
+
+
+def _export_run(layout):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{layout.mlflow_db}")
+    [run] = client.search_runs([client.get_experiment_by_name("vae-mnist").experiment_id])
+    return run
+
+
+def test_an_eval_metrics_file_cut_short_stops_export_before_it_writes_a_graph(tmp_path, monkeypatch):
+    """metrics/eval.json decides the champion: cut short, the stage names it and writes nothing,
+    and its MLflow run is marked FAILED with that error."""
+    from pipeline import export
+    from pipeline.files import StageFileError
+
+    layout = _export_project(tmp_path, monkeypatch, '{"neg_elbo": ')
     with pytest.raises(StageFileError, match=f"^{layout.eval_metrics}: not JSON"):
         export.main()
     assert sorted(p.name for p in layout.model.parent.iterdir()) == ["mlflow_run.json", "vae.pt"]
     assert sorted(p.name for p in layout.eval_metrics.parent.iterdir()) == ["eval.json"]
-    client = MlflowClient(f"sqlite:///{layout.mlflow_db}")
-    [run] = client.search_runs([client.get_experiment_by_name("vae-mnist").experiment_id])
+    run = _export_run(layout)
     assert run.info.status == "FAILED" and run.data.tags["error"].startswith("StageFileError: ")
+
+
+def test_sigterm_mid_export_ends_it_in_a_line_with_nothing_written_and_the_run_killed(tmp_path, monkeypatch, capsys,
+                                                                                    sigterm_kept):
+    """SIGTERM (`kill`, a container's stop) while the decoder's graph is half done: the CLI says
+    `interrupted` (status 130, as Ctrl-C), the temporary graph is gone, the run is KILLED.
+    Before, Python's default for SIGTERM ended the process on the spot: no cleanup, and the
+    MLflow run left as it was."""
+    import signal
+
+    from pipeline import cli, export
+
+    layout = _export_project(tmp_path, monkeypatch, '{"neg_elbo": 100.0}')
+
+    def terminated(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the handler raises before this ends
+        raise AssertionError("SIGTERM did not stop the stage")
+
+    monkeypatch.setattr(export, "check_parity", terminated)
+    assert cli.main(["export"]) == 130
+    err = capsys.readouterr().err  # MLflow may log before: its store made afresh
+    assert err.splitlines()[-1] == "vae export: interrupted" and "Traceback" not in err, err
+    assert sorted(p.name for p in layout.model.parent.iterdir()) == ["mlflow_run.json", "vae.pt"]
+    run = _export_run(layout)
+    assert run.info.status == "KILLED" and run.data.tags["error"] == "interrupted"
 
 
 def test_an_opset_the_exporter_or_onnxruntime_cannot_give_is_named_not_written_as_another(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from types import SimpleNamespace
@@ -295,3 +296,50 @@ def test_a_lost_node_is_survived_to_the_same_model(tmp_path, mnist_dir, uninterr
     (run_record,) = client.search_runs([client.get_experiment_by_name("vae-mnist").experiment_id])
     assert {m.step for m in client.get_metric_history(run_record.info.run_id, "val_neg_elbo")} == {1, 2, 3}
     assert json.loads((project / "metrics/train.json").read_text())["epochs"] == 3
+
+
+
+def _interrupted_train(project, env, log_path, ready, send) -> str:
+    """`vae train` signalled by send(process) once ready(its log so far); checked to end as an
+    interrupted run must. Returns its log."""
+    with open(log_path, "w") as log:  # its own process group, as a terminal's foreground job
+        train = subprocess.Popen([str(BIN / "vae"), "train"], cwd=project, env=env, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not ready(log_path.read_text()):
+        assert train.poll() is None and time.monotonic() < deadline, log_path.read_text()
+        time.sleep(0.05)
+    send(train)
+    assert train.wait(timeout=60) == 130, log_path.read_text()
+    out = log_path.read_text()
+    (checkpoints,) = project.glob(".ray_results/vae-*")
+    # Ray relays the workers' epoch lines when it gets to them: ours need not come last.
+    assert f"vae train: interrupted; run it again to resume from the last checkpoint in {checkpoints}" in \
+        out.splitlines(), out
+    assert "Traceback" not in out and "SIGTERM received" not in out, out
+    run_id = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
+    assert MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_run(run_id).info.status == "KILLED"
+    assert not (project / "models/vae.pt").exists()
+    return out
+
+
+def test_ctrl_c_and_sigterm_stop_training_in_a_line_and_the_rerun_resumes(tmp_path, mnist_dir, ray_address):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) once epoch 1's checkpoint is
+    in, then SIGTERM to the rerun's driver: each ends in one line that says where the checkpoints
+    are, status 130 and the MLflow run KILLED. Before, Ray Train's own Ctrl-C handler exited with
+    status 1 in no words, and SIGTERM with Ray's crash dump. The rerun resumed."""
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data/mnist").symlink_to(mnist_dir)
+    run_ = INTERRUPTED_RUN
+    (project / "params.yaml").write_text(yaml.safe_dump({
+        "data": {"val_size": 200, "max_train_images": run_["images"]}, "model": run_["model"],
+        "train": {**{k: run_[k] for k in TRAIN_KEYS}, "epochs": 6}}))  # more than two runs get through
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    _interrupted_train(project, env, tmp_path / "sigint.log",
+                       lambda _: list(project.glob(".ray_results/*/checkpoint_manager_snapshot.json")),
+                       lambda train: os.killpg(train.pid, signal.SIGINT))
+    out = _interrupted_train(project, env, tmp_path / "sigterm.log", lambda out: "epoch " in out,
+                             lambda train: train.send_signal(signal.SIGTERM))
+    assert "epoch   1/6" not in out, "the rerun trained epoch 1 again instead of resuming"
