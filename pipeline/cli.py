@@ -125,11 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     try:
         if args.command == "serve" and args.ray:
-            from pipeline.registry import resolve
             from pipeline.serve import ray_serve
 
-            ray_serve.run(resolve(args.model), args.model, args.host, args.port, args.max_batch, args.replicas,
-                          args.replica_cpus)
+            ray_serve.run(args.model, args.host, args.port, args.max_batch, args.replicas, args.replica_cpus)
         elif args.command == "serve":
             from pipeline.serve import app
 

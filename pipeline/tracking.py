@@ -151,8 +151,9 @@ def open_run(layout: Layout) -> tuple["MlflowClient", str]:  # noqa: F821
     from mlflow.exceptions import MlflowException
 
     recorded = read_json(layout.mlflow_run, "run_id")["run_id"]
-    require_reachable(tracking_uri(layout))  # a server still gone fails in seconds, naming it
-    client = MlflowClient(tracking_uri(layout))
+    uri = tracking_uri(layout)
+    require_reachable(uri)  # a server still gone fails in seconds, naming it
+    client = MlflowClient(uri)
     try:
         client.get_run(recorded)
         return client, recorded

@@ -342,10 +342,11 @@ def test_a_graph_cut_short_stops_serve_before_anything_starts(decoder_and_onnx, 
 
 @pytest.mark.integration  # runs `vae serve`, which stops before it opens a graph or starts Ray
 @pytest.mark.parametrize("ray", [False, True])
-def test_a_port_already_taken_is_named_before_anything_starts(decoder_and_onnx, ray):
+def test_a_port_already_taken_is_named_before_anything_starts(tmp_path, ray):
     """On a port another server holds, Ray Serve's proxy gave up after Ray had started, in a
     hundred lines of its actors' tracebacks; uvicorn said so after the graphs were opened (or
-    fetched from the registry), among its log lines, with exit 3."""
+    fetched from the registry), among its log lines, with exit 3. The registry here holds no
+    such model: asked first, it would be what the error names."""
     import socket
 
     with socket.socket() as taken:
@@ -353,8 +354,9 @@ def test_a_port_already_taken_is_named_before_anything_starts(decoder_and_onnx, 
         taken.listen()
         port = taken.getsockname()[1]
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray: its proxy binds here
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
         result = subprocess.run([str(BIN / "vae"), "serve", *(["--ray"] if ray else []), "--port", str(port),
-                                 str(decoder_and_onnx[1].parent)], capture_output=True, text=True, env=env, timeout=120)
+                                 "models:/vae-decoder@champion"], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()  # no Ray started, no traceback
     assert line == (f"vae serve: error: --host 127.0.0.1 --port {port}: cannot listen there (Address already in "

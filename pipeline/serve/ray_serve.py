@@ -44,13 +44,13 @@ def deployment(graphs: ModelFiles, max_batch: int, replicas: int, replica_cpus: 
     return Graphs.bind(graphs, max_batch)
 
 
-def run(files: ModelFiles, source: str, host: str, port: int, max_batch: int, replicas: int,
-        replica_cpus: float = 1.0) -> None:
+def run(source: str, host: str, port: int, max_batch: int, replicas: int, replica_cpus: float = 1.0) -> None:
+    from pipeline.registry import resolve
     from pipeline.serve.app import require_free_port
 
-    graphs = files.read()  # before Ray starts: a file that holds no graph fails in a moment
     if local_ray():  # the proxy listens on this machine (on a cluster, on the head node)
-        require_free_port(host, port)
+        require_free_port(host, port)  # first: before a registry download, as `vae serve` does
+    graphs = resolve(source).read()  # before Ray starts: a file that holds no graph fails in a moment
     connect_ray(num_workers=replicas)  # first of Ray: it decides the local Ray's auth before ray is imported
     from ray import serve
 
