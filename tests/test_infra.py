@@ -3,10 +3,15 @@ image, version and command they name exists in this repository or its environmen
 import os
 import re
 import runpy
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import httpx
 import jsonschema
+import psutil
 import pytest
 import ray
 import yaml
@@ -239,6 +244,32 @@ def test_a_ray_node_that_misses_rays_startup_timeout_gets_one_more_start(tmp_pat
         with pytest.raises(RuntimeError, match="a node did not start") as failed:
             stack.start_twice(launch, lambda: "started." in log.read_text(), log, "a node")
         assert len(launched) == tries and scripts[0].split("'")[1] in str(failed.value)
+
+
+@pytest.mark.integration  # starts Ray nodes
+def test_ctrl_c_while_a_ray_cluster_starts_leaves_no_node_behind():
+    """`make up` interrupted while its second Ray node started: the head and that node ran on,
+    recorded nowhere, beyond `make down`'s reach. Ctrl-C reaches the terminal's process group,
+    not the nodes, which run in sessions of their own."""
+    starting = subprocess.Popen([sys.executable, "-c", "import stack; stack.ray_cluster(1, stack.ray_auth())"],
+                                cwd=ROOT / "infra/local", start_new_session=True, stderr=subprocess.PIPE, text=True)
+    deadline, nodes = time.monotonic() + 120, []
+    while len(nodes) < 2:  # the head has started (the second node starts once it has)
+        assert starting.poll() is None and time.monotonic() < deadline, starting.stderr.read()
+        nodes = [child.pid for child in psutil.Process(starting.pid).children() if "start" in child.cmdline()]
+        time.sleep(0.05)
+    os.killpg(starting.pid, signal.SIGINT)
+    assert starting.wait(timeout=60) != 0
+    assert "KeyboardInterrupt" in starting.stderr.read()
+    left = [p.pid for p in psutil.process_iter() if p.is_running() and _session_of(p.pid) in nodes]
+    assert not left, f"still running from the nodes' sessions: {left}"
+
+
+def _session_of(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
 
 
 def test_the_wheelhouse_lists_the_lock_for_the_node_less_its_own_torch():

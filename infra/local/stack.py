@@ -51,6 +51,17 @@ def start(cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None =
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=cwd)
 
 
+@contextlib.contextmanager
+def stop_on_failure(process: subprocess.Popen):
+    """Stop `process`, with all it spawned, should the block fail or be interrupted (Ctrl-C):
+    until the function that started it returns it, no caller holds it to stop."""
+    try:
+        yield
+    except BaseException:
+        stop(process)
+        raise
+
+
 def _alive(process: subprocess.Popen | int) -> bool:
     if isinstance(process, subprocess.Popen):
         return process.poll() is None
@@ -146,8 +157,10 @@ def postgres() -> tuple[str, subprocess.Popen, Path]:
     server = start([*as_user, str(bindir / "postgres"), "-D", str(root / "data"), "-h", "127.0.0.1", "-p", port,
                     "-k", str(root)], root / "postgres.log")
     ready = [str(bindir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", port]
-    wait_until(lambda: subprocess.run(ready).returncode == 0, server, root / "postgres.log", "postgres", 60)
-    subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", port, "-U", "mlflow", "mlflow"], check=True)
+    with stop_on_failure(server):
+        wait_until(lambda: subprocess.run(ready).returncode == 0, server, root / "postgres.log", "postgres", 60)
+        subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", port, "-U", "mlflow", "mlflow"],
+                       check=True)
     return f"postgresql://mlflow@127.0.0.1:{port}/mlflow", server, root
 
 
@@ -189,7 +202,8 @@ def mlflow_server(root: Path, backend_uri: str, admin_password: str | None = Non
         command += ["--app-name", "basic-auth"]
     server = start(command, root / "mlflow.log", env)
     url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: http_ok(f"{url}/health"), server, root / "mlflow.log", "mlflow server")
+    with stop_on_failure(server):
+        wait_until(lambda: http_ok(f"{url}/health"), server, root / "mlflow.log", "mlflow server")
     return url, server
 
 
@@ -222,7 +236,8 @@ def s3_server(root: Path) -> tuple[dict[str, str], subprocess.Popen]:
     s3_port = next(p for p in ports if p.startswith("-s3.port=")).split("=")[1]
     endpoint = f"http://127.0.0.1:{s3_port}"
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1", **keys}
-    wait_until(lambda: _buckets_exist(env), server, root / "s3.log", "the S3 server")
+    with stop_on_failure(server):
+        wait_until(lambda: _buckets_exist(env), server, root / "s3.log", "the S3 server")
     return env, server
 
 
@@ -309,14 +324,18 @@ def ray_cluster(cpus_per_node: int, auth: dict[str, str], count: int = 2,
         return start_twice(lambda: node(temp_dir, *args, head=head), lambda: registered(temp_dir),
                            temp_dir / "node.log", what)
 
-    head, ports = started(dirs[0], "--head", "--include-dashboard=false", what="the Ray head node", head=True)
-    address, nodes = f"127.0.0.1:{ports['port']}", [head]
+    nodes = []
     try:
+        head, ports = started(dirs[0], "--head", "--include-dashboard=false", what="the Ray head node", head=True)
+        address = f"127.0.0.1:{ports['port']}"
+        nodes.append(head)
         for temp_dir in dirs[1:]:
             nodes.append(started(temp_dir, f"--address={address}", what="a Ray worker node")[0])
-    except RuntimeError:  # no node left behind: the caller gets no handle to stop them by
+    except BaseException:  # a node that failed, or Ctrl-C: none left behind, for no caller holds them
         for started_node in reversed(nodes):
             stop_ray_node(started_node)
+        for temp_dir in dirs:
+            shutil.rmtree(temp_dir, ignore_errors=True)
         raise
     return address, nodes, dirs
 
@@ -335,10 +354,10 @@ def start_twice(launch: Callable[[], tuple[subprocess.Popen, dict]], ready: Call
     for last_try in (False, True):
         process, details = launch()
         try:
-            wait_until(ready, process, log, what)
+            with stop_on_failure(process):
+                wait_until(ready, process, log, what)
             return process, details
         except RuntimeError as e:
-            stop(process)
             if last_try or RAY_STARTUP_TIMEOUT not in str(e):
                 raise
             log.replace(log.with_name(log.name + ".1"))
@@ -399,10 +418,11 @@ def main() -> None:
     parser.add_argument("action", choices=["up", "down"])
     parser.add_argument("state", nargs="?", default=".stack", type=Path, help="where the stack keeps its state")
     args = parser.parse_args()
-    if args.action == "up":
-        up(args.state)
-    else:
-        down(args.state)
+    try:
+        up(args.state) if args.action == "up" else down(args.state)
+    except KeyboardInterrupt:  # up records what it started as it goes: down stops it
+        print(f"{args.action}: interrupted; `make down` stops what had started", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
