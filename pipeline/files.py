@@ -53,6 +53,7 @@ class Layout:
         self.mlflow_db = stores / "mlflow.db"
         self.mlflow_artifacts = stores / "mlartifacts"
         self.registry_lock = stores / ".vae-registry.lock"
+        self.train_locks = stores / ".vae-train-locks"  # one per Ray run: pipeline/train.py's run_lock
 
 
 def _umask() -> int:

@@ -11,10 +11,13 @@ import csv
 import hashlib
 import io
 import json
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import Iterator
 
 import torch
+from filelock import FileLock, Timeout
 
 from pipeline import tracking, train_worker
 from pipeline.files import Layout, atomic_path, write_bytes, write_json
@@ -77,14 +80,41 @@ def require_storage(storage: str) -> None:
                               f"server needs AWS_ENDPOINT_URL and its keys in the environment") from None
 
 
+@contextmanager
+def run_lock(layout: Layout, name: str) -> Iterator[None]:
+    """Held by the driver of Ray run `name` while it trains. Two drivers of one run (the same
+    params and code: two terminals, or a sweep over train.num_workers with -j 2) resumed from,
+    and deleted, each other's checkpoints; the second now waits, then resumes from the
+    first's last checkpoint, with nothing left to train. One machine's drivers: a file lock."""
+    layout.train_locks.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(layout.train_locks / f"{name}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"train: waiting for the other `vae train` of this run (same params and code), which holds "
+              f"{lock.lock_file}", flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def fit(layout: Layout, params: Params, run_id: str) -> TrainState:
-    """Run the TorchTrainer; return the final training state from its last checkpoint."""
+    """Run the TorchTrainer, one driver at a time per Ray run; return the final training state
+    from its last checkpoint."""
+    storage = params.train.storage_path or str(layout.ray_results)
+    require_storage(storage)
+    name = run_name(params)
+    with run_lock(layout, name):
+        return train_on_ray(layout, params, run_id, storage, name)
+
+
+def train_on_ray(layout: Layout, params: Params, run_id: str, storage: str, name: str) -> TrainState:
     import ray
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
-    storage = params.train.storage_path or str(layout.ray_results)
-    require_storage(storage)
     connect_ray(params.train.num_workers, params.train.ray_address)
     trainer_class = torch_trainer()
     nodes = node_resources()
@@ -104,7 +134,7 @@ def fit(layout: Layout, params: Params, run_id: str) -> TrainState:
         train_loop_per_worker, train_loop_config={"params": params, "context": context},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus}),
-        run_config=RunConfig(name=run_name(params), storage_path=storage,
+        run_config=RunConfig(name=name, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=params.train.max_failures),
                              logging_config=LoggingConfig(log_level="WARNING")))
@@ -114,7 +144,7 @@ def fit(layout: Layout, params: Params, run_id: str) -> TrainState:
         # Ctrl-C meets Ray Train's own handler, which aborts the run and then exits from inside
         # ray.get with status 1 and no word of why; SIGTERM, the CLI's (KeyboardInterrupt).
         raise KeyboardInterrupt(f"run it again to resume from the last checkpoint in "
-                                f"{storage}/{run_name(params)}") from None
+                                f"{storage}/{name}") from None
     except ray.train.WorkerGroupError as e:
         # A checkpoint no rerun can resume from: the workers' own words, not Ray's tracebacks.
         unreadable = [error for error in e.worker_failures.values() if isinstance(error, CheckpointError)]

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -188,6 +189,27 @@ def test_a_rerun_stops_at_a_checkpoint_that_cannot_be_read_with_the_workers_erro
     (checkpoint / "state.pt").write_bytes((checkpoint / "state.pt").read_bytes()[:2000])
     with pytest.raises(CheckpointError, match=f"^Ray's checkpoint {checkpoint} cannot be read"):
         train(tmp_path, mnist_dir, "run", **run)
+
+
+@pytest.mark.integration  # two Ray Train runs
+def test_a_second_driver_of_the_same_run_waits_for_the_first(tmp_path, mnist_dir, ray_address, capsys):
+    """Two drivers of one Ray run (the same params and code: two terminals, a sweep over
+    train.num_workers with -j 2) resumed from and deleted each other's checkpoints: the second
+    died of a checkpoint gone, telling the user to delete the run's folder. It now waits."""
+    run = {"images": 64, "num_workers": 1}
+    train(tmp_path, mnist_dir, "run", **run)
+    [name] = [p.name for p in (tmp_path / "run" / ".ray_results").glob("vae-*")]
+    lock = tmp_path / "run" / ".vae-train-locks" / f"{name}.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+                               "lock = FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(3)",
+                               str(lock)], stdout=subprocess.PIPE, text=True)  # another driver, training
+    assert holder.stdout.readline() == "held\n"
+    capsys.readouterr()
+    state = train(tmp_path, mnist_dir, "run", **run)
+    assert holder.poll() == 0, "the second driver trained while the first held the run"
+    assert f"train: waiting for the other `vae train` of this run (same params and code), which holds {lock}" in \
+        capsys.readouterr().out
+    assert state.epoch == 1  # resumed: nothing left to train
 
 
 @pytest.fixture(scope="module")
