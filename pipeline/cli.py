@@ -101,9 +101,17 @@ def batch_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def stop(signum: int, frame) -> None:
-    """SIGTERM (`kill`, a container's stop, a cancelled CI job) ends a command as Ctrl-C does:
-    its cleanup runs (temporary files removed, the MLflow run marked KILLED), then one line."""
     raise KeyboardInterrupt
+
+
+def stop_on_signals() -> None:
+    """SIGTERM (`kill`, a container's stop, a cancelled CI job) and SIGHUP (the terminal closed)
+    end a command as Ctrl-C does: its cleanup runs (temporary files removed, the MLflow run
+    marked KILLED, not left RUNNING), then one line. A signal the parent ignores (`nohup`
+    ignores SIGHUP) stays ignored."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) == signal.SIG_DFL:
+            signal.signal(signum, stop)
 
 
 INTERRUPTED_HINTS = {"sweep": "the queue's workers go on: `dvc queue status`; `dvc queue stop --kill` stops them"}
@@ -122,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     # Our own modules at INFO; libraries (onnxscript's optimiser, MLflow, ...) only warn.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipeline").setLevel(logging.INFO)
-    signal.signal(signal.SIGTERM, stop)
+    stop_on_signals()
     try:
         if args.command == "serve" and args.ray:
             from pipeline.serve import ray_serve

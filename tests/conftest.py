@@ -148,8 +148,10 @@ def uninterrupted(tmp_path_factory, mnist_dir, ray_address) -> dict:
 
 
 @pytest.fixture
-def sigterm_kept():
-    """cli.main installs its SIGTERM handler in the process it runs in: pytest's comes back after."""
-    handler = signal.getsignal(signal.SIGTERM)
+def signals_kept():
+    """cli.main installs its SIGTERM and SIGHUP handlers in the process it runs in: pytest's
+    come back after."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
     yield
-    signal.signal(signal.SIGTERM, handler)
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)

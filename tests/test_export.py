@@ -253,12 +253,13 @@ def test_an_eval_metrics_file_cut_short_stops_export_before_it_writes_a_graph(tm
     assert run.info.status == "FAILED" and run.data.tags["error"].startswith("StageFileError: ")
 
 
-def test_sigterm_mid_export_ends_it_in_a_line_with_nothing_written_and_the_run_killed(tmp_path, monkeypatch, capsys,
-                                                                                    sigterm_kept):
-    """SIGTERM (`kill`, a container's stop) while the decoder's graph is half done: the CLI says
-    `interrupted` (status 130, as Ctrl-C), the temporary graph is gone, the run is KILLED.
-    Before, Python's default for SIGTERM ended the process on the spot: no cleanup, and the
-    MLflow run left as it was."""
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_sigterm_or_sighup_mid_export_ends_it_in_a_line_with_nothing_written_and_the_run_killed(
+        tmp_path, monkeypatch, capsys, signals_kept, signame):
+    """SIGTERM (`kill`, a container's stop) or SIGHUP (the terminal closed) while the decoder's
+    graph is half done: the CLI says `interrupted` (status 130, as Ctrl-C), the temporary graph
+    is gone, the run is KILLED. Before, Python's default for either ended the process on the
+    spot: no cleanup, and the MLflow run left as it was (RUNNING, had train been the stage)."""
     import signal
 
     from pipeline import cli, export
@@ -266,9 +267,9 @@ def test_sigterm_mid_export_ends_it_in_a_line_with_nothing_written_and_the_run_k
     layout = _export_project(tmp_path, monkeypatch, '{"neg_elbo": 100.0}')
 
     def terminated(*args):
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), getattr(signal, signame))
         time.sleep(10)  # the handler raises before this ends
-        raise AssertionError("SIGTERM did not stop the stage")
+        raise AssertionError(f"{signame} did not stop the stage")
 
     monkeypatch.setattr(export, "check_parity", terminated)
     assert cli.main(["export"]) == 130

@@ -83,7 +83,7 @@ def test_a_stage_after_train_finds_the_server_still_gone_in_one_line(tmp_path):
     assert result.stderr.startswith(f"vae evaluate: error: MLflow tracking server {uri} is unreachable")
 
 
-def test_an_unexpected_error_keeps_its_traceback_without_the_password(monkeypatch, capsys, sigterm_kept):
+def test_an_unexpected_error_keeps_its_traceback_without_the_password(monkeypatch, capsys, signals_kept):
     """An error the CLI does not name (a bug, or a library's error it did not foresee, such as
     MLflow's after a server goes away mid-stage) prints its traceback, password hidden."""
     from pipeline import cli, environment
