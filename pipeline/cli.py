@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         # MLflow's errors name the URL they asked, with any password the tracking URI carries.
         print(hide_credentials(f"vae {args.command}: error: {e}"), file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: say so in a line, not a traceback
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM or SIGHUP: say so in a line, not a traceback
         hint = str(e) or INTERRUPTED_HINTS.get(args.command)
         print(f"vae {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130

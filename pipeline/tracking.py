@@ -195,8 +195,8 @@ ERROR_CHARS = 5000  # of a failed stage's error, in its run's `error` tag (MLflo
 
 @contextmanager
 def failing_marks(client, run_id: str) -> Iterator[None]:
-    """A stage that raises marks the pipeline's run FAILED (KILLED when interrupted: Ctrl-C or
-    SIGTERM), so the UI never shows a dead run as RUNNING, and tags it `error` with what it
+    """A stage that raises marks the pipeline's run FAILED (KILLED when interrupted: Ctrl-C,
+    SIGTERM, SIGHUP), so the UI never shows a dead run as RUNNING, and tags it `error` with what it
     raised, so the UI says why; the stage's error still propagates (even when the server is gone
     too)."""
     try:

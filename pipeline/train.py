@@ -142,7 +142,7 @@ def train_on_ray(layout: Layout, params: Params, run_id: str, storage: str, name
         result = trainer.fit()
     except (KeyboardInterrupt, SystemExit):
         # Ctrl-C meets Ray Train's own handler, which aborts the run and then exits from inside
-        # ray.get with status 1 and no word of why; SIGTERM, the CLI's (KeyboardInterrupt).
+        # ray.get with status 1 and no word of why; SIGTERM and SIGHUP meet the CLI's (KeyboardInterrupt).
         raise KeyboardInterrupt(f"run it again to resume from the last checkpoint in "
                                 f"{storage}/{name}") from None
     except ray.train.WorkerGroupError as e:
