@@ -108,9 +108,10 @@ def stop_on_signals() -> None:
     """SIGTERM (`kill`, a container's stop, a cancelled CI job) and SIGHUP (the terminal closed)
     end a command as Ctrl-C does: its cleanup runs (temporary files removed, the MLflow run
     marked KILLED, not left RUNNING), then one line. A signal the parent ignores (`nohup`
-    ignores SIGHUP) stays ignored; any other handler gives way (Ray's, in a process that
-    already joined Ray: it exits from inside `ray.get` in no words, then aborts)."""
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    ignores SIGHUP) stays ignored; any other handler gives way (Ray's and Ray Train's, in a
+    process that already joined Ray: they exit from inside `ray.get` in no words). Ctrl-C's
+    SIGINT gets the same handler, Python's own in effect."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(signum) != signal.SIG_IGN:
             signal.signal(signum, stop)
 

@@ -11,6 +11,8 @@ import socket
 import sys
 import threading
 import urllib.parse
+from contextlib import contextmanager
+from typing import Iterator
 
 from pipeline import compat
 
@@ -44,18 +46,38 @@ def connect_ray(num_workers: int | str = 1, address: str | None = None) -> None:
     # cleaner warns about it every few seconds: keep Ray's own loggers at ERROR in workers.
     quiet = {"logging_level": logging.WARNING, "log_to_driver": True,
              "logging_config": ray.LoggingConfig(log_level="ERROR")}
-    sigterm = signal.getsignal(signal.SIGTERM)
     if not local:
         require_answer(address)
-        ray.init(address=address, **quiet)
-    else:
-        # "local": a new Ray of our own, not whatever `ray start` last left on this machine.
-        cpus = max(os.cpu_count() or 1, num_workers if isinstance(num_workers, int) else 1)
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
-    # ray.init makes SIGTERM exit the driver from inside whatever it waits on, with status 1
-    # and no word of why: a handler the caller installed (the CLI's) stays in charge.
-    if callable(sigterm) and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, sigterm)
+    with deferred_signals():
+        if not local:
+            ray.init(address=address, **quiet)
+        else:
+            # "local": a new Ray of our own, not whatever `ray start` last left on this machine.
+            cpus = max(os.cpu_count() or 1, num_workers if isinstance(num_workers, int) else 1)
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
+
+
+@contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP wait for the block's end, then act as they would have, under
+    the handlers the caller had before it. Ctrl-C in the midst of ray.init left a local Ray's
+    dashboard and runtime-env agents running, orphaned (once ray.init returns, Ray stops all it
+    started at exit); and ray.init installs its own SIGTERM handler, which exits from inside
+    whatever the driver waits on with status 1 and no word of why. Only handlers set from
+    Python are deferred: a signal left to its default or ignored stays so."""
+    if threading.current_thread() is not threading.main_thread():  # only it may set handlers
+        yield
+        return
+    caught = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if callable(signal.getsignal(signum))}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    for signum in caught[:1]:
+        signal.raise_signal(signum)
 
 
 def require_answer(address: str | None, timeout_s: float = 5.0) -> None:

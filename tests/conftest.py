@@ -149,9 +149,9 @@ def uninterrupted(tmp_path_factory, mnist_dir, ray_address) -> dict:
 
 @pytest.fixture
 def signals_kept():
-    """cli.main installs its SIGTERM and SIGHUP handlers in the process it runs in: pytest's
-    come back after."""
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    """cli.main installs its SIGINT, SIGTERM and SIGHUP handlers in the process it runs in:
+    pytest's come back after."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     yield
     for signum, handler in handlers.items():
         signal.signal(signum, handler)

@@ -3,7 +3,9 @@ import os
 import secrets
 import subprocess
 import sys
+import tempfile
 
+import psutil
 import pytest
 
 from pipeline.params import ParamsError
@@ -152,3 +154,30 @@ def test_vae_train_refuses_workers_this_machines_ray_cannot_hold(tmp_path):
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FAILED"
     assert run.data.tags["error"].startswith("PlacementError: train.num_workers, train.cpus_per_worker: 1 worker")
+
+
+@pytest.mark.integration  # starts a local Ray
+def test_ctrl_c_while_a_local_ray_starts_waits_for_it_and_leaves_nothing_running():
+    """Ctrl-C in the midst of ray.init left the local Ray's dashboard and runtime-env agents
+    running, orphaned, after `vae train` had said it was interrupted. The interrupt now waits
+    for ray.init, then acts: Ray, fully started, stops all it started as the process exits."""
+    script = """
+import signal, threading, time
+import ray
+from pipeline.ray_connect import connect_ray
+threading.Timer(0.5, signal.raise_signal, [signal.SIGINT]).start()  # ray.init takes seconds
+try:
+    connect_ray(1)
+    time.sleep(5)
+except KeyboardInterrupt:
+    print("interrupted; Ray started:", ray.is_initialized(), flush=True)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray of its own
+    with tempfile.TemporaryDirectory(prefix="ray-") as temp:  # short: Ray's sockets live there
+        env["RAY_TMPDIR"] = temp  # in every one of its processes' command lines
+        started = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                                 timeout=120)
+        assert started.stdout == "interrupted; Ray started: True\n", started.stdout + started.stderr
+        left = [p.pid for p in psutil.process_iter(["cmdline"]) if temp in " ".join(p.info["cmdline"] or [])
+                and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"left running: {left}"
