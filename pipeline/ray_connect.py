@@ -46,15 +46,15 @@ def connect_ray(num_workers: int | str = 1, address: str | None = None) -> None:
     # cleaner warns about it every few seconds: keep Ray's own loggers at ERROR in workers.
     quiet = {"logging_level": logging.WARNING, "log_to_driver": True,
              "logging_config": ray.LoggingConfig(log_level="ERROR")}
-    if not local:
+    if local:
+        # "local": a new Ray of our own, not whatever `ray start` last left on this machine.
+        cpus = max(os.cpu_count() or 1, num_workers if isinstance(num_workers, int) else 1)
+        where = {"address": "local", "num_cpus": cpus, "include_dashboard": False}
+    else:
         require_answer(address)
+        where = {"address": address}
     with deferred_signals():
-        if not local:
-            ray.init(address=address, **quiet)
-        else:
-            # "local": a new Ray of our own, not whatever `ray start` last left on this machine.
-            cpus = max(os.cpu_count() or 1, num_workers if isinstance(num_workers, int) else 1)
-            ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
+        ray.init(**where, **quiet)
 
 
 @contextmanager
@@ -69,15 +69,19 @@ def deferred_signals() -> Iterator[None]:
         yield
         return
     caught = []
-    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum))
+
+    def defer(signum: int, frame) -> None:
+        caught.append(signum)
+
+    previous = {signum: signal.signal(signum, defer)
                 for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if callable(signal.getsignal(signum))}
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    for signum in caught[:1]:
-        signal.raise_signal(signum)
+    if caught:
+        signal.raise_signal(caught[0])
 
 
 def require_answer(address: str | None, timeout_s: float = 5.0) -> None:
