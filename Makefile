@@ -24,16 +24,16 @@ repro: $(STAMP)
 	PATH="$(BIN):$$PATH" dvc repro
 
 test: lock-check $(STAMP) system-packages
-	$(BIN)/ruff check .
-	PATH="$(BIN):$$PATH" $(BIN)/python -m pytest
+	"$(BIN)/ruff" check .
+	PATH="$(BIN):$$PATH" "$(BIN)/python" -m pytest
 
 # The edit loop: lint and the unit tests, none of the servers, clusters or pipeline runs.
 # Modules of integration tests alone are not even imported, nor the plugins only they use.
 FAST_SKIP := --ignore=tests/test_pipeline_dvc.py --ignore=tests/test_local_stack.py --ignore=tests/test_resume_dvc.py \
 	-p no:schemathesis -p no:hydra_pytest -p no:anyio -p no:hypothesispytest
 test-fast: $(STAMP)
-	$(BIN)/ruff check .
-	PATH="$(BIN):$$PATH" $(BIN)/python -m pytest -m "not integration" -q $(FAST_SKIP)
+	"$(BIN)/ruff" check .
+	PATH="$(BIN):$$PATH" "$(BIN)/python" -m pytest -m "not integration" -q $(FAST_SKIP)
 
 # Debian packages the tests run for real: PostgreSQL (an MLflow backend store) and Chromium
 # (the MLflow UI test). Installed when missing and we are root, as in CI; otherwise their
@@ -83,23 +83,23 @@ lock-check: $(UV)
 WHEEL_PYTHON ?= 3.12
 wheelhouse: $(STAMP)
 	rm -rf wheelhouse  # no wheels of an earlier run (another Python or NODE_HAS) left beside this one's
-	$(BIN)/python infra/wheelhouse.py wheelhouse --python $(WHEEL_PYTHON) --pip $(PYTHON) $(if $(NODE_HAS),--node-has $(NODE_HAS)) $(foreach e,$(WHEEL_EXTRAS),--extra $(e))
+	"$(BIN)/python" infra/wheelhouse.py wheelhouse --python $(WHEEL_PYTHON) --pip $(PYTHON) $(if $(NODE_HAS),--node-has $(NODE_HAS)) $(foreach e,$(WHEEL_EXTRAS),--extra $(e))
 
 # Less than that, for a bare GPU node's table and GPU tests (benchmarks/gpu_kit.py, docs/GPU.md):
 # MNIST, pydantic's wheels and onnxruntime-gpu in parts of 60 MiB, as gpu_kit/. PIPELINE=1 adds
 # the wheelhouse for the pipeline there, in parts too (NODE_HAS=FILE: less of it), and leaves the
 # kit's other parts as they are: they may be on the node already.
 gpu-kit: $(STAMP)
-	$(BIN)/python benchmarks/gpu_kit.py gpu_kit --python $(WHEEL_PYTHON) --pip $(PYTHON) $(if $(PIPELINE),--pipeline $(if $(NODE_HAS),--node-has $(NODE_HAS)))
+	"$(BIN)/python" benchmarks/gpu_kit.py gpu_kit --python $(WHEEL_PYTHON) --pip $(PYTHON) $(if $(PIPELINE),--pipeline $(if $(NODE_HAS),--node-has $(NODE_HAS)))
 
 # The infra/ topology on this machine, 127.0.0.1 only: PostgreSQL, MLflow on it, a 2-node
 # Ray cluster. Then `source .stack/env` points the pipeline at it.
 STACK ?= .stack
 up: $(STAMP) system-packages
-	$(BIN)/python infra/local/stack.py up $(STACK)
+	"$(BIN)/python" infra/local/stack.py up $(STACK)
 
 down: $(STAMP)
-	$(BIN)/python infra/local/stack.py down $(STACK)
+	"$(BIN)/python" infra/local/stack.py down $(STACK)
 
 clean:
 	rm -rf $(VENV) .tools .ray_results mlartifacts mlflow.db

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import secrets
+import shlex
 import signal
 import socket
 import sys
@@ -49,12 +50,23 @@ def connect_ray(num_workers: int | str = 1, address: str | None = None) -> None:
     if local:
         # "local": a new Ray of our own, not whatever `ray start` last left on this machine.
         cpus = max(os.cpu_count() or 1, num_workers if isinstance(num_workers, int) else 1)
-        where = {"address": "local", "num_cpus": cpus, "include_dashboard": False}
+        where = {"address": "local", "num_cpus": cpus, "include_dashboard": False, **python_command()}
     else:
         require_answer(address)
         where = {"address": address}
     with deferred_signals():
         ray.init(**where, **quiet)
+
+
+def python_command() -> dict:
+    """ray.init's runtime_env for a Python whose path a shell would split (the project's path
+    has a space): Ray 2.60 starts each worker that has a runtime env (every Ray Train actor
+    has one) through `bash -c "exec <python> ..."`, the path unquoted (exec_worker in
+    ray/_private/runtime_env/context.py); the worker dies at once, and Ray Train retries it for
+    minutes. py_executable is a shell command by design: the path goes in quoted. Only for the
+    local Ray: a cluster's nodes run their own Python."""
+    quoted = shlex.quote(sys.executable)
+    return {"runtime_env": {"py_executable": quoted}} if quoted != sys.executable else {}
 
 
 @contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -232,5 +233,5 @@ def log_metrics(client, run_id: str, metrics: dict[str, float], step: int = 0) -
 def browse_hint(layout: Layout) -> str:
     uri = tracking_uri(layout)
     if uri.startswith("sqlite:"):
-        return f"mlflow ui --backend-store-uri {uri}"
+        return f"mlflow ui --backend-store-uri {shlex.quote(uri)}"  # a shell command: the path may have a space
     return f"open {hide_credentials(uri, uri)} in a browser"

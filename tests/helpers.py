@@ -132,6 +132,16 @@ def copy_project(repo: Path) -> Path:
     return repo
 
 
+def spaced_project(tmp_path: Path, *names: str) -> Path:
+    """The project as a user who cloned it into a folder with a space has it ("a space/project"):
+    .venv and `names` linked, not copied. Its .venv/bin/python is then a path with a space."""
+    root = tmp_path / "a space" / "project"
+    root.mkdir(parents=True)
+    for name in (".venv", *names):
+        (root / name).symlink_to(ROOT / name)
+    return root
+
+
 def set_params(repo: Path, changes: dict) -> None:
     """Update sections of repo/params.yaml, as a user editing it would."""
     params = yaml.safe_load((repo / "params.yaml").read_text())

@@ -19,7 +19,7 @@ from ray.autoscaler._private.util import validate_config
 
 from pipeline.cli import STAGES
 
-from helpers import ROOT, stack
+from helpers import ROOT, run, spaced_project, stack
 
 INFRA = ROOT / "infra"
 IMAGE = "ghcr.io/your-org/vae-mnist:latest"  # what infra/docker/Dockerfile's build line tags
@@ -270,6 +270,16 @@ def _session_of(pid: int) -> int | None:
         return os.getsid(pid)
     except OSError:
         return None
+
+
+def test_make_up_from_a_path_with_a_space_says_so_before_starting_anything(tmp_path):
+    """Its Ray nodes could start no worker with a runtime env (test_ray_connect: the local Ray's
+    mend cannot reach a cluster's nodes). The Makefile's own commands, quoted, get that far."""
+    root = spaced_project(tmp_path, "Makefile", "uv.lock", ".tools", "infra")
+    result = run(["make", "--no-print-directory", "up", f"STACK={tmp_path / 'stack'}"], root, check=False, timeout=120)
+    assert result.returncode != 0 and "a path with a space" in result.stderr, result.stdout + result.stderr
+    assert f"Ray's nodes would run {root}/.venv/bin/python" in result.stderr
+    assert not (tmp_path / "stack").exists()  # nothing started, nothing recorded
 
 
 def test_the_wheelhouse_lists_the_lock_for_the_node_less_its_own_torch():

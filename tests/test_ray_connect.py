@@ -181,3 +181,26 @@ except KeyboardInterrupt:
         left = [p.pid for p in psutil.process_iter(["cmdline"]) if temp in " ".join(p.info["cmdline"] or [])
                 and p.status() != psutil.STATUS_ZOMBIE]
     assert not left, f"left running: {left}"
+
+
+SPACED_RAY = """
+import os
+import ray
+from pipeline.ray_connect import connect_ray
+connect_ray(1)  # a local Ray of this process's own
+probe = ray.remote(runtime_env={"env_vars": {"PROBE": "started"}})(lambda: os.environ["PROBE"])
+print(ray.get(probe.remote(), timeout=60))
+"""
+
+
+@pytest.mark.integration  # starts a local Ray
+def test_a_local_ray_starts_workers_with_a_runtime_env_from_a_path_with_a_space(tmp_path):
+    """Every Ray Train actor has a runtime env; Ray starts such a worker through a shell, which
+    split the Python's path at the space: the worker died at once and `make repro` in a project
+    cloned into "~/My Projects" failed after 6 minutes of retries (RESULTS.md)."""
+    from helpers import spaced_project
+
+    python = spaced_project(tmp_path) / ".venv" / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run([str(python), "-c", SPACED_RAY], env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0 and result.stdout.splitlines()[-1:] == ["started"], result.stdout + result.stderr
