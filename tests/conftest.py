@@ -22,6 +22,7 @@ from helpers import (
     empty_mlflow_store,
     fit_in_folder,
     mlflow_server_process,
+    ray_nodes_possible,
     run,
     stack,
     system_program,
@@ -77,6 +78,7 @@ def ray_address(s3):
 
     from pipeline.ray_connect import connect_ray
 
+    ray_nodes_possible()
     try:
         address, nodes, temp_dirs = stack.ray_cluster(cpus_per_node=1, auth=stack.ray_auth(), env=s3)
     except RuntimeError as e:
@@ -108,6 +110,7 @@ def local_stack(tmp_path_factory) -> dict:
     environment its env file exports (MLFLOW_TRACKING_URI, RAY_ADDRESS, VAE_STACK_POSTGRES)."""
     bindir = stack.postgres_bindir()
     system_program(str(bindir / "initdb") if bindir else "initdb", "postgresql")
+    ray_nodes_possible()
     state = tmp_path_factory.mktemp("stack")
     make = ["make", "--no-print-directory", "-C", str(ROOT)]
     started, exported = {}, {}

@@ -34,16 +34,26 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True, 
     return result
 
 
+def unavailable(why: str) -> None:
+    """What a test needs cannot be had on this machine: it skips, saying why; in CI it fails."""
+    if os.environ.get("CI"):
+        pytest.fail(why)
+    pytest.skip(why)
+
+
 def system_program(path: str, package: str) -> str:
     """A program from a Debian package that `make test` installs when missing. Where that was
     impossible (not root, no apt) the test skips, naming the package; in CI it fails instead."""
     found = shutil.which(path)
     if not found:
-        why = f"needs {path} from the Debian package {package!r} (`make test` installs it when run as root)"
-        if os.environ.get("CI"):
-            pytest.fail(why)
-        pytest.skip(why)
+        unavailable(f"needs {path} from the Debian package {package!r} (`make test` installs it when run as root)")
     return found
+
+
+def ray_nodes_possible() -> None:
+    """Ray nodes of this project's Python: not from a path with a space (infra/local/stack.py)."""
+    if why := stack.split_python():
+        unavailable(why)
 
 
 def empty_mlflow_store(path: Path) -> str:

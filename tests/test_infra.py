@@ -19,7 +19,7 @@ from ray.autoscaler._private.util import validate_config
 
 from pipeline.cli import STAGES
 
-from helpers import ROOT, run, spaced_project, stack
+from helpers import ROOT, ray_nodes_possible, run, spaced_project, stack
 
 INFRA = ROOT / "infra"
 IMAGE = "ghcr.io/your-org/vae-mnist:latest"  # what infra/docker/Dockerfile's build line tags
@@ -251,6 +251,7 @@ def test_ctrl_c_while_a_ray_cluster_starts_leaves_no_node_behind():
     """`make up` interrupted while its second Ray node started: the head and that node ran on,
     recorded nowhere, beyond `make down`'s reach. Ctrl-C reaches the terminal's process group,
     not the nodes, which run in sessions of their own."""
+    ray_nodes_possible()
     starting = subprocess.Popen([sys.executable, "-c", "import stack; stack.ray_cluster(1, stack.ray_auth())"],
                                 cwd=ROOT / "infra/local", start_new_session=True, stderr=subprocess.PIPE, text=True)
     deadline, nodes = time.monotonic() + 120, []
@@ -402,9 +403,9 @@ def test_node_install_installs_with_the_nodes_own_pip_from_the_wheelhouse_alone(
                                     **os.environ, "PIP_NO_INDEX": "1", "PIP_NO_CACHE_DIR": "1"})
     assert installed.returncode == 0, installed.stdout + installed.stderr
     probe = "import importlib.util as u, pipeline, setuptools; print(pipeline.__file__, setuptools.__file__, " \
-            "u.find_spec('pip').origin)"
+            "u.find_spec('pip').origin, sep='\\n')"  # a line each: a path may have a space
     found = subprocess.run([str(tmp_path / "venv/bin/python"), "-c", probe], check=True, capture_output=True,
-                           text=True).stdout.split()
+                           text=True).stdout.splitlines()
     assert Path(found[0]).is_relative_to(ROOT) and Path(found[1]).is_relative_to(tmp_path / "venv")
     assert Path(found[2]).is_relative_to(node)  # the node's pip, seen through the .pth: none installed
 

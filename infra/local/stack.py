@@ -296,7 +296,8 @@ def ray_cluster(cpus_per_node: int, auth: dict[str, str], count: int = 2,
     log monitors would stream every worker line twice); short paths, since Ray's Unix
     sockets live there; and its own share of the machine's GPUs (`deal_gpus`; the head's
     first). `env` adds to every node's environment (Ray's RAY_<setting>s)."""
-    require_unsplit_python()
+    if problem := split_python():
+        raise RuntimeError(problem)
     dirs = [Path(tempfile.mkdtemp(prefix="ray-")) for _ in range(count)]
     node_env = {**os.environ, **auth, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
     shares = iter(deal_gpus(machine_gpus(), count))
@@ -366,19 +367,21 @@ def start_twice(launch: Callable[[], tuple[subprocess.Popen, dict]], ready: Call
             print(f"{what} missed Ray's startup timeout; starting it once more", file=sys.stderr)
 
 
-def require_unsplit_python() -> None:
-    """Refuse to start Ray nodes that would run a Python whose path has a space: Ray 2.60
-    starts their workers through a shell, the path unquoted, and retries the worker that dies
-    for minutes (pipeline/ray_connect.py's python_command mends this for a stage's own local
-    Ray only, since a cluster's nodes run their own Python)."""
-    if shlex.quote(sys.executable) != sys.executable:
-        sys.exit(f"Ray's nodes would run {sys.executable}, a path with a space or another character a shell "
-                 "splits at: Ray 2.60 cannot start their workers from it. Clone the project to a path without "
-                 "one for `make up` (and the tests that start a Ray cluster); `make repro` works from any path.")
+def split_python() -> str | None:
+    """Why no Ray node may run this Python, if its path has a space: Ray 2.60 starts their
+    workers through a shell, the path unquoted, and retries the worker that dies for minutes
+    (pipeline/ray_connect.py's python_command mends that for a stage's own local Ray only,
+    since a cluster's nodes run their own Python)."""
+    if shlex.quote(sys.executable) == sys.executable:
+        return None
+    return (f"Ray's nodes would run {sys.executable}, a path with a space or another character a shell splits "
+            "at: Ray 2.60 cannot start their workers from it. Clone the project to a path without one for "
+            "`make up` (and the tests that start a Ray cluster); `make repro` works from any path.")
 
 
 def up(state: Path) -> None:
-    require_unsplit_python()  # before anything starts
+    if problem := split_python():  # before anything starts
+        sys.exit(problem)
     state.mkdir(parents=True, exist_ok=True)
     if (state / "state.json").exists():
         sys.exit(f"{state}/state.json exists: the stack is up (make down first)")
