@@ -22,7 +22,8 @@ import stack  # noqa: E402  (infra/local/stack.py: the servers and clusters, as 
 
 free_port = stack.free_port
 # What a copy of the project needs to run its pipeline.
-PROJECT_FILES = ["vae", "pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
+PROJECT_FILES = ["vae", "pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore",
+                 ".gitignore"]
 
 
 def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True, timeout: float = 600):

@@ -30,6 +30,7 @@ from helpers import (
     check_pipeline_run,
     copy_project,
     copy_repro,
+    free_port,
     git_env,
     logged_model,
     run,
@@ -296,6 +297,21 @@ def test_a_stage_killed_mid_write_leaves_nothing_partial_and_repro_recovers(repr
     assert json.loads(last.read_text())["iwae_k"] == TINY["eval"]["iwae_k"] * 2  # the new evaluation, whole
     assert not list(repo.rglob("*.tmp")), "the killed writer's temporary files were not swept"
     assert "Data and pipelines are up to date" in run(["dvc", "status"], repo, env=env).stdout
+
+
+@pytest.mark.integration  # a `dvc repro` whose train fails
+def test_a_failed_repro_leaves_no_output_for_git_add(tmp_path, mnist_dir):
+    """DVC takes back the .gitignore entries of the stages that ran when a later one fails, and a
+    rerun that skips them writes none: MNIST (55 MB) was left for `git add -A`. The project's
+    .gitignore names every cached output (treeverse/dvc#11091)."""
+    repo = copy_project(tmp_path / "project")
+    set_params(repo, {"data": {"source": str(mnist_dir)}, "train": {"ray_address": f"127.0.0.1:{free_port()}"}})
+    env = {k: v for k, v in git_env().items() if not k.startswith("RAY_") and k != "MLFLOW_TRACKING_URI"}
+    failed = run(["dvc", "repro"], repo, env=env, check=False)
+    assert failed.returncode != 0 and "vae train: error: no Ray cluster answers" in failed.stderr, failed.stderr
+    assert stages_run(failed.stdout) == ["fetch", "train"] and (repo / "data/mnist").is_dir()
+    changed = run(["git", "status", "--porcelain", "--untracked-files=all"], repo).stdout
+    assert changed.splitlines() == [" M params.yaml", "?? dvc.lock"], changed  # the lock: fetch's, to commit
 
 
 def test_unknown_params_key_fails_naming_it(repro, tmp_path):
