@@ -292,15 +292,16 @@ def test_the_wheelhouse_lists_the_lock_for_the_node_less_its_own_torch():
     from pipeline.environment import locked_packages
 
     requirements = runpy.run_path(str(INFRA / "wheelhouse.py"))["requirements"]
-    pins = {py: dict(line.split("==") for line in requirements(py) if "==" in line) for py in ("3.11", "3.12")}
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    pins = {py: dict(line.split("==") for line in requirements(py) if "==" in line) for py in ("3.11", "3.12", here)}
     for py, pinned in pins.items():
         assert not [name for name in pinned if name in ("torch", "torchvision", "triton")
                     or name.startswith(("nvidia-", "cuda-"))], py
         assert pinned["ray"] == "2.60.0" and pinned["mlflow"] == "3.17.2" and "onnxruntime-gpu" in pinned
         assert {"setuptools", "wheel"} <= {re.split("[=<>]", r)[0] for r in requirements(py)}
-    # This interpreter is 3.11: its pins are the lock's for it, and where the lock has another
-    # numpy for newer Pythons (today: 2.4.6 and 2.5.5), 3.12 gets that one.
-    assert pins["3.11"]["numpy"] == locked_packages()["numpy"]
+    # This interpreter's pins are the lock's for it, and where the lock has another numpy for
+    # newer Pythons (today: 2.4.6 and 2.5.5), 3.12 gets that one.
+    assert pins[here]["numpy"] == locked_packages()["numpy"]
     numpys = {p["version"] for p in tomllib.loads((ROOT / "uv.lock").read_text())["package"] if p["name"] == "numpy"}
     assert pins["3.12"]["numpy"] in numpys and (len(numpys) == 1) == (pins["3.12"]["numpy"] == pins["3.11"]["numpy"])
 

@@ -65,8 +65,8 @@ def _edited(model, section: str, **changes) -> dict:
     (lambda m, tmp: _saved(m.to_checkpoint())[:3000], "not a readable model file, cut short or corrupted"),
     (lambda m, tmp: b"not a model at all", "torch's weights-only loader refused it (Unsupported operand"),
     (lambda m, tmp: _saved({"config": {}, "state_dict": _RunsCode(tmp / "ran")}),
-     "refused it (Unsupported global: GLOBAL io.open was not an allowed global by default), and nothing in it "
-     "was unpickled"),
+     f"refused it (Unsupported global: GLOBAL {io.open.__module__}.open was not an allowed global by default), "
+     "and nothing in it was unpickled"),  # pickled by its module: io on Python 3.11, _io on 3.12
     (lambda m, tmp: _saved({"model": m.state_dict()}), "not a model file (it has no 'config' and 'state_dict'"),
     (lambda m, tmp: _saved(_edited(m, "config", arch="resnet")),
      "its config is not a VAE's (model.arch: unknown architecture 'resnet'"),
