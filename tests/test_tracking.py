@@ -2,6 +2,7 @@
 rule, and a tracking server that is unreachable at the start or goes away mid-run."""
 import hashlib
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -30,6 +31,14 @@ def test_lineage_tags_name_commit_dirtiness_and_dvc_experiment(tmp_path, monkeyp
                     "dvc.experiment": "lucky-lion", "dvc.baseline": "abc123", "sweep": "baseline-abc123"}
     monkeypatch.setenv("VAE_SWEEP", "lr-grid")  # a sweep named by the user
     assert tracking.lineage_tags(Layout(tmp_path))["sweep"] == "lr-grid"
+
+
+def test_the_browse_hint_is_a_command_a_shell_runs_from_a_path_with_a_space(monkeypatch, tmp_path):
+    """`vae summary` prints it to be pasted; unquoted, the shell split the store's path."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path / "My Projects" / "vae"
+    hint = tracking.browse_hint(Layout(root))
+    assert shlex.split(hint) == ["mlflow", "ui", "--backend-store-uri", f"sqlite:///{root}/mlflow.db"], hint
 
 
 def test_credentials_in_a_tracking_uri_are_hidden_wherever_the_uri_is_shown(monkeypatch):
