@@ -277,7 +277,9 @@ def test_make_up_from_a_path_with_a_space_says_so_before_starting_anything(tmp_p
     """Its Ray nodes could start no worker with a runtime env (test_ray_connect: the local Ray's
     mend cannot reach a cluster's nodes). The Makefile's own commands, quoted, get that far."""
     root = spaced_project(tmp_path, "Makefile", "uv.lock", ".tools", "infra")
-    result = run(["make", "--no-print-directory", "up", f"STACK={tmp_path / 'stack'}"], root, check=False, timeout=120)
+    # -o system-packages: not the apt-get a root without PostgreSQL would get; nothing to do with this.
+    result = run(["make", "--no-print-directory", "-o", "system-packages", "up", f"STACK={tmp_path / 'stack'}"], root,
+                 check=False, timeout=120)
     assert result.returncode != 0 and "a path with a space" in result.stderr, result.stdout + result.stderr
     assert f"Ray's nodes would run {root}/.venv/bin/python" in result.stderr
     assert not (tmp_path / "stack").exists()  # nothing started, nothing recorded
