@@ -130,7 +130,11 @@ def test_nan_malformed_and_oversized_bodies(server):
                            content='{"inputs": [{"name": "z", "datatype": "FP32", "shape": [1, 4], '
                                    '"data": [NaN, 0, 0, 0]}]}')
     assert infer_nan.status_code == 400 and "NaN or infinite" in infer_nan.json()["error"]
-    assert post(b"0" * 2_000_000).status_code == 413
+    declared = post(b"0" * 2_000_000)  # refused on its Content-Length, JSON as every other error
+    assert declared.status_code == 413 and "2000000 bytes, over this server's limit" in declared.json()["error"]
+    chunked = httpx.post(f"{server}/v2/models/vae-decoder/infer", content=iter([b"0" * 100_000] * 20),
+                         headers={"content-type": "application/json"})  # no Content-Length: counted as it comes
+    assert chunked.status_code == 413 and "more than" in chunked.json()["error"], chunked.text
     assert httpx.get(f"{server}/v2/health/ready").status_code == 200  # still serving
 
 

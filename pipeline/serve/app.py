@@ -20,7 +20,7 @@ Plain endpoints (the image ones take a PNG body, or JSON {"x": [[784 numbers], .
   GET  /metrics                        Prometheus: requests, errors, latency, batch sizes
 The encoder and score endpoints exist when the graphs were exported (`vae serve models/`).
 One onnxruntime session per graph serves every request. A bad request gets a 4xx whose JSON
-body {"error": ...} names the problem; bodies above the size limit get 413.
+body {"error": ...} names the problem; a body above the size limit, 413, read no further.
 """
 from __future__ import annotations
 
@@ -107,9 +107,10 @@ def create_app(files: ModelFiles | Path | str | bytes, max_batch: int = 1024) ->
     files = files if isinstance(files, ModelFiles) else ModelFiles(files)
     models, metrics = open_models(files, max_batch), Metrics()
     decoder = models[MODEL_NAME]
-    # A body limit that still admits the largest allowed batch (FastAPI answers 413 past it).
-    widest = max(model.width for model in models.values())
-    app = FastAPI(title="VAE", description=__doc__, max_body_size=max_batch * widest * BYTES_PER_FLOAT + 4096)
+    # A body limit that still admits the largest allowed batch. Ours, not FastAPI's max_body_size,
+    # whose 413 is plain text where every other error here is JSON that names the problem.
+    limit = max_batch * max(model.width for model in models.values()) * BYTES_PER_FLOAT + 4096
+    app = FastAPI(title="VAE", description=__doc__)
     app.add_exception_handler(ApiError, lambda request, e: _error(e.status, e.message))
     app.add_exception_handler(HTTPException, lambda request, e: _error(e.status_code, str(e.detail)))
     app.add_exception_handler(RequestValidationError, lambda request, e: _error(400, problems(e.errors())))
@@ -136,9 +137,27 @@ def create_app(files: ModelFiles | Path | str | bytes, max_batch: int = 1024) ->
             raise ApiError(404, f"{name} has no version {version!r}; this server has version {MODEL_VERSION!r}")
         return models[name]
 
+    async def read_body(request: Request) -> bytes:
+        """The request's body, refused at the first byte past the limit (before any, when its
+        Content-Length says so): no client makes the server buffer more."""
+        def too_large(what: str) -> ApiError:
+            return ApiError(413, f"request body of {what}, over this server's limit of {limit} bytes "
+                                 f"(--max-batch {max_batch} rows): send fewer rows a request")
+
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large(f"{declared} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large(f"more than {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def images(request: Request, model: OnnxModel) -> tuple[np.ndarray, dict]:
         """The images of a plain endpoint's body, a PNG or JSON, and a note on a converted PNG."""
-        body = await request.body()
+        body = await read_body(request)
         if request.headers.get("content-type", "").split(";")[0].strip() == "image/png":
             x, note = png_image(body, model)
             return x, {"note": note} if note else {}
@@ -184,7 +203,7 @@ def create_app(files: ModelFiles | Path | str | bytes, max_batch: int = 1024) ->
         return await infer_on(named(name, version), request)
 
     async def infer_on(model: OnnxModel, request: Request) -> NumpyJSON:
-        body, binary = parse_infer(await request.body(), request.headers.get(HEADER_LENGTH))
+        body, binary = parse_infer(await read_body(request), request.headers.get(HEADER_LENGTH))
         batch = input_array(body, binary, model)
         outputs = await infer_sized(model, batch, request_parameters(body, model))
         wanted = [o.name for o in body.outputs] if body.outputs else list(outputs)
@@ -200,7 +219,7 @@ def create_app(files: ModelFiles | Path | str | bytes, max_batch: int = 1024) ->
 
     @app.post("/v1/decode", openapi_extra=json_body(DecodeRequest))
     async def decode_json(request: Request):
-        z = rows_array(parsed(DecodeRequest, await request.body()).z, decoder)
+        z = rows_array(parsed(DecodeRequest, await read_body(request)).z, decoder)
         images = (await infer_sized(decoder, z))[decoder.output]
         return NumpyJSON({"shape": list(images.shape), "images": images})
 
