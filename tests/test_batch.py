@@ -1,5 +1,6 @@
-"""`vae encode` and `vae sample`, run as commands on a small VAE's exported graphs, checked
-against the VAE itself in torch with the noise the command documents."""
+"""`vae encode` and `vae sample` on a small VAE's exported graphs, checked against the VAE
+itself in torch with the noise the command documents: run as commands, and their refusals of
+bad input through the CLI's main in this process (the command's start-up, 4 s, once a case)."""
 import csv
 import io
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline import cli
 from pipeline.export import export_decoder, export_encoder, export_score
 from pipeline.serve.app import png_grid
 from vae.data import encode_idx, read_idx
@@ -16,7 +18,6 @@ from vae.model import VAE, ImageDecoder, ImageEncoder, ImageScore, VAEConfig
 from helpers import ROOT, run
 
 LATENT, K = 3, 4
-pytestmark = pytest.mark.integration  # runs the `vae` command, a process per call
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,14 @@ def graphs(tmp_path_factory):
     return folder, model
 
 
-def vae(*args, check=True):
-    return run([str(ROOT / ".venv/bin/vae"), *map(str, args)], ROOT, check=check)
+def vae(*args):
+    return run([str(ROOT / ".venv/bin/vae"), *map(str, args)], ROOT)
+
+
+def refused(capsys, *args) -> str:
+    """`vae ARGS` run in this process, which must exit 2: what it wrote to stderr."""
+    assert cli.main(list(map(str, args))) == 2
+    return capsys.readouterr().err
 
 
 def expected(model: VAE, x: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -44,6 +51,7 @@ def expected(model: VAE, x: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarr
         return mu, ImageScore(model)(torch.from_numpy(x), torch.from_numpy(eps)).numpy()
 
 
+@pytest.mark.integration  # runs the `vae` command
 def test_encode_reads_idx_npy_and_png_and_writes_what_the_server_answers(graphs, mnist_dir, tmp_path):
     folder, model = graphs
     digits = read_idx(mnist_dir / "t10k-images-idx3-ubyte")[:40]
@@ -69,6 +77,7 @@ def test_encode_reads_idx_npy_and_png_and_writes_what_the_server_answers(graphs,
     np.testing.assert_allclose(array, table, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.integration  # runs the `vae` command
 def test_sample_writes_the_servers_grid_or_the_images(graphs, tmp_path):
     folder, model = graphs
     vae("sample", "--n", 10, "--seed", 7, "--model", folder, "--out", tmp_path / "grid.png")
@@ -98,7 +107,8 @@ def _png() -> bytes:
     ("cut.png", _png()[:45], "cut.png: the file is not a readable PNG image: "),
     ("folder", None, "folder: a folder; image files are read (IDX, .npy or PNG)"),
 ])
-def test_bad_inputs_are_named_and_leave_the_output_as_it_was(graphs, tmp_path, name, content, message):
+def test_bad_inputs_are_named_and_leave_the_output_as_it_was(graphs, tmp_path, capsys, signals_kept, name, content,
+                                                            message):
     path = tmp_path / name
     if content is None:
         path.mkdir()
@@ -108,15 +118,15 @@ def test_bad_inputs_are_named_and_leave_the_output_as_it_was(graphs, tmp_path, n
         np.save(path, content)
     out = tmp_path / "latents.csv"
     out.write_text("earlier results\n")
-    failed = vae("encode", path, "--model", graphs[0], "--out", out, check=False)
-    assert failed.returncode == 2 and f"vae encode: error: {path}" in failed.stderr and message in failed.stderr
+    error = refused(capsys, "encode", path, "--model", graphs[0], "--out", out)
+    assert f"vae encode: error: {path}" in error and message in error
     assert out.read_text() == "earlier results\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, out.name])  # no partial output left
 
 
-def test_a_decoder_alone_cannot_encode_and_says_what_to_use(graphs, tmp_path):
+def test_a_decoder_alone_cannot_encode_and_says_what_to_use(graphs, tmp_path, capsys, signals_kept):
     (tmp_path / "decoder.onnx").write_bytes((graphs[0] / "decoder.onnx").read_bytes())
     (tmp_path / "x.npy").write_bytes(b"")
-    failed = vae("encode", tmp_path / "x.npy", "--model", tmp_path / "decoder.onnx", "--out", tmp_path / "l.csv",
-                 check=False)
-    assert failed.returncode == 2 and "no encoder or score graph beside the decoder" in failed.stderr
+    error = refused(capsys, "encode", tmp_path / "x.npy", "--model", tmp_path / "decoder.onnx", "--out",
+                    tmp_path / "l.csv")
+    assert "no encoder or score graph beside the decoder" in error
