@@ -7,8 +7,8 @@ each once the previous one is up. Then this waits until nothing is queued or run
 `dvc queue status`, and fails if any experiment failed (`dvc queue logs NAME` says why).
 
 The waiting asks the queue through DVC's Python API, in this process: a `dvc queue status`
-command costs DVC's start-up, 2.3 s of CPU here, and polled every few seconds it took 40% of a
-core from the experiments of a 2-core machine; asked in this process, 0.03 s (benchmarks/RESULTS.md).
+command costs DVC's start-up, 2.7 s of CPU here, and polled every 2 s it took half a core from
+the experiments of a 2-core machine; asked in this process, 0.03 s (benchmarks/queue_poll.py).
 """
 from __future__ import annotations
 
