@@ -20,7 +20,7 @@ Plain endpoints (the image ones take a PNG body, or JSON {"x": [[784 numbers], .
   GET  /metrics                        Prometheus: requests, errors, latency, batch sizes
 The encoder and score endpoints exist when the graphs were exported (`vae serve models/`).
 One onnxruntime session per graph serves every request. A bad request gets a 4xx whose JSON
-body {"error": ...} names the problem; a body above the size limit, 413, read no further.
+body {"error": ...} names the problem; a body past the size limit gets 413, read no further.
 """
 from __future__ import annotations
 
