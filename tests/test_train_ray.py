@@ -88,9 +88,10 @@ def test_compile_refuses_dreg_on_a_torch_that_cannot_compile_it(monkeypatch):
     compile_model(torch.nn.Linear(2, 2), torch.device("cpu"))  # without DReG it compiles there
 
 
-def test_compile_names_a_missing_cxx_compiler(monkeypatch):
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("no-such-c++",))
-    with pytest.raises(RuntimeError, match=r"train.compile: true needs a C\+\+ compiler"):
+def test_compile_names_a_missing_cxx_compiler():
+    # inductor's own patch: pytest's monkeypatch, undone, left cpp.cxx hidden for later tests.
+    with torch._inductor.config.patch({"cpp.cxx": ("no-such-c++",)}), \
+            pytest.raises(RuntimeError, match=r"train.compile: true needs a C\+\+ compiler"):
         compile_model(torch.nn.Linear(2, 2), torch.device("cpu"))
 
 
