@@ -23,9 +23,15 @@ unexport PYTHONDONTWRITEBYTECODE
 repro: $(STAMP)
 	PATH="$(BIN):$$PATH" dvc repro
 
+# The suite in TEST_WORKERS pytest processes (pytest-xdist): in one, the integration tests wait on
+# servers, clusters and subprocesses and left this 2-core machine a third idle; in two, 0.80x the
+# time (benchmarks/RESULTS.md). A module stays in one process (--dist loadfile): its fixtures (a
+# pipeline run, `make up`'s stack, a server) start once. Session fixtures (S3, the Ray cluster,
+# MLflow) start once per process. Modules go out in conftest's order. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: lock-check $(STAMP) system-packages
 	"$(BIN)/ruff" check .
-	PATH="$(BIN):$$PATH" "$(BIN)/python" -m pytest
+	PATH="$(BIN):$$PATH" "$(BIN)/python" -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The edit loop: lint and the unit tests, none of the servers, clusters or pipeline runs.
 # Modules of integration tests alone are not even imported, nor the plugins only they use.

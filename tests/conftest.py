@@ -33,12 +33,19 @@ from helpers import (
 os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
 # Fixtures that start real processes: a test using one (directly or through another) is integration.
 STARTS_PROCESSES = {"s3", "ray_address", "mlflow_server", "local_stack", "server", "repro", "uninterrupted"}
+# `make test` deals whole modules to two processes (pytest-xdist), each to the first one free, in
+# collection order. These take minutes each: dealt first, the two end within a short module of each
+# other rather than one waiting on a long module dealt last.
+SLOWEST_MODULES = ("test_train_ray.py", "test_pipeline_dvc.py", "test_local_stack.py", "test_gpu_check.py",
+                   "test_resume_dvc.py")
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
         if STARTS_PROCESSES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+    first = {name: rank for rank, name in enumerate(SLOWEST_MODULES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")
