@@ -160,8 +160,13 @@ def uninterrupted(tmp_path_factory, mnist_dir, ray_address) -> dict:
 @pytest.fixture
 def signals_kept():
     """cli.main installs its SIGINT, SIGTERM and SIGHUP handlers in the process it runs in:
-    pytest's come back after."""
+    pytest's come back after. Meanwhile the three are at Python's defaults, as in a terminal's
+    job, also when the suite was started ignoring some (`nohup make test`; `make test &` in a
+    script ignores SIGINT): cli.main keeps an ignored signal ignored, and children inherit it."""
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     yield
     for signum, handler in handlers.items():
         signal.signal(signum, handler)

@@ -247,7 +247,7 @@ def test_a_ray_node_that_misses_rays_startup_timeout_gets_one_more_start(tmp_pat
 
 
 @pytest.mark.integration  # starts Ray nodes
-def test_ctrl_c_while_a_ray_cluster_starts_leaves_no_node_behind():
+def test_ctrl_c_while_a_ray_cluster_starts_leaves_no_node_behind(signals_kept):
     """`make up` interrupted while its second Ray node started: the head and that node ran on,
     recorded nowhere, beyond `make down`'s reach. Ctrl-C reaches the terminal's process group,
     not the nodes, which run in sessions of their own."""
@@ -255,15 +255,20 @@ def test_ctrl_c_while_a_ray_cluster_starts_leaves_no_node_behind():
     starting = subprocess.Popen([sys.executable, "-c", "import stack; stack.ray_cluster(1, stack.ray_auth())"],
                                 cwd=ROOT / "infra/local", start_new_session=True, stderr=subprocess.PIPE, text=True)
     deadline, nodes = time.monotonic() + 120, []
-    while len(nodes) < 2:  # the head has started (the second node starts once it has)
-        assert starting.poll() is None and time.monotonic() < deadline, starting.stderr.read()
-        nodes = [child.pid for child in psutil.Process(starting.pid).children() if "start" in child.cmdline()]
-        time.sleep(0.05)
-    os.killpg(starting.pid, signal.SIGINT)
-    assert starting.wait(timeout=60) != 0
-    assert "KeyboardInterrupt" in starting.stderr.read()
-    left = [p.pid for p in psutil.process_iter() if p.is_running() and _session_of(p.pid) in nodes]
-    assert not left, f"still running from the nodes' sessions: {left}"
+    try:
+        while len(nodes) < 2:  # the head has started (the second node starts once it has)
+            assert starting.poll() is None and time.monotonic() < deadline, starting.stderr.read()
+            nodes = [child.pid for child in psutil.Process(starting.pid).children() if "start" in child.cmdline()]
+            time.sleep(0.05)
+        os.killpg(starting.pid, signal.SIGINT)
+        assert starting.wait(timeout=60) != 0
+        assert "KeyboardInterrupt" in starting.stderr.read()
+        left = [p.pid for p in psutil.process_iter() if p.is_running() and _session_of(p.pid) in nodes]
+        assert not left, f"still running from the nodes' sessions: {left}"
+    finally:  # failed or not, no node outlives the test (a failed run once left a cluster running for hours)
+        stack.stop(starting, timeout_s=1)
+        for node in nodes:
+            stack.stop_ray_node(node)
 
 
 def _session_of(pid: int) -> int | None:

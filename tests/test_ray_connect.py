@@ -157,7 +157,7 @@ def test_vae_train_refuses_workers_this_machines_ray_cannot_hold(tmp_path):
 
 
 @pytest.mark.integration  # starts a local Ray
-def test_ctrl_c_while_a_local_ray_starts_waits_for_it_and_leaves_nothing_running():
+def test_ctrl_c_while_a_local_ray_starts_waits_for_it_and_leaves_nothing_running(signals_kept):
     """Ctrl-C in the midst of ray.init left the local Ray's dashboard and runtime-env agents
     running, orphaned, after `vae train` had said it was interrupted. The interrupt now waits
     for ray.init, then acts: Ray, fully started, stops all it started as the process exits."""
