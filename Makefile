@@ -28,6 +28,7 @@ repro: $(STAMP)
 # time (benchmarks/RESULTS.md). A module stays in one process (--dist loadfile): its fixtures (a
 # pipeline run, `make up`'s stack, a server) start once. Session fixtures (S3, the Ray cluster,
 # MLflow) start once per process. Modules go out in conftest's order. TEST_WORKERS=0: one process.
+# Each process (and what it starts) gets cores / TEST_WORKERS torch threads (conftest.py).
 TEST_WORKERS ?= 2
 test: lock-check $(STAMP) system-packages
 	"$(BIN)/ruff" check .

@@ -1,9 +1,13 @@
 """Test modules run as `make test` runs them, in one pytest process and in two (pytest-xdist,
 whole modules dealt to the first free process), side by side, alternated: wall time, how much
 of the machine was busy (all processes, from /proc/stat: servers and Ray nodes included), and
-the ratio against one process.
+the ratio against the first variant.
 
-    python benchmarks/suite_workers.py [--rounds 1] [--workers 1 2] [MODULE ...]
+    python benchmarks/suite_workers.py [--rounds 1] [--workers 1,2] [--threads split,1] [MODULE ...]
+
+--threads: variants of torch's threads per process (OMP_NUM_THREADS), comma-separated: `split`
+leaves it unset, so that conftest.py gives each of N processes cores // N (one process: every
+core); a number sets it.
 
 With no MODULE, a mix of the suite's mid-sized modules (servers, Ray, subprocesses, browser
 tests): about seven minutes in one process here. CI=1, as CI runs them.
@@ -28,12 +32,15 @@ def cpu_jiffies() -> tuple[int, int]:
     return sum(fields), fields[3] + fields[4]  # idle and iowait
 
 
-def run(modules: list[str], workers: int) -> tuple[float, float, str]:
+def run(modules: list[str], workers: int, threads: str) -> tuple[float, float, str]:
     """(wall s, cores busy, pytest's last line) of the modules in `workers` processes."""
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *modules]
     if workers > 1:
         command += ["-n", str(workers), "--dist", "loadfile", "--no-loadscope-reorder"]
     env = {**os.environ, "CI": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("OMP_NUM_THREADS", None)
+    if threads != "split":
+        env["OMP_NUM_THREADS"] = threads
     (total0, idle0), wall = cpu_jiffies(), time.perf_counter()
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     wall, (total1, idle1) = time.perf_counter() - wall, cpu_jiffies()
@@ -44,21 +51,26 @@ def run(modules: list[str], workers: int) -> tuple[float, float, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("modules", nargs="*", default=MIX)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    # Comma-separated: a list after the MODULEs would take them in.
+    parser.add_argument("--workers", type=lambda text: [int(n) for n in text.split(",")], default=[1, 2])
+    parser.add_argument("--threads", type=lambda text: text.split(","), default=["split"],
+                        help="comma-separated: `split` or a number, per variant")
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
     print(f"{len(args.modules)} modules, {os.cpu_count()} cores, {args.rounds} round(s), alternated")
-    walls: dict[int, list[float]] = {n: [] for n in args.workers}
+    variants = [(n, threads) for n in args.workers for threads in args.threads]
+    walls: dict[tuple[int, str], list[float]] = {v: [] for v in variants}
     for round_ in range(1, args.rounds + 1):
-        for n in args.workers:
-            wall, busy, last = run(args.modules, n)
-            walls[n].append(wall)
-            print(f"round {round_}, {n} process(es): {wall:7.1f} s, {busy:.2f} cores busy: {last}", flush=True)
-    reference = sum(walls[args.workers[0]]) / args.rounds
-    print(f"\n| processes | wall s (mean) | vs {args.workers[0]} |\n| --- | --- | --- |")
-    for n, times in walls.items():
+        for n, threads in variants:
+            wall, busy, last = run(args.modules, n, threads)
+            walls[n, threads].append(wall)
+            print(f"round {round_}, {n} process(es), threads {threads}: {wall:7.1f} s, {busy:.2f} cores busy: "
+                  f"{last}", flush=True)
+    reference = sum(walls[variants[0]]) / args.rounds
+    print("\n| processes | threads | wall s (mean) | vs the first |\n| --- | --- | --- | --- |")
+    for (n, threads), times in walls.items():
         mean = sum(times) / len(times)
-        print(f"| {n} | {mean:.1f} | {mean / reference:.3f}x |")
+        print(f"| {n} | {threads} | {mean:.1f} | {mean / reference:.3f}x |")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,13 @@ from helpers import (
 # The test Ray cluster uses token authentication with a token of this session. Set before
 # anything imports ray (it reads the auth mode once), and inherited by every node and stage.
 os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
+# In N pytest processes (`make test`), each with what it starts (stages, servers) shares the cores: cores // N
+# torch threads, not every core each. Oversubscribed, torch's threads wait on each other: with the other
+# cores busy, a test of many small torch calls took 2.7x as long in 2 threads as in 1 (benchmarks/RESULTS.md).
+# Set before anything imports torch; a value the user set is kept.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 # Fixtures that start real processes: a test using one (directly or through another) is integration.
 STARTS_PROCESSES = {"s3", "ray_address", "mlflow_server", "local_stack", "server", "repro", "uninterrupted"}
 # `make test` deals whole modules to two processes (pytest-xdist), each to the first one free, in
