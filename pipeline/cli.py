@@ -15,16 +15,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from pipeline.export import ExportError
-from pipeline.files import StageFileError
-from pipeline.params import ParamsError
-from pipeline.ray_connect import PlacementError
-from pipeline.registry import GraphError
-from pipeline.sweep import SweepError
 from pipeline.tracking import hide_credentials
-from pipeline.train_worker import CheckpointError
-from vae.data import DataError
-from vae.model import ModelFileError
 
 STAGES = {
     "fetch": "download MNIST and check it byte for byte",
@@ -116,6 +107,20 @@ def stop_on_signals() -> None:
             signal.signal(signum, stop)
 
 
+# The errors a user can put right, each said in one line, not a traceback. Looked up among the modules
+# imported by then (one that is not cannot have raised its error), so that a command imports only what it
+# runs: `vae serve` and `vae --version` do not import torch for the sake of these (3 s of CPU).
+USER_ERRORS = (("pipeline.params", "ParamsError"), ("vae.data", "DataError"), ("vae.model", "ModelFileError"),
+               ("pipeline.registry", "GraphError"), ("pipeline.files", "StageFileError"),
+               ("pipeline.train_worker", "CheckpointError"), ("pipeline.export", "ExportError"),
+               ("pipeline.sweep", "SweepError"), ("pipeline.ray_connect", "PlacementError"))
+
+
+def user_error(e: Exception) -> bool:
+    return isinstance(e, (FileNotFoundError, LookupError, ConnectionError)) or any(
+        isinstance(e, getattr(sys.modules.get(module), name, ())) for module, name in USER_ERRORS)
+
+
 INTERRUPTED_HINTS = {"sweep": "the queue's workers go on: `dvc queue status`; `dvc queue stop --kill` stops them"}
 
 
@@ -156,16 +161,15 @@ def main(argv: list[str] | None = None) -> int:
             print(environment.describe())
         else:
             importlib.import_module(f"pipeline.{args.command}").main()
-    except (ParamsError, DataError, ModelFileError, GraphError, StageFileError, CheckpointError, ExportError,
-            FileNotFoundError, LookupError, ConnectionError, SweepError, PlacementError) as e:
-        # MLflow's errors name the URL they asked, with any password the tracking URI carries.
-        print(hide_credentials(f"vae {args.command}: error: {e}"), file=sys.stderr)
-        return 2
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM or SIGHUP: say so in a line, not a traceback
         hint = str(e) or INTERRUPTED_HINTS.get(args.command)
         print(f"vae {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
-    except Exception:  # not one of the errors above: the traceback a bug report needs, password hidden
+    except Exception as e:
+        if user_error(e):  # MLflow's errors name the URL they asked, with any password the tracking URI carries
+            print(hide_credentials(f"vae {args.command}: error: {e}"), file=sys.stderr)
+            return 2
+        # Not one of the errors above: the traceback a bug report needs, password hidden.
         print(hide_credentials(traceback.format_exc()), file=sys.stderr)
         return 1
     return 0

@@ -1,12 +1,45 @@
-"""pipeline/cli.py: how the `vae` command ends when it is interrupted (the stages' own errors are
-tested with each stage)."""
+"""pipeline/cli.py: how the `vae` command ends when it is interrupted or fails (the stages' own
+errors are tested with each stage), and what it imports."""
+import importlib
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
-from pipeline import cli, sweep
+from pipeline import cli, summary, sweep
+from pipeline.params import ParamsError
+
+
+def test_the_user_errors_it_names_are_exception_classes_of_those_modules():
+    for module, name in cli.USER_ERRORS:  # a class renamed or moved would turn its one line into a traceback
+        assert issubclass(getattr(importlib.import_module(module), name), Exception), (module, name)
+
+
+@pytest.mark.parametrize(("kind", "code"), [(ParamsError, 2), (RuntimeError, 1)])
+def test_a_user_error_is_one_line_and_anything_else_a_traceback(monkeypatch, capsys, kind, code):
+    def fails():
+        raise kind("train.lr: wrong")
+
+    monkeypatch.setattr(summary, "main", fails)
+    assert cli.main(["summary"]) == code
+    err = capsys.readouterr().err
+    if code == 2:
+        assert err == "vae summary: error: train.lr: wrong\n"
+    else:
+        assert err.startswith("Traceback") and err.rstrip().endswith("RuntimeError: train.lr: wrong"), err
+
+
+def test_serving_and_the_version_do_not_import_torch():
+    """`vae serve` runs onnxruntime and `vae --version` reads uv.lock: torch's import would add
+    seconds to each start (the CLI's error handling once imported it for every command)."""
+    probe = ("import sys\nfrom pipeline import cli\nfrom pipeline.serve import app\n"
+             "try:\n    cli.main(['--version'])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'mlflow', 'ray') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.splitlines()[-1] == "[]", result.stdout + result.stderr
 
 
 def test_ctrl_c_on_a_sweep_says_the_queue_goes_on_and_how_to_stop_it(monkeypatch, capsys, signals_kept):
