@@ -32,8 +32,8 @@ from helpers import (
 # anything imports ray (it reads the auth mode once), and inherited by every node and stage.
 os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
 # In N pytest processes (`make test`), each with what it starts (stages, servers) shares the cores: cores // N
-# torch threads, not every core each. Oversubscribed, torch's threads wait on each other: with the other
-# cores busy, a test of many small torch calls took 2.7x as long in 2 threads as in 1 (benchmarks/RESULTS.md).
+# torch threads, not every core each. Oversubscribed, torch's threads wait on each other: seven modules took
+# 1.27x as long with 2 threads a process as with 1, on 2 cores (benchmarks/RESULTS.md).
 # Set before anything imports torch; a value the user set is kept.
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     os.environ.setdefault("OMP_NUM_THREADS",
