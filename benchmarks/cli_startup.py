@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,9 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "infra" / "local"))
+from stack import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = "import sys; from pipeline.cli import main; sys.argv[0] = 'vae'; sys.exit(main())"
@@ -31,12 +33,6 @@ def unpack(ref: str, into: Path) -> Path:
                              capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return into
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def children_cpu() -> float:

@@ -35,9 +35,9 @@ os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), R
 # torch threads, not every core each. Oversubscribed, torch's threads wait on each other: seven modules took
 # 1.27x as long with 2 threads a process as with 1, on 2 cores (benchmarks/RESULTS.md).
 # Set before anything imports torch; a value the user set is kept.
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    os.environ.setdefault("OMP_NUM_THREADS",
-                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if workers > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 # Fixtures that start real processes: a test using one (directly or through another) is integration.
 STARTS_PROCESSES = {"s3", "ray_address", "mlflow_server", "local_stack", "server", "repro", "uninterrupted"}
 # `make test` deals whole modules to two processes (pytest-xdist), each to the first one free, in
