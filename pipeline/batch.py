@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 from pathlib import Path
 
 import numpy as np
@@ -101,9 +102,11 @@ def encode(paths: list[Path], source: str, out: Path, seed: int, batch: int) -> 
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
-    """np.save to exactly this path (given a name, np.save appends .npy to a temporary one)."""
-    with open(path, "wb") as f:
-        np.save(f, array)
+    """np.save to exactly this path (given a name, np.save appends .npy to a temporary one),
+    written by Python: numpy's own write to a file meets a full disk without its errno."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    path.write_bytes(buffer.getbuffer())
 
 
 def write_table(out: Path, mu: np.ndarray, scores: np.ndarray, sources: list[str]) -> None:

@@ -12,9 +12,11 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
+from pipeline.files import NO_ROOM, Layout, no_room
 from pipeline.tracking import hide_credentials
 
 STAGES = {
@@ -121,6 +123,15 @@ def user_error(e: Exception) -> bool:
         isinstance(e, getattr(sys.modules.get(module), name, ())) for module, name in USER_ERRORS)
 
 
+def out_of_room(e: Exception, args: argparse.Namespace) -> str | None:
+    """A full disk or quota in a line, with the free space where the command writes, not a
+    traceback. Its outputs are written whole or not at all (pipeline/files.py)."""
+    if not (isinstance(e, OSError) and e.errno in NO_ROOM):
+        return None
+    out = getattr(args, "out", None)  # vae encode, vae sample
+    return no_room(e, *Layout().folders(), *([out.parent] if out else []), tempfile.gettempdir())
+
+
 INTERRUPTED_HINTS = {"sweep": "the queue's workers go on: `dvc queue status`; `dvc queue stop --kill` stops them"}
 
 
@@ -166,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vae {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
     except Exception as e:
+        room = out_of_room(e, args)
+        if room:
+            print(f"vae {args.command}: error: {room}", file=sys.stderr)
+            return 2
         if user_error(e):  # MLflow's errors name the URL they asked, with any password the tracking URI carries
             print(hide_credentials(f"vae {args.command}: error: {e}"), file=sys.stderr)
             return 2

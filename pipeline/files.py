@@ -7,6 +7,8 @@ interrupted stage never leaves a half-written file that DVC would cache.
 """
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import shutil
@@ -54,6 +56,11 @@ class Layout:
         self.mlflow_artifacts = stores / "mlartifacts"
         self.registry_lock = stores / ".vae-registry.lock"
         self.train_locks = stores / ".vae-train-locks"  # one per Ray run: pipeline/train.py's run_lock
+
+    def folders(self) -> list[Path]:
+        """The folders the stages write into, where they may have run out of room."""
+        return [self.root, self.data_dir, self.model.parent, self.train_metrics.parent, self.train_plot.parent,
+                self.mlflow_artifacts, self.ray_results]
 
 
 def _umask() -> int:
@@ -113,8 +120,44 @@ def write_bytes(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def write_torch(path: Path, obj: object) -> None:
+    """torch.save(obj) to path, written by Python: torch's own writer meets a full disk with a
+    RuntimeError that has lost the errno."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    path.write_bytes(buffer.getbuffer())
+
+
 def write_json(path: Path, obj: object) -> None:
     write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT)  # a full disk, a full quota
+
+
+def no_room(error: BaseException, *places: Path | str) -> str | None:
+    """For a write that met a full disk or quota, a line saying so with the free space of each
+    of `places` (those on one filesystem named once); None for any other error."""
+    if not (isinstance(error, OSError) and error.errno in NO_ROOM):
+        return None
+    free = {}
+    for place in map(Path, places):
+        try:
+            free.setdefault(place.stat().st_dev, f"{_size(shutil.disk_usage(place).free)} free in {place}")
+        except OSError:
+            continue
+    where = f" ({', '.join(free.values())})" if free else ""
+    return f"{os.strerror(error.errno)}{where}; free some space and run it again"
+
+
+def _size(count: float) -> str:
+    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    while count >= 1024 and len(units) > 1:
+        count /= 1024
+        units.pop(0)
+    return f"{count:.0f} B" if units[0] == "B" else f"{count:.1f} {units[0]}"
 
 
 class StageFileError(ValueError):

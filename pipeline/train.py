@@ -20,7 +20,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from pipeline import tracking, train_worker
-from pipeline.files import Layout, atomic_path, write_bytes, write_json
+from pipeline.files import Layout, atomic_path, write_bytes, write_json, write_torch
 from pipeline.params import Params, load_params
 from pipeline.ray_connect import (
     connect_ray,
@@ -125,7 +125,7 @@ def train_on_ray(layout: Layout, params: Params, run_id: str, storage: str, name
     require_room(nodes, workers, cpus, float(use_gpu), params.train.ray_address, "worker",
                  "train.num_workers, train.cpus_per_worker")
     context = WorkerContext(run_id=run_id, tracking_uri=tracking.tracking_uri(layout),
-                            data=tuple(ray.put(a) for a in load_training_data(layout, params)))
+                            data=tuple(ray.put(a) for a in load_training_data(layout, params)), storage=storage)
     graphed = train_worker.uses_cuda_graph(params, torch.device("cuda"), workers)  # the workers' own rule
     where = ("GPU, each step a CUDA graph" if graphed else "GPU (NCCL)") if use_gpu else "CPU (Gloo)"
     print(f"train: {workers} Ray worker{'s' * (workers > 1)} on {where}, "
@@ -146,10 +146,10 @@ def train_on_ray(layout: Layout, params: Params, run_id: str, storage: str, name
         raise KeyboardInterrupt(f"run it again to resume from the last checkpoint in "
                                 f"{storage}/{name}") from None
     except ray.train.WorkerGroupError as e:
-        # A checkpoint no rerun can resume from: the workers' own words, not Ray's tracebacks.
-        unreadable = [error for error in e.worker_failures.values() if isinstance(error, CheckpointError)]
-        if unreadable:
-            raise unreadable[0] from None
+        # A checkpoint no rerun can resume from, or none written: the workers' own words, not Ray's tracebacks.
+        named = [error for error in e.worker_failures.values() if isinstance(error, CheckpointError)]
+        if named:
+            raise named[0] from None
         raise
     with result.checkpoint.as_directory() as path:
         state = TrainState.from_checkpoint(train_worker.load_checkpoint(Path(path), result.checkpoint.path))
@@ -161,7 +161,7 @@ def write_outputs(layout: Layout, params: Params, state: TrainState) -> dict:
     best = state.best
     config = params.model.vae_config()
     with atomic_path(layout.model) as tmp:
-        torch.save({"state_dict": best["model"], "config": asdict(config)}, tmp)
+        write_torch(tmp, {"state_dict": best["model"], "config": asdict(config)})
     last = state.history[-1]
     metrics = {"best_epoch": best["epoch"], "epochs": state.epoch, "best_val_neg_elbo": best["val_neg_elbo"],
                "ray_nodes": len(state.nodes), "ray_workers": state.workers, "device": state.device,

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import compat, tracking
+from pipeline.files import no_room, write_torch
 from pipeline.params import Params
 from vae.cuda_graph import GraphedTrainer
 from vae.data import to_float
@@ -32,6 +33,7 @@ class WorkerContext:
     run_id: str  # the MLflow run rank 0 logs each epoch into
     tracking_uri: str
     data: tuple  # Ray object refs of the (train, validation) uint8 images
+    storage: str  # where Ray keeps the run's checkpoints (train.storage_path, or the project's)
 
 
 @dataclass
@@ -202,7 +204,7 @@ class Worker:
                   f"val {val['neg_elbo']:8.3f}  {seconds:6.1f} s  {row['samples_per_second']:8.0f} img/s",
                   flush=True)
         if self.checkpoint_due(epoch):
-            _report(self.state, self.trainer, row)
+            _report(self.state, self.trainer, row, self.context.storage)
             self.last_checkpoint = time.monotonic()
 
     def checkpoint_due(self, epoch: int) -> bool:
@@ -238,7 +240,8 @@ def _restore(trainer: Trainer) -> TrainState:
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint of the Ray run that cannot be read, which every rerun would resume from."""
+    """A checkpoint of the Ray run that cannot be read, which every rerun would resume from, or
+    cannot be written."""
 
 
 def load_checkpoint(folder: Path, where: str) -> dict:
@@ -251,16 +254,24 @@ def load_checkpoint(folder: Path, where: str) -> dict:
                               f"{os.path.dirname(where)}, to train from the start") from None
 
 
-def _report(state: TrainState, trainer: Trainer, metrics: dict) -> None:
-    """Report the epoch to Ray; rank 0 attaches the checkpoint (every rank must call report)."""
+def _report(state: TrainState, trainer: Trainer, metrics: dict, storage: str) -> None:
+    """Report the epoch to Ray; rank 0 attaches the checkpoint (every rank must call report).
+    A full disk or quota, here or where Ray copies the checkpoint, is named in a line."""
     import ray.train
 
     if trainer.shard.rank != 0:
         ray.train.report(metrics)
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save(state.to_checkpoint(trainer), Path(tmp) / "state.pt")
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_torch(Path(tmp) / "state.pt", state.to_checkpoint(trainer))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    except OSError as e:  # pyarrow's, when Ray copies it into the storage, carries the errno too
+        room = no_room(e, *([storage] if "://" not in storage else []), tempfile.gettempdir())
+        if room is None:
+            raise
+        raise CheckpointError(f"epoch {metrics['epoch']}'s checkpoint was not written into {storage}: {room}, or "
+                              f"set train.storage_path to a place with room") from None
 
 
 def _mlflow_logger(context: WorkerContext):

@@ -51,6 +51,21 @@ def system_program(path: str, package: str) -> str:
     return found
 
 
+@contextmanager
+def full_disk(path: Path, size: str = "256k"):
+    """A real filesystem of `size` at path (a tmpfs, root's to mount), to fill up: a full disk
+    or quota met mid-write. Unmounted afterwards, whatever it holds."""
+    path.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                             text=True)
+    if mounted.returncode:
+        unavailable(f"a full disk to test against is a tmpfs, and mounting one failed: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
 def ray_nodes_possible() -> None:
     """Ray nodes of this project's Python: not from a path with a space (infra/local/stack.py)."""
     if why := stack.split_python():

@@ -15,7 +15,7 @@ from pipeline.serve.app import png_grid
 from vae.data import encode_idx, read_idx
 from vae.model import VAE, ImageDecoder, ImageEncoder, ImageScore, VAEConfig
 
-from helpers import ROOT, run
+from helpers import ROOT, full_disk, run
 
 LATENT, K = 3, 4
 
@@ -122,6 +122,18 @@ def test_bad_inputs_are_named_and_leave_the_output_as_it_was(graphs, tmp_path, c
     assert f"vae encode: error: {path}" in error and message in error
     assert out.read_text() == "earlier results\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, out.name])  # no partial output left
+
+
+def test_a_full_disk_is_named_in_a_line_with_its_free_space_and_the_output_kept(graphs, tmp_path, capsys,
+                                                                              signals_kept):
+    with full_disk(tmp_path / "disk") as disk:
+        out = disk / "images.npy"
+        out.write_bytes(b"earlier")
+        error = refused(capsys, "sample", "--n", 2000, "--model", graphs[0], "--out", out)  # 6 MB onto 256 KiB
+        line = error.splitlines()[-1]  # after the progress bar
+        assert line.startswith("vae sample: error: No space left on device (") and f" free in {disk}" in line
+        assert line.endswith("; free some space and run it again") and "Traceback" not in error, error
+        assert out.read_bytes() == b"earlier" and [p.name for p in disk.iterdir()] == [out.name]
 
 
 def test_a_decoder_alone_cannot_encode_and_says_what_to_use(graphs, tmp_path, capsys, signals_kept):

@@ -1,7 +1,11 @@
 """pipeline/files.py: outputs are replaced whole or not at all."""
+import errno
+
 import pytest
 
-from pipeline.files import Layout, StageFileError, atomic_dir, atomic_path, read_json
+from pipeline.files import Layout, StageFileError, atomic_dir, atomic_path, no_room, read_json, write_torch
+
+from helpers import full_disk
 
 
 def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -88,3 +92,19 @@ def test_a_file_one_stage_wrote_for_another_is_named_when_it_is_not_what_was_wri
     path.write_text('{"run_id": "abc", "experiment": "vae-mnist"}')
     assert read_json(path, "run_id") == {"run_id": "abc", "experiment": "vae-mnist"}
 
+
+
+def test_a_model_written_onto_a_full_disk_fails_with_its_errno_and_leaves_nothing(tmp_path):
+    """torch.save given a path fails there with a RuntimeError that has lost the errno
+    ("unexpected pos"); write_torch's error is the full disk's, which `vae` names in a line."""
+    import torch
+
+    with full_disk(tmp_path / "disk") as disk:
+        with pytest.raises(OSError) as error, atomic_path(disk / "vae.pt") as tmp:
+            write_torch(tmp, {"weights": torch.zeros(200_000)})  # 800 KB onto 256 KiB
+        assert error.value.errno == errno.ENOSPC and not list(disk.iterdir())
+        line = no_room(error.value, tmp_path, disk)
+        assert line.startswith("No space left on device (") and line.endswith("; free some space and run it again")
+        assert f" free in {tmp_path}, " in line and f" free in {disk})" in line  # two filesystems, each named
+    assert no_room(error.value, tmp_path, tmp_path.parent).count(" free in ") == 1  # one filesystem, named once
+    assert no_room(OSError(errno.EACCES, "Permission denied"), tmp_path) is None
