@@ -114,8 +114,9 @@ def stop_on_signals() -> None:
 # runs: `vae serve` and `vae --version` do not import torch for the sake of these (3 s of CPU).
 USER_ERRORS = (("pipeline.params", "ParamsError"), ("vae.data", "DataError"), ("vae.model", "ModelFileError"),
                ("pipeline.registry", "GraphError"), ("pipeline.files", "StageFileError"),
-               ("pipeline.train_worker", "CheckpointError"), ("pipeline.export", "ExportError"),
-               ("pipeline.sweep", "SweepError"), ("pipeline.ray_connect", "PlacementError"))
+               ("pipeline.files", "OutputError"), ("pipeline.train_worker", "CheckpointError"),
+               ("pipeline.export", "ExportError"), ("pipeline.sweep", "SweepError"),
+               ("pipeline.ray_connect", "PlacementError"))
 
 
 def user_error(e: Exception) -> bool:

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT)  # a full disk, a full quota
 CACHE_DIR = Path(os.environ.get("VAE_CACHE_DIR", Path.home() / ".cache" / "vae-mnist"))
 
 
@@ -79,13 +80,29 @@ def _sweep(path: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+class OutputError(OSError):
+    """An output's folder that cannot be written into: read-only, not the user's, not a folder."""
+
+
+@contextmanager
+def _writable(path: Path) -> Iterator[None]:
+    """Where an output's temporary file is made: a refusal there names the folder, in a line."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in NO_ROOM:  # named by the CLI, with the free space
+            raise
+        raise OutputError(f"{path.parent}: cannot write {path.name} there ({e.strerror or e})") from None
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it onto `path`, else remove it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _sweep(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with _writable(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _sweep(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -100,9 +117,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield an empty temporary directory beside `path`; on success it replaces `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _sweep(path)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    with _writable(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _sweep(path)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     old = path.with_name(f".{path.name}.old")
     try:
         yield tmp
@@ -132,9 +150,6 @@ def write_torch(path: Path, obj: object) -> None:
 
 def write_json(path: Path, obj: object) -> None:
     write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-NO_ROOM = (errno.ENOSPC, errno.EDQUOT)  # a full disk, a full quota
 
 
 def no_room(error: BaseException, *places: Path | str) -> str | None:

@@ -185,9 +185,8 @@ def best_effort(what: str, call, *args, **kwargs):
     except Exception as e:  # MlflowException or a requests error, whichever the client raised
         _gave_up = what
         print(hide_credentials(
-            f"WARNING: MLflow stopped answering while logging {what} ({type(e).__name__}: {e}). Training goes on "
-            f"and writes its outputs, but this process logs nothing more to MLflow, so the run there is "
-            f"incomplete."), file=sys.stderr, flush=True)
+            f"WARNING: MLflow stopped answering while logging {what} ({type(e).__name__}: {e}). This process "
+            f"goes on without it, logging nothing more, so the run there is incomplete."), file=sys.stderr, flush=True)
         return None
 
 

@@ -52,14 +52,14 @@ def system_program(path: str, package: str) -> str:
 
 
 @contextmanager
-def full_disk(path: Path, size: str = "256k"):
-    """A real filesystem of `size` at path (a tmpfs, root's to mount), to fill up: a full disk
-    or quota met mid-write. Unmounted afterwards, whatever it holds."""
+def small_filesystem(path: Path, options: str = "size=256k"):
+    """A real filesystem at path (a tmpfs: root's to mount) with mount `options`: to fill up, as
+    a full disk or quota met mid-write, or read-only ("ro"). Unmounted afterwards."""
     path.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True,
                              text=True)
     if mounted.returncode:
-        unavailable(f"a full disk to test against is a tmpfs, and mounting one failed: {mounted.stderr.strip()}")
+        unavailable(f"the test's filesystem is a tmpfs, and mounting one failed: {mounted.stderr.strip()}")
     try:
         yield path
     finally:

@@ -15,7 +15,7 @@ from pipeline.serve.app import png_grid
 from vae.data import encode_idx, read_idx
 from vae.model import VAE, ImageDecoder, ImageEncoder, ImageScore, VAEConfig
 
-from helpers import ROOT, full_disk, run
+from helpers import ROOT, run, small_filesystem
 
 LATENT, K = 3, 4
 
@@ -126,7 +126,7 @@ def test_bad_inputs_are_named_and_leave_the_output_as_it_was(graphs, tmp_path, c
 
 def test_a_full_disk_is_named_in_a_line_with_its_free_space_and_the_output_kept(graphs, tmp_path, capsys,
                                                                               signals_kept):
-    with full_disk(tmp_path / "disk") as disk:
+    with small_filesystem(tmp_path / "disk") as disk:
         out = disk / "images.npy"
         out.write_bytes(b"earlier")
         error = refused(capsys, "sample", "--n", 2000, "--model", graphs[0], "--out", out)  # 6 MB onto 256 KiB
@@ -134,6 +134,12 @@ def test_a_full_disk_is_named_in_a_line_with_its_free_space_and_the_output_kept(
         assert line.startswith("vae sample: error: No space left on device (") and f" free in {disk}" in line
         assert line.endswith("; free some space and run it again") and "Traceback" not in error, error
         assert out.read_bytes() == b"earlier" and [p.name for p in disk.iterdir()] == [out.name]
+
+
+def test_a_read_only_output_folder_is_named_in_a_line(graphs, tmp_path, capsys, signals_kept):
+    with small_filesystem(tmp_path / "disk", "size=64k,ro") as disk:
+        error = refused(capsys, "sample", "--n", 4, "--model", graphs[0], "--out", disk / "images.npy")
+    assert error == f"vae sample: error: {disk}: cannot write images.npy there (Read-only file system)\n"
 
 
 def test_a_decoder_alone_cannot_encode_and_says_what_to_use(graphs, tmp_path, capsys, signals_kept):

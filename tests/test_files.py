@@ -3,9 +3,18 @@ import errno
 
 import pytest
 
-from pipeline.files import Layout, StageFileError, atomic_dir, atomic_path, no_room, read_json, write_torch
+from pipeline.files import (
+    Layout,
+    OutputError,
+    StageFileError,
+    atomic_dir,
+    atomic_path,
+    no_room,
+    read_json,
+    write_torch,
+)
 
-from helpers import full_disk
+from helpers import small_filesystem
 
 
 def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -99,7 +108,7 @@ def test_a_model_written_onto_a_full_disk_fails_with_its_errno_and_leaves_nothin
     ("unexpected pos"); write_torch's error is the full disk's, which `vae` names in a line."""
     import torch
 
-    with full_disk(tmp_path / "disk") as disk:
+    with small_filesystem(tmp_path / "disk") as disk:
         with pytest.raises(OSError) as error, atomic_path(disk / "vae.pt") as tmp:
             write_torch(tmp, {"weights": torch.zeros(200_000)})  # 800 KB onto 256 KiB
         assert error.value.errno == errno.ENOSPC and not list(disk.iterdir())
@@ -108,3 +117,13 @@ def test_a_model_written_onto_a_full_disk_fails_with_its_errno_and_leaves_nothin
         assert f" free in {tmp_path}, " in line and f" free in {disk})" in line  # two filesystems, each named
     assert no_room(error.value, tmp_path, tmp_path.parent).count(" free in ") == 1  # one filesystem, named once
     assert no_room(OSError(errno.EACCES, "Permission denied"), tmp_path) is None
+
+
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_an_output_folder_that_cannot_be_written_is_named(tmp_path, kind):
+    """Read-only (a checkout on a read-only mount): the folder and the output, not mkstemp's
+    traceback; the CLI prints it in a line."""
+    with small_filesystem(tmp_path / "disk", "size=64k,ro") as disk:
+        with pytest.raises(OutputError) as error, (atomic_dir if kind == "dir" else atomic_path)(disk / "out"):
+            pass
+    assert str(error.value) == f"{disk}: cannot write out there (Read-only file system)"

@@ -30,7 +30,7 @@ from pipeline.train_worker import (
 from vae.model import VAE, VAEConfig
 from vae.training import TrainConfig, Trainer
 
-from helpers import BIN, INTERRUPTED_RUN, SMALL_MODEL, TRAIN_KEYS, fit_in_folder, free_port, full_disk, stack
+from helpers import BIN, INTERRUPTED_RUN, SMALL_MODEL, TRAIN_KEYS, fit_in_folder, free_port, small_filesystem, stack
 
 
 def train(tmp_path, mnist_dir, name, **train_params):
@@ -196,7 +196,7 @@ def test_a_rerun_stops_at_a_checkpoint_that_cannot_be_read_with_the_workers_erro
 def test_checkpoint_storage_that_is_full_is_named_with_its_free_space(tmp_path, mnist_dir, ray_address):
     """Ray's copy of a checkpoint into a full storage fails in pyarrow: the driver raises the
     worker's line, which names the storage and the room left there, not Ray's WorkerGroupError."""
-    with full_disk(tmp_path / "disk") as disk, pytest.raises(CheckpointError) as error:
+    with small_filesystem(tmp_path / "disk") as disk, pytest.raises(CheckpointError) as error:
         train(tmp_path, mnist_dir, "run", images=64, num_workers=1, max_failures=0, storage_path=str(disk))
     assert str(error.value).startswith(f"epoch 1's checkpoint was not written into {disk}: No space left on device (")
     assert f" free in {disk}" in str(error.value), error.value
