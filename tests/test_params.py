@@ -53,6 +53,18 @@ def test_malformed_yaml_and_missing_file(tmp_path):
         load_params(tmp_path / "absent.yaml")
 
 
+def test_a_key_given_twice_is_named_as_dvc_refuses_it(tmp_path):
+    """PyYAML keeps the last of two keys silently: `vae train` by hand trained 2 epochs where the
+    user's edit, higher up, said 7 (DVC refuses such a file: ruamel's duplicate-key error)."""
+    with pytest.raises(ParamsError, match=r"^\S+params.yaml: line 4: 'epochs' given twice \(first on line 2\)$"):
+        load_params(write(tmp_path, "train:\n  epochs: 7\n  seed: 1\n  epochs: 2\n"))
+    with pytest.raises(ParamsError, match=r"line 3: 'train' given twice \(first on line 1\)"):
+        load_params(write(tmp_path, "train:\n  epochs: 7\ntrain:\n  seed: 1\n"))
+    # A key beside a merge (`<<`) overrides the merged one, as YAML means it: not a duplicate.
+    merged = load_params(write(tmp_path, "train:\n  <<: {epochs: 7, seed: 3}\n  epochs: 2\n"))
+    assert (merged.train.epochs, merged.train.seed) == (2, 3)
+
+
 def test_values_that_do_not_go_together_are_named(tmp_path):
     with pytest.raises(ParamsError, match=r"params.yaml: train.grad_estimator: dreg needs train.iwae_k > 1 \(got 1\)"):
         load_params(write(tmp_path, "train:\n  grad_estimator: dreg\n"))
