@@ -42,6 +42,8 @@ def test_bad_value_is_named_with_what_was_given(tmp_path):
         load_params(write(tmp_path, "model:\n  hidden_dims: [400, -1]\n"))
     with pytest.raises(ParamsError, match=r"model.activation: Input should be 'relu', 'silu' or 'tanh'"):
         load_params(write(tmp_path, "model:\n  activation: gelu\n"))
+    with pytest.raises(ParamsError, match=r"train.lr: Input should be a finite number \(got inf\)"):
+        load_params(write(tmp_path, "train:\n  lr: .inf\n"))  # passed gt=0, and trained to NaN
     with pytest.raises(ParamsError, match=r"train.use_gpu"):
         load_params(write(tmp_path, "train:\n  use_gpu: maybe\n"))
 
