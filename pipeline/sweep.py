@@ -12,6 +12,7 @@ the experiments of a 2-core machine; asked in this process, 0.03 s (benchmarks/q
 """
 from __future__ import annotations
 
+import logging
 import subprocess
 import time
 
@@ -46,6 +47,9 @@ def queue(tries: int = 5) -> tuple[dict[str, str], int]:
     queue status` reads them. Retried, as dvc() is."""
     from dvc.repo import Repo
 
+    # DVC's queue is kombu's filesystem transport, which has no host: kombu warns so, twice, where
+    # DVC's own commands keep it quiet.
+    logging.getLogger("kombu.connection").setLevel(logging.ERROR)
     for attempt in range(tries):
         try:
             with Repo() as repo:

@@ -9,7 +9,7 @@ from helpers import git_env, run
 
 
 @pytest.mark.integration  # git and DVC's commands make the queue: 10 s
-def test_the_queue_is_read_by_experiment_name_and_an_empty_one_is_said_so(tmp_path, monkeypatch, capsys):
+def test_the_queue_is_read_by_experiment_name_and_an_empty_one_is_said_so(tmp_path, monkeypatch, capsys, caplog):
     env = git_env()
     run(["git", "init", "-q"], tmp_path, env=env)
     run(["dvc", "init", "-q"], tmp_path, env=env)
@@ -25,3 +25,4 @@ def test_the_queue_is_read_by_experiment_name_and_an_empty_one_is_said_so(tmp_pa
     capsys.readouterr()  # run()'s echo of the commands above
     assert sweep.run(jobs=2) == 0
     assert capsys.readouterr().out == "vae sweep: nothing queued (`dvc exp run --queue -S ...` queues experiments)\n"
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("kombu")]  # "No hostname was supplied"
