@@ -16,7 +16,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from pipeline.files import NO_ROOM, Layout, no_room
+from pipeline.files import CACHE_DIR, NO_ROOM, Layout, no_room
 from pipeline.tracking import hide_credentials
 
 STAGES = {
@@ -130,7 +130,7 @@ def out_of_room(e: Exception, args: argparse.Namespace) -> str | None:
     if not (isinstance(e, OSError) and e.errno in NO_ROOM):
         return None
     out = getattr(args, "out", None)  # vae encode, vae sample
-    return no_room(e, *Layout().folders(), *([out.parent] if out else []), tempfile.gettempdir())
+    return no_room(e, *Layout().folders(), *([out.parent] if out else []), CACHE_DIR, tempfile.gettempdir())
 
 
 INTERRUPTED_HINTS = {"sweep": "the queue's workers go on: `dvc queue status`; `dvc queue stop --kill` stops them"}

