@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.files import atomic_path
+from pipeline.files import atomic_path, write_serialised
 from pipeline.registry import ENCODER_NAME, MODEL_NAME, SCORE_NAME, resolve
 from pipeline.serve.protocol import ApiError, check_batch, png_image
 from pipeline.serve.session import IMAGE_PIXELS, OnnxModel, open_models, score_noise
@@ -102,11 +101,8 @@ def encode(paths: list[Path], source: str, out: Path, seed: int, batch: int) -> 
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
-    """np.save to exactly this path (given a name, np.save appends .npy to a temporary one),
-    written by Python: numpy's own write to a file meets a full disk without its errno."""
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    path.write_bytes(buffer.getbuffer())
+    """np.save to exactly this path (given a name, np.save appends .npy to a temporary one)."""
+    write_serialised(path, lambda f: np.save(f, array))
 
 
 def write_table(out: Path, mu: np.ndarray, scores: np.ndarray, sources: list[str]) -> None:

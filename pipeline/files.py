@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Callable, Iterator
 
 NO_ROOM = (errno.ENOSPC, errno.EDQUOT)  # a full disk, a full quota
 CACHE_DIR = Path(os.environ.get("VAE_CACHE_DIR", Path.home() / ".cache" / "vae-mnist"))
@@ -138,13 +138,11 @@ def write_bytes(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def write_torch(path: Path, obj: object) -> None:
-    """torch.save(obj) to path, written by Python: torch's own writer meets a full disk with a
-    RuntimeError that has lost the errno."""
-    import torch
-
+def write_serialised(path: Path, dump: Callable[[BinaryIO], object]) -> None:
+    """What dump(file) writes, written to path by Python: torch.save and np.save, given a real
+    file, meet a full disk with errors that have lost the errno (a RuntimeError, a short write)."""
     buffer = io.BytesIO()
-    torch.save(obj, buffer)
+    dump(buffer)
     path.write_bytes(buffer.getbuffer())
 
 

@@ -20,7 +20,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from pipeline import tracking, train_worker
-from pipeline.files import Layout, atomic_path, write_bytes, write_json, write_torch
+from pipeline.files import Layout, atomic_path, write_bytes, write_json, write_serialised
 from pipeline.params import Params, load_params
 from pipeline.ray_connect import (
     connect_ray,
@@ -161,7 +161,7 @@ def write_outputs(layout: Layout, params: Params, state: TrainState) -> dict:
     best = state.best
     config = params.model.vae_config()
     with atomic_path(layout.model) as tmp:
-        write_torch(tmp, {"state_dict": best["model"], "config": asdict(config)})
+        write_serialised(tmp, lambda f: torch.save({"state_dict": best["model"], "config": asdict(config)}, f))
     last = state.history[-1]
     metrics = {"best_epoch": best["epoch"], "epochs": state.epoch, "best_val_neg_elbo": best["val_neg_elbo"],
                "ray_nodes": len(state.nodes), "ray_workers": state.workers, "device": state.device,

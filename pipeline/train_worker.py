@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import compat, tracking
-from pipeline.files import no_room, write_torch
+from pipeline.files import no_room, write_serialised
 from pipeline.params import Params
 from vae.cuda_graph import GraphedTrainer
 from vae.data import to_float
@@ -264,7 +264,7 @@ def _report(state: TrainState, trainer: Trainer, metrics: dict, storage: str) ->
         return
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            write_torch(Path(tmp) / "state.pt", state.to_checkpoint(trainer))
+            write_serialised(Path(tmp) / "state.pt", lambda f: torch.save(state.to_checkpoint(trainer), f))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     except OSError as e:  # pyarrow's, when Ray copies it into the storage, carries the errno too
         room = no_room(e, *([storage] if "://" not in storage else []), tempfile.gettempdir())

@@ -11,7 +11,7 @@ from pipeline.files import (
     atomic_path,
     no_room,
     read_json,
-    write_torch,
+    write_serialised,
 )
 
 from helpers import small_filesystem
@@ -105,12 +105,12 @@ def test_a_file_one_stage_wrote_for_another_is_named_when_it_is_not_what_was_wri
 
 def test_a_model_written_onto_a_full_disk_fails_with_its_errno_and_leaves_nothing(tmp_path):
     """torch.save given a path fails there with a RuntimeError that has lost the errno
-    ("unexpected pos"); write_torch's error is the full disk's, which `vae` names in a line."""
+    ("unexpected pos"); through write_serialised the error is the full disk's, which `vae` names in a line."""
     import torch
 
     with small_filesystem(tmp_path / "disk") as disk:
         with pytest.raises(OSError) as error, atomic_path(disk / "vae.pt") as tmp:
-            write_torch(tmp, {"weights": torch.zeros(200_000)})  # 800 KB onto 256 KiB
+            write_serialised(tmp, lambda f: torch.save({"weights": torch.zeros(200_000)}, f))  # 800 KB onto 256 KiB
         assert error.value.errno == errno.ENOSPC and not list(disk.iterdir())
         line = no_room(error.value, tmp_path, disk)
         assert line.startswith("No space left on device (") and line.endswith("; free some space and run it again")
