@@ -77,11 +77,11 @@ def parser() -> argparse.ArgumentParser:
 
 def batch_parsers(sub: argparse._SubParsersAction) -> None:
     """`vae encode` and `vae sample` (pipeline/batch.py)."""
-    model_help = "the export stage's folder, a decoder file, or a registry URI (default: models/)"
+    model_help = "the export stage's folder, a decoder file, or a registry URI (default: the project's models/)"
     enc = sub.add_parser("encode", help="latent means and scores of image files (IDX, .npy, PNG), via onnxruntime")
     enc.add_argument("inputs", nargs="+", type=Path, help="IDX image files, .npy arrays or PNG images")
     enc.add_argument("--out", type=Path, required=True, help="latents.npy or latents.csv")
-    enc.add_argument("--model", default="models/", help=model_help)
+    enc.add_argument("--model", help=model_help)
     seed, batch = within(int, 0, 2**32 - 1), within(int, 1)  # a seed as the server takes it
     enc.add_argument("--seed", type=seed, default=0, help="the scores' noise, as /v1/score?seed= (default: 0)")
     enc.add_argument("--batch-size", type=batch, default=1024)
@@ -89,7 +89,7 @@ def batch_parsers(sub: argparse._SubParsersAction) -> None:
     smp.add_argument("--n", type=within(int, 1), default=64, help="how many (default: 64)")
     smp.add_argument("--seed", type=seed, default=0, help="as /v1/samples.png?seed= (default: 0)")
     smp.add_argument("--out", type=Path, required=True, help="samples.png (a grid) or samples.npy")
-    smp.add_argument("--model", default="models/", help=model_help)
+    smp.add_argument("--model", help=model_help)
     smp.add_argument("--batch-size", type=batch, default=1024)
 
 

@@ -21,12 +21,26 @@ NO_ROOM = (errno.ENOSPC, errno.EDQUOT)  # a full disk, a full quota
 CACHE_DIR = Path(os.environ.get("VAE_CACHE_DIR", Path.home() / ".cache" / "vae-mnist"))
 
 
+# What a command run outside the project is told.
+RUN_IN_PROJECT = "run vae in the project (the folder with params.yaml and dvc.yaml) or a folder inside it"
+
+
+def project_root() -> Path:
+    """The project the user is in: the nearest folder at or above the working directory that
+    holds params.yaml and dvc.yaml, as git and DVC find their repositories (DVC runs each stage
+    there; a user may be in models/). Where none does, the working directory itself, and the
+    stages name the params.yaml they did not find."""
+    here = Path.cwd().resolve()
+    return next((folder for folder in (here, *here.parents)
+                 if (folder / "params.yaml").is_file() and (folder / "dvc.yaml").is_file()), here)
+
+
 def stores_root() -> Path:
     """Where the project's stores live: the repository the user works in. `dvc exp run
     --queue` and `--temp` run each experiment in a temporary copy under .dvc/tmp/exps/, deleted
     afterwards; DVC names the repository it came from in $DVC_ROOT (the repository itself
     for a run in the workspace)."""
-    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+    return Path(os.environ.get("DVC_ROOT") or project_root()).resolve()
 
 
 class Layout:
@@ -34,7 +48,7 @@ class Layout:
     the stores every run of the project shares: the default MLflow store and Ray's checkpoints."""
 
     def __init__(self, root: Path | str | None = None):
-        self.root = Path(root or Path.cwd()).resolve()
+        self.root = Path(root).resolve() if root else project_root()
         stores = self.root if root else stores_root()
         self.data_dir = self.root / "data" / "mnist"
         self.model = self.root / "models" / "vae.pt"

@@ -11,6 +11,7 @@ from typing import Annotated, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.files import RUN_IN_PROJECT, project_root
 from vae.model import ACTIVATIONS, ARCHS, MID_LAYOUTS, PRIORS, VAEConfig
 from vae.training import TrainConfig
 
@@ -205,12 +206,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    path = Path(path)
+def load_params(path: str | Path | None = None) -> Params:
+    """The params.yaml at path; by default the project's (pipeline/files.py's project_root)."""
+    hint = "" if path else f"; {RUN_IN_PROJECT}"
+    path = Path(path or project_root() / "params.yaml")
     try:
         raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except FileNotFoundError:
-        raise ParamsError(f"{path}: not found") from None
+        raise ParamsError(f"{path}: not found{hint}") from None
     except _DuplicateKey as e:
         raise ParamsError(f"{path}: {e}") from None
     except yaml.YAMLError as e:

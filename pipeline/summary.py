@@ -1,12 +1,20 @@
 """`vae summary`: where the pipeline's results are, and how to browse them."""
 from __future__ import annotations
 
+import os
+
 from pipeline import tracking
-from pipeline.files import Layout, read_json
+from pipeline.files import RUN_IN_PROJECT, Layout, read_json
 
 
 def _read(path, *keys: str) -> dict:
     return read_json(path, *keys) if path.is_file() else {}
+
+
+def _shown(path) -> str:
+    """path as the user may type it where they are: relative to the working directory, which
+    may be the project or a folder inside it (as git status shows paths)."""
+    return os.path.relpath(path)
 
 
 def summary(layout: Layout) -> str:
@@ -21,15 +29,18 @@ def summary(layout: Layout) -> str:
     for label, path in [("model", layout.model), ("ONNX decoder", layout.decoder_onnx),
                         ("metrics", layout.root / "metrics"), ("plots", layout.root / "plots")]:
         if path.exists():
-            lines.append(f"  {label + ':':14}{path.relative_to(layout.root)}")
+            lines.append(f"  {label + ':':14}{_shown(path)}")
     if run:
         lines.append(f"  {'MLflow run:':14}{run['run_id']} (experiment {run['experiment']})")
     lines += ["Browse the run:", f"  {tracking.browse_hint(layout)}"]
     if layout.decoder_onnx.exists():
         lines += ["Serve the model (decoder, encoder, score):",
-                  f"  vae serve {layout.decoder_onnx.parent.relative_to(layout.root)}/"]
+                  f"  vae serve {_shown(layout.decoder_onnx.parent)}/"]
     return "\n".join(lines)
 
 
 def main() -> None:
-    print(summary(Layout()), flush=True)
+    layout = Layout()
+    if not (layout.root / "dvc.yaml").is_file():
+        raise FileNotFoundError(f"{layout.root}: no project here; {RUN_IN_PROJECT}")
+    print(summary(layout), flush=True)

@@ -3,6 +3,7 @@ itself in torch with the noise the command documents: run as commands, and their
 bad input through the CLI's main in this process (the command's start-up, 4 s, once a case)."""
 import csv
 import io
+import shutil
 
 import numpy as np
 import pytest
@@ -148,3 +149,15 @@ def test_a_decoder_alone_cannot_encode_and_says_what_to_use(graphs, tmp_path, ca
     error = refused(capsys, "encode", tmp_path / "x.npy", "--model", tmp_path / "decoder.onnx", "--out",
                     tmp_path / "l.csv")
     assert "no encoder or score graph beside the decoder" in error
+
+
+def test_without_model_the_projects_graphs_are_used_from_a_folder_inside_it(graphs, tmp_path, monkeypatch,
+                                                                            signals_kept):
+    """`vae sample --out x.npy` in the project's plots/ uses the project's models/, not ./models/."""
+    for name in ("params.yaml", "dvc.yaml"):
+        (tmp_path / name).write_text("{}\n")
+    shutil.copytree(graphs[0], tmp_path / "models")
+    (tmp_path / "plots").mkdir()
+    monkeypatch.chdir(tmp_path / "plots")
+    assert cli.main(["sample", "--n", "3", "--out", "x.npy"]) == 0
+    assert np.load(tmp_path / "plots" / "x.npy").shape == (3, 1, 28, 28)

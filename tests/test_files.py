@@ -10,6 +10,7 @@ from pipeline.files import (
     atomic_dir,
     atomic_path,
     no_room,
+    project_root,
     read_json,
     write_serialised,
 )
@@ -127,3 +128,19 @@ def test_an_output_folder_that_cannot_be_written_is_named(tmp_path, kind):
         with pytest.raises(OutputError) as error, (atomic_dir if kind == "dir" else atomic_path)(disk / "out"):
             pass
     assert str(error.value) == f"{disk}: cannot write out there (Read-only file system)"
+
+
+def test_the_project_is_found_from_a_folder_inside_it_and_stores_stay_in_it(tmp_path, monkeypatch):
+    """As git and DVC find their repositories: the nearest folder above with params.yaml and
+    dvc.yaml; with none, the working directory (whose missing params.yaml the stages name)."""
+    inner = tmp_path / "project" / "models" / "triton"
+    inner.mkdir(parents=True)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.chdir(inner)
+    assert project_root() == inner  # no project above
+    (tmp_path / "project" / "params.yaml").write_text("{}\n")
+    assert project_root() == inner  # params.yaml alone is not a project
+    (tmp_path / "project" / "dvc.yaml").write_text("{}\n")
+    layout = Layout()
+    assert project_root() == layout.root == tmp_path / "project"
+    assert layout.model == tmp_path / "project/models/vae.pt" and layout.mlflow_db == tmp_path / "project/mlflow.db"

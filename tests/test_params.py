@@ -55,6 +55,14 @@ def test_malformed_yaml_and_missing_file(tmp_path):
         load_params(tmp_path / "absent.yaml")
 
 
+def test_outside_a_project_the_missing_params_yaml_says_where_to_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ParamsError) as e:
+        load_params()
+    assert str(e.value) == (f"{tmp_path}/params.yaml: not found; run vae in the project (the folder with "
+                            "params.yaml and dvc.yaml) or a folder inside it")
+
+
 def test_a_key_given_twice_is_named_as_dvc_refuses_it(tmp_path):
     """PyYAML keeps the last of two keys silently: `vae train` by hand trained 2 epochs where the
     user's edit, higher up, said 7 (DVC refuses such a file: ruamel's duplicate-key error)."""
