@@ -9,8 +9,10 @@ UV_VERSION := 0.13.9
 UV     := .tools/bin/uv
 # Re-synced only when uv.lock changes.
 STAMP  := $(VENV)/.installed
+# Where PYTHON is missing, uv would download a Python build from GitHub: only PyPI is fetched.
+export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: repro test test-fast install lock lock-check system-packages up down clean wheelhouse gpu-kit
+.PHONY: repro git-repo python test test-fast install lock lock-check system-packages up down clean wheelhouse gpu-kit
 
 # Python caches compiled modules (__pycache__) in .venv unless PYTHONDONTWRITEBYTECODE is set,
 # as many container images set it. Then every process (each stage, each Ray worker and actor,
@@ -20,8 +22,15 @@ STAMP  := $(VENV)/.installed
 unexport PYTHONDONTWRITEBYTECODE
 
 # The last stage that runs prints where the results are (`vae summary` prints it again).
-repro: $(STAMP)
+repro: git-repo $(STAMP)
 	PATH="$(BIN):$$PATH" dvc repro
+
+# DVC runs the pipeline in a git repository: a downloaded archive of the project is not one,
+# and DVC would say so only after the install.
+git-repo:
+	@git rev-parse --git-dir >/dev/null 2>&1 || { echo "make repro: $(CURDIR) is not a git repository (a \
+	downloaded archive?), and DVC needs one: clone the project, or run git init && git add -A && git commit -m \
+	project here first" >&2; exit 2; }
 
 # The suite in TEST_WORKERS pytest processes (pytest-xdist): in one, the integration tests wait on
 # servers, clusters and subprocesses and left this 2-core machine a third idle; in two, 0.80x the
@@ -61,19 +70,23 @@ install: $(STAMP)
 
 # pip --target skips a virtual environment's 8 s of creation (measured here); where the
 # interpreter has no pip of its own (or refuses), a small venv lends one.
-$(UV):
+$(UV): | python
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --target .tools uv==$(UV_VERSION) 2>/dev/null || { \
 		$(PYTHON) -m venv .tools/venv && \
 		.tools/venv/bin/python -m pip install --quiet --disable-pip-version-check --target .tools uv==$(UV_VERSION); }
 
+python:
+	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found; install it, or name another Python \
+	(3.12 and 3.13 work too): make PYTHON=python3.12 $(or $(MAKECMDGOALS),repro)" >&2; exit 2; }
+
 # Exactly the lock (--frozen: never re-resolved here), the project editable, the dev extra
 # (the tests) included; packages the lock does not name are removed.
-$(STAMP): uv.lock | $(UV)
+$(STAMP): uv.lock | python $(UV)
 	$(UV) sync --frozen --extra dev --python $(PYTHON)
 	@touch $@
 
 # Re-resolve uv.lock from pyproject.toml (the default index, or uv's UV_DEFAULT_INDEX).
-lock: $(UV)
+lock: python $(UV)
 	$(UV) lock --python $(PYTHON)
 
 # pyproject.toml and uv.lock must agree (CI runs this through `make test`). Offline: when they

@@ -290,6 +290,31 @@ def test_make_up_from_a_path_with_a_space_says_so_before_starting_anything(tmp_p
     assert not (tmp_path / "stack").exists()  # nothing started, nothing recorded
 
 
+def test_make_repro_outside_a_git_repository_says_so_before_installing(tmp_path):
+    """A downloaded archive of the project has no .git: DVC refused it only after the install."""
+    (tmp_path / "Makefile").write_bytes((ROOT / "Makefile").read_bytes())
+    env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(tmp_path.parent)}  # no repository above it either
+    result = run(["make", "--no-print-directory", "repro"], tmp_path, env=env, check=False, timeout=60)
+    assert result.returncode == 2 and result.stderr.startswith(
+        f"make repro: {tmp_path} is not a git repository (a downloaded archive?), and DVC needs one: "), result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Makefile"]  # nothing installed
+
+
+def test_a_missing_python_is_named_and_uv_downloads_none(tmp_path):
+    """`make` names a missing PYTHON and how to name another, installing nothing; and its recipes
+    forbid uv to download a Python build from GitHub (only the package index is fetched), which
+    `uv sync --python python3.10` tried on this machine when the name found none."""
+    for name in ("Makefile", "uv.lock"):
+        (tmp_path / name).write_bytes((ROOT / name).read_bytes())
+    result = run(["make", "--no-print-directory", "install", "PYTHON=python3.99"], tmp_path, check=False, timeout=60)
+    assert result.returncode == 2 and result.stderr.startswith(
+        "make: python3.99 not found; install it, or name another Python (3.12 and 3.13 work too): make "
+        "PYTHON=python3.12 install"), result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Makefile", "uv.lock"]
+    shown = run(["make", "-s", "--eval", "show: ; @echo $$UV_PYTHON_DOWNLOADS", "show"], tmp_path)
+    assert shown.stdout == "never\n"
+
+
 def test_the_wheelhouse_lists_the_lock_for_the_node_less_its_own_torch():
     """infra/wheelhouse.py's requirements (what `make wheelhouse` downloads): uv.lock's versions
     for the node's Python, markers already applied (pip would apply its own interpreter's),
