@@ -75,9 +75,10 @@ $(UV): | python
 		$(PYTHON) -m venv .tools/venv && \
 		.tools/venv/bin/python -m pip install --quiet --disable-pip-version-check --target .tools uv==$(UV_VERSION); }
 
+# Run, not looked up: a pyenv shim is found for a version pyenv does not have active.
 python:
-	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found; install it, or name another Python \
-	(3.12 and 3.13 work too): make PYTHON=python3.12 $(or $(MAKECMDGOALS),repro)" >&2; exit 2; }
+	@$(PYTHON) -c "" >/dev/null 2>&1 || { echo "make: cannot run $(PYTHON); install it, or name another \
+	Python, 3.11 to 3.13: make PYTHON=<its path> $(or $(MAKECMDGOALS),repro)" >&2; exit 2; }
 
 # Exactly the lock (--frozen: never re-resolved here), the project editable, the dev extra
 # (the tests) included; packages the lock does not name are removed.
