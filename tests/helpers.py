@@ -56,10 +56,12 @@ def small_filesystem(path: Path, options: str = "size=256k"):
     """A real filesystem at path (a tmpfs: root's to mount) with mount `options`: to fill up, as
     a full disk or quota met mid-write, or read-only ("ro"). Unmounted afterwards."""
     path.mkdir(parents=True)
+    if os.geteuid():
+        unavailable("the test's filesystem is a tmpfs, which only root may mount")
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True,
                              text=True)
     if mounted.returncode:
-        unavailable(f"the test's filesystem is a tmpfs, and mounting one failed: {mounted.stderr.strip()}")
+        unavailable(f"the test's filesystem is a tmpfs, and mounting one failed: {' '.join(mounted.stderr.split())}")
     try:
         yield path
     finally:
