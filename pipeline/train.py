@@ -151,8 +151,7 @@ def train_on_ray(layout: Layout, params: Params, run_id: str, storage: str, name
         if named:
             raise named[0] from None
         raise
-    with result.checkpoint.as_directory() as path:
-        state = TrainState.from_checkpoint(train_worker.load_checkpoint(Path(path), result.checkpoint.path))
+    state = TrainState.from_checkpoint(train_worker.read_checkpoint(result.checkpoint))
     state.device, state.workers = "cuda" if use_gpu else "cpu", workers
     return state
 

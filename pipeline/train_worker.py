@@ -232,8 +232,7 @@ def _restore(trainer: Trainer) -> TrainState:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return TrainState()
-    with checkpoint.as_directory() as path:
-        saved = load_checkpoint(Path(path), checkpoint.path)
+    saved = read_checkpoint(checkpoint)
     trainer.model.load_state_dict(saved["model"])
     trainer.load_state_dict(saved)
     return TrainState.from_checkpoint(saved)
@@ -242,6 +241,21 @@ def _restore(trainer: Trainer) -> TrainState:
 class CheckpointError(RuntimeError):
     """A checkpoint of the Ray run that cannot be read, which every rerun would resume from, or
     cannot be written."""
+
+
+def read_checkpoint(checkpoint) -> dict:
+    """What a Ray checkpoint holds, read from a local copy (Ray downloads one from remote storage)."""
+    try:
+        with checkpoint.as_directory() as folder:
+            return load_checkpoint(Path(folder), checkpoint.path)
+    except OSError as e:
+        # Ray locks each download in <RAY_TMPDIR, else TMPDIR, else /tmp>/_ray_lockfiles, a folder that
+        # the machine's first Ray user makes and alone may write (ray-project/ray#32776, Ray 2.60).
+        if "_ray_lockfiles" not in str(e.filename):
+            raise
+        raise CheckpointError(f"{e.filename}: Ray's lock files for a checkpoint in remote storage cannot be made "
+                              f"there ({e.strerror}); on a machine shared by several users of Ray, set RAY_TMPDIR "
+                              f"to a folder of your own before Ray starts") from None
 
 
 def load_checkpoint(folder: Path, where: str) -> dict:

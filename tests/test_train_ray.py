@@ -25,6 +25,7 @@ from pipeline.train_worker import (
     compile_model,
     graphed_epoch,
     load_checkpoint,
+    read_checkpoint,
     uses_cuda_graph,
 )
 from vae.model import VAE, VAEConfig
@@ -176,6 +177,31 @@ def test_a_checkpoint_that_cannot_be_read_names_itself_and_how_to_start_afresh(t
         load_checkpoint(folder, str(folder))
     assert str(error.value).startswith(f"Ray's checkpoint {folder} cannot be read (")
     assert str(error.value).endswith(f"delete the run's folder, {folder.parent}, to train from the start")
+
+
+def test_a_lock_folder_ray_cannot_write_is_named_with_how_to_give_each_user_one(tmp_path, monkeypatch, s3):
+    """Ray locks each download of a checkpoint in remote storage in <RAY_TMPDIR>/_ray_lockfiles, by
+    default /tmp's, which the machine's first Ray user makes and alone may write: as another user
+    (su dev), the resume from S3 of test_resume_dvc and the sweeps failed in Ray's traceback. A
+    read-only filesystem stands in for another user's folder: root may write into any folder."""
+    import pyarrow.fs
+    import ray.train
+
+    buffer = io.BytesIO()
+    torch.save({"epoch": 3}, buffer)
+    stack.s3_client(s3).put_object(Bucket="ray", Key=f"{tmp_path.name}/checkpoint/state.pt", Body=buffer.getvalue())
+    bucket = pyarrow.fs.S3FileSystem(endpoint_override=s3["AWS_ENDPOINT_URL"], region=s3["AWS_DEFAULT_REGION"],
+                                     access_key=s3["AWS_ACCESS_KEY_ID"], secret_key=s3["AWS_SECRET_ACCESS_KEY"])
+    checkpoint = ray.train.Checkpoint(f"ray/{tmp_path.name}/checkpoint", filesystem=bucket)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    assert read_checkpoint(checkpoint) == {"epoch": 3}
+    with small_filesystem(tmp_path / "shared", "size=64k,ro") as shared:
+        monkeypatch.setenv("RAY_TMPDIR", str(shared))
+        with pytest.raises(CheckpointError) as error:
+            read_checkpoint(checkpoint)
+    assert str(error.value) == (f"{shared}/_ray_lockfiles: Ray's lock files for a checkpoint in remote storage cannot "
+                                "be made there (Read-only file system); on a machine shared by several users of Ray, "
+                                "set RAY_TMPDIR to a folder of your own before Ray starts")
 
 
 @pytest.mark.integration  # two Ray Train runs
