@@ -11,8 +11,12 @@ UV     := .tools/bin/uv
 STAMP  := $(VENV)/.installed
 # Where PYTHON is missing, uv would download a Python build from GitHub: only PyPI is fetched.
 export UV_PYTHON_DOWNLOADS := never
+# The first line of each recipe that runs PYTHON, so that an installed .venv needs none. Run, not
+# looked up: a pyenv shim is found for a version pyenv does not have active.
+REQUIRE_PYTHON = @$(PYTHON) -c "" >/dev/null 2>&1 || { echo "make: cannot run $(PYTHON); install it, or name \
+	another Python, 3.11 to 3.13: make PYTHON=<its path> $(or $(MAKECMDGOALS),repro)" >&2; exit 2; }
 
-.PHONY: repro git-repo python test test-fast install lock lock-check system-packages up down clean wheelhouse gpu-kit
+.PHONY: repro git-repo test test-fast install lock lock-check system-packages up down clean wheelhouse gpu-kit
 
 # Python caches compiled modules (__pycache__) in .venv unless PYTHONDONTWRITEBYTECODE is set,
 # as many container images set it. Then every process (each stage, each Ray worker and actor,
@@ -70,24 +74,22 @@ install: $(STAMP)
 
 # pip --target skips a virtual environment's 8 s of creation (measured here); where the
 # interpreter has no pip of its own (or refuses), a small venv lends one.
-$(UV): | python
+$(UV):
+	$(REQUIRE_PYTHON)
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --target .tools uv==$(UV_VERSION) 2>/dev/null || { \
 		$(PYTHON) -m venv .tools/venv && \
 		.tools/venv/bin/python -m pip install --quiet --disable-pip-version-check --target .tools uv==$(UV_VERSION); }
 
-# Run, not looked up: a pyenv shim is found for a version pyenv does not have active.
-python:
-	@$(PYTHON) -c "" >/dev/null 2>&1 || { echo "make: cannot run $(PYTHON); install it, or name another \
-	Python, 3.11 to 3.13: make PYTHON=<its path> $(or $(MAKECMDGOALS),repro)" >&2; exit 2; }
-
 # Exactly the lock (--frozen: never re-resolved here), the project editable, the dev extra
 # (the tests) included; packages the lock does not name are removed.
-$(STAMP): uv.lock | python $(UV)
+$(STAMP): uv.lock | $(UV)
+	$(REQUIRE_PYTHON)
 	$(UV) sync --frozen --extra dev --python $(PYTHON)
 	@touch $@
 
 # Re-resolve uv.lock from pyproject.toml (the default index, or uv's UV_DEFAULT_INDEX).
-lock: python $(UV)
+lock: $(UV)
+	$(REQUIRE_PYTHON)
 	$(UV) lock --python $(PYTHON)
 
 # pyproject.toml and uv.lock must agree (CI runs this through `make test`). Offline: when they

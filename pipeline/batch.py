@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.files import atomic_path, project_root, write_serialised
+from pipeline.files import Layout, atomic_path, write_serialised
 from pipeline.registry import ENCODER_NAME, MODEL_NAME, SCORE_NAME, resolve
 from pipeline.serve.protocol import ApiError, check_batch, png_image
 from pipeline.serve.session import IMAGE_PIXELS, OnnxModel, open_models, score_noise
@@ -143,7 +143,7 @@ def sample(source: str, n: int, seed: int, out: Path, batch: int) -> None:
 def main(args: argparse.Namespace) -> None:
     """`vae encode` or `vae sample`, their numbers checked by pipeline/cli.py's parser. The
     model by default: the project's models/, from wherever in the project the user is."""
-    model = args.model or f"{project_root() / 'models'}/"
+    model = args.model or f"{Layout().decoder_onnx.parent}/"
     if args.command == "encode":
         encode(args.inputs, model, args.out, args.seed, args.batch_size)
     else:

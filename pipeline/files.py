@@ -35,12 +35,12 @@ def project_root() -> Path:
                  if (folder / "params.yaml").is_file() and (folder / "dvc.yaml").is_file()), here)
 
 
-def stores_root() -> Path:
-    """Where the project's stores live: the repository the user works in. `dvc exp run
-    --queue` and `--temp` run each experiment in a temporary copy under .dvc/tmp/exps/, deleted
+def stores_root(root: Path) -> Path:
+    """Where the stores of the project at root live: the repository the user works in. `dvc exp
+    run --queue` and `--temp` run each experiment in a temporary copy under .dvc/tmp/exps/, deleted
     afterwards; DVC names the repository it came from in $DVC_ROOT (the repository itself
     for a run in the workspace)."""
-    return Path(os.environ.get("DVC_ROOT") or project_root()).resolve()
+    return Path(os.environ.get("DVC_ROOT") or root).resolve()
 
 
 class Layout:
@@ -49,7 +49,7 @@ class Layout:
 
     def __init__(self, root: Path | str | None = None):
         self.root = Path(root).resolve() if root else project_root()
-        stores = self.root if root else stores_root()
+        stores = self.root if root else stores_root(self.root)
         self.data_dir = self.root / "data" / "mnist"
         self.model = self.root / "models" / "vae.pt"
         self.mlflow_run = self.root / "models" / "mlflow_run.json"

@@ -55,9 +55,9 @@ def system_program(path: str, package: str) -> str:
 def small_filesystem(path: Path, options: str = "size=256k"):
     """A real filesystem at path (a tmpfs: root's to mount) with mount `options`: to fill up, as
     a full disk or quota met mid-write, or read-only ("ro"). Unmounted afterwards."""
-    path.mkdir(parents=True)
     if os.geteuid():
         unavailable("the test's filesystem is a tmpfs, which only root may mount")
+    path.mkdir(parents=True)
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True,
                              text=True)
     if mounted.returncode:
