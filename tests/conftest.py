@@ -159,9 +159,27 @@ def stack_listeners(pids: list[int]) -> dict[int, set[int]]:
 
 
 @pytest.fixture(scope="session")
-def uninterrupted(tmp_path_factory, mnist_dir, ray_address) -> dict:
-    """The final training state of INTERRUPTED_RUN trained without interruption."""
-    return fit_in_folder(tmp_path_factory.mktemp("uninterrupted"), mnist_dir, **INTERRUPTED_RUN)
+def uninterrupted(request, tmp_path_factory, mnist_dir) -> dict:
+    """The weights `vae train` writes (the best epoch's) for INTERRUPTED_RUN trained without
+    interruption. Trained once for the suite: `make test`'s two pytest processes both run a test
+    that needs it, and the first to ask trains while the other waits, then reads the file back
+    (pytest-xdist's recipe for a session fixture made once)."""
+    import torch
+    from filelock import FileLock
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # one process: nobody to share with
+        return _train_uninterrupted(request, tmp_path_factory, mnist_dir)
+    shared = tmp_path_factory.getbasetemp().parent / "uninterrupted.pt"  # this run's, every process's
+    with FileLock(f"{shared}.lock"):
+        if not shared.exists():
+            torch.save(_train_uninterrupted(request, tmp_path_factory, mnist_dir), shared)
+    return torch.load(shared, weights_only=True)
+
+
+def _train_uninterrupted(request, tmp_path_factory, mnist_dir) -> dict:
+    request.getfixturevalue("ray_address")  # trained on the session's cluster, started only where trained
+    state = fit_in_folder(tmp_path_factory.mktemp("uninterrupted"), mnist_dir, **INTERRUPTED_RUN)
+    return state.best["model"]
 
 
 @pytest.fixture
