@@ -180,12 +180,19 @@ def secret_file(path: Path, text: str) -> Path:
     return path
 
 
+# The basic-auth app checks the password of every request against its scrypt hash: 0.18 s of CPU
+# each here, most of the server's CPU in a sweep. MLflow's own cache of good credentials (off by
+# default) checks each once a minute instead (benchmarks/mlflow_auth.py). Its staleness is a
+# password changed out of band (not through the server's one worker), accepted for up to a minute.
+AUTH_CACHE_S = 60
+
+
 def mlflow_server(root: Path, backend_uri: str, admin_password: str | None = None,
-                  s3: dict[str, str] | None = None) -> tuple[str, subprocess.Popen]:
+                  s3: dict[str, str] | None = None, auth_cache_s: int = AUTH_CACHE_S) -> tuple[str, subprocess.Popen]:
     """`mlflow server` on 127.0.0.1 with backend_uri as its store; with admin_password, behind
-    MLflow's basic-auth app (user `admin`; its users in root). Artifacts go to root, or with
-    s3 (s3_server()'s environment) to its bucket `mlflow`: the server proxies them
-    (mlflow-artifacts:/), so its clients need no S3 keys of their own."""
+    MLflow's basic-auth app (user `admin`; its users in root; good credentials cached for
+    auth_cache_s). Artifacts go to root, or with s3 (s3_server()'s environment) to its bucket
+    `mlflow`: the server proxies them (mlflow-artifacts:/), so its clients need no S3 keys of their own."""
     port = free_port()
     artifacts = "s3://mlflow/artifacts" if s3 else str(root / "artifacts")
     command = [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri, "--artifacts-destination",
@@ -198,7 +205,8 @@ def mlflow_server(root: Path, backend_uri: str, admin_password: str | None = Non
         config = secret_file(root / "basic_auth.ini", "[mlflow]\ndefault_permission = READ\n"
                              f"database_uri = sqlite:///{root / 'basic_auth.db'}\nadmin_username = {ADMIN}\n"
                              f"admin_password = {admin_password}\n"
-                             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                             f"auth_cache_ttl_seconds = {auth_cache_s}\n")
         env |= {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32)}
         command += ["--app-name", "basic-auth"]
     server = start(command, root / "mlflow.log", env)
