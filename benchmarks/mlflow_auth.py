@@ -25,7 +25,8 @@ from infra.local import stack  # noqa: E402
 
 
 def server_cpu(process) -> float:
-    tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    server = psutil.Process(process.pid)
+    tree = [server, *server.children(recursive=True)]
     return sum(sum(p.cpu_times()[:2]) for p in tree)
 
 

@@ -48,5 +48,5 @@ def test_killed_repro_resumes_from_s3_to_the_uninterrupted_model(tmp_path, mnist
         logged = db.execute("SELECT value FROM params UNION ALL SELECT value FROM tags").fetchall()
     assert logged and not [value for (value,) in logged if secret in value]
     model = torch.load(repo / "models" / "vae.pt", weights_only=True)["state_dict"]
-    reference = uninterrupted  # what `vae train` writes: the best epoch's weights
-    assert all(torch.equal(model[k], reference[k]) for k in reference)
+    # uninterrupted: what `vae train` writes, the best epoch's weights
+    assert all(torch.equal(model[k], uninterrupted[k]) for k in uninterrupted)

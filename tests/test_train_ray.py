@@ -349,8 +349,7 @@ def test_a_lost_node_is_survived_to_the_same_model(tmp_path, mnist_dir, uninterr
             shutil.rmtree(temp_dir, ignore_errors=True)
     log = (tmp_path / "train.log").read_text()
     model = torch.load(project / "models/vae.pt", weights_only=True)["state_dict"]
-    reference = uninterrupted
-    assert all(torch.equal(model[k], reference[k]) for k in reference), log
+    assert all(torch.equal(model[k], uninterrupted[k]) for k in uninterrupted), log
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     (run_record,) = client.search_runs([client.get_experiment_by_name("vae-mnist").experiment_id])
     assert {m.step for m in client.get_metric_history(run_record.info.run_id, "val_neg_elbo")} == {1, 2, 3}

@@ -180,8 +180,8 @@ def secret_file(path: Path, text: str) -> Path:
     return path
 
 
-# The basic-auth app checks the password of every request against its scrypt hash: 0.18 s of CPU
-# each here, most of the server's CPU in a sweep. MLflow's own cache of good credentials (off by
+# The basic-auth app checks the password of every request against its scrypt hash: 0.36 s of CPU
+# a request here, most of the server's CPU in a sweep. MLflow's own cache of good credentials (off by
 # default) checks each once a minute instead (benchmarks/mlflow_auth.py). Its staleness is a
 # password changed out of band (not through the server's one worker), accepted for up to a minute.
 AUTH_CACHE_S = 60
