@@ -3,6 +3,7 @@ image, version and command they name exists in this repository or its environmen
 import os
 import re
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -244,6 +245,31 @@ def test_a_ray_node_that_misses_rays_startup_timeout_gets_one_more_start(tmp_pat
         with pytest.raises(RuntimeError, match="a node did not start") as failed:
             stack.start_twice(launch, lambda: "started." in log.read_text(), log, "a node")
         assert len(launched) == tries and scripts[0].split("'")[1] in str(failed.value)
+
+
+def test_a_ray_node_started_once_more_keeps_its_gpus(monkeypatch):
+    """The head's second start took the next node's GPU share, and the last node then found
+    none left (StopIteration, seen in the suite on a loaded machine). Each `ray start` here is a
+    shell that prints what Ray prints: the head's first start misses Ray's timeout."""
+    launches = []
+
+    def start(cmd, log, env=None, cwd=None):
+        launches.append(("head" if "--head" in cmd else "node", env["CUDA_VISIBLE_DEVICES"]))
+        missed = f"echo 'Exception: {stack.RAY_STARTUP_TIMEOUT}.'; exit 1"
+        script = missed if len(launches) == 1 else "echo 'Ray runtime started.'; exec sleep 60"
+        with open(log, "w") as out:
+            return subprocess.Popen(["sh", "-c", script], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    monkeypatch.setattr(stack, "start", start)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    address, nodes, dirs = stack.ray_cluster(1, {}, count=2)
+    try:
+        assert launches == [("head", "0,2"), ("head", "0,2"), ("node", "1")]
+    finally:
+        for node in nodes:
+            stack.stop_ray_node(node)
+        for temp_dir in dirs:
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.integration  # starts Ray nodes

@@ -308,7 +308,8 @@ def ray_cluster(cpus_per_node: int, auth: dict[str, str], count: int = 2,
         raise RuntimeError(problem)
     dirs = [Path(tempfile.mkdtemp(prefix="ray-")) for _ in range(count)]
     node_env = {**os.environ, **auth, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
-    shares = iter(deal_gpus(machine_gpus(), count))
+    # Dealt per node, not per launch: a node started once more keeps its share.
+    shares = dict(zip(dirs, deal_gpus(machine_gpus(), count)))
 
     def node(temp_dir: Path, *args: str, head: bool = False) -> tuple[subprocess.Popen, dict[str, int]]:
         # Ray's fixed default ports (the client server's 10001, the dashboard agent's 52365)
@@ -317,7 +318,7 @@ def ray_cluster(cpus_per_node: int, auth: dict[str, str], count: int = 2,
         names = ["dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
                  "metrics-export-port", *(["port", "ray-client-server-port"] if head else [])]
         ports = dict(zip(names, free_ports(len(names))))
-        gpus = next(shares)
+        gpus = shares[temp_dir]
         process = start([str(BIN / "ray"), "start", "--block", f"--num-cpus={cpus_per_node}",
                          f"--num-gpus={len(gpus)}", "--disable-usage-stats",
                          "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
