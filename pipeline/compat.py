@@ -39,6 +39,21 @@ def quiet_ray_train_reports() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+# The module whose logger warns, with a traceback, when Ray Train's controller waited 5 s for
+# Ray's autoscaling coordinator: the first run on a cluster creates that actor, a process that
+# a loaded machine starts in more than 5 s. Ray calls it safe to ignore, and the controller
+# asks again 20 s later; our workers' counts are fixed (no autoscaler needs telling).
+RESOURCE_REQUEST_LOGGER = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
+
+
+def quiet_ray_train_resource_requests() -> None:
+    """Run in every Ray worker process of our jobs (ray_connect's worker_process_setup_hook),
+    among them Ray Train's controller. A filter, not a level: the controller then configures
+    its "ray.train" logger, which resets the levels of the loggers below (logging.config). By
+    name, so that no worker imports Ray Data for it."""
+    logging.getLogger(RESOURCE_REQUEST_LOGGER).addFilter(lambda record: record.levelno >= logging.ERROR)
+
+
 def require_cxx_compiler() -> None:
     """Raise InvalidCxxCompiler's message as a RuntimeError when inductor finds no C++ compiler."""
     from torch._inductor.cpp_builder import get_cpp_compiler

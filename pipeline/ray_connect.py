@@ -47,26 +47,28 @@ def connect_ray(num_workers: int | str = 1, address: str | None = None) -> None:
     # cleaner warns about it every few seconds: keep Ray's own loggers at ERROR in workers.
     quiet = {"logging_level": logging.WARNING, "log_to_driver": True,
              "logging_config": ray.LoggingConfig(log_level="ERROR")}
+    runtime_env = {"worker_process_setup_hook": "pipeline.compat.quiet_ray_train_resource_requests"}
     if local:
         # "local": a new Ray of our own, not whatever `ray start` last left on this machine.
         cpus = max(os.cpu_count() or 1, num_workers if isinstance(num_workers, int) else 1)
-        where = {"address": "local", "num_cpus": cpus, "include_dashboard": False, **python_command()}
+        where = {"address": "local", "num_cpus": cpus, "include_dashboard": False}
+        runtime_env.update(python_command())
     else:
         require_answer(address)
         where = {"address": address}
     with deferred_signals():
-        ray.init(**where, **quiet)
+        ray.init(**where, **quiet, runtime_env=runtime_env)
 
 
 def python_command() -> dict:
-    """ray.init's runtime_env for a Python whose path a shell would split (the project's path
+    """The runtime_env entry for a Python whose path a shell would split (the project's path
     has a space): Ray 2.60 starts each worker that has a runtime env (every Ray Train actor
     has one) through `bash -c "exec <python> ..."`, the path unquoted (exec_worker in
     ray/_private/runtime_env/context.py); the worker dies at once, and Ray Train retries it for
     minutes. py_executable is a shell command by design: the path goes in quoted. Only for the
     local Ray: a cluster's nodes run their own Python."""
     quoted = shlex.quote(sys.executable)
-    return {"runtime_env": {"py_executable": quoted}} if quoted != sys.executable else {}
+    return {"py_executable": quoted} if quoted != sys.executable else {}
 
 
 @contextmanager

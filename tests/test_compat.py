@@ -1,5 +1,7 @@
 """pipeline/compat.py: every private API the pipeline uses still exists at the pinned versions.
 An upgrade that moves one fails here, by name, rather than deep inside a training run."""
+import inspect
+
 from pipeline import compat
 
 
@@ -19,6 +21,10 @@ def test_every_private_symbol_imports():
     ours, rays = callbacks(compat.torch_trainer_without_placement_group_cleaner()), callbacks(TorchTrainer)
     assert "PlacementGroupCleanerCallback" in rays and ours == [c for c in rays if c != "PlacementGroupCleanerCallback"]
     compat.quiet_ray_train_reports()
+    from ray.train.v2._internal.execution.scaling_policy import autoscaling_coordinator_client as requests
+
+    assert requests.logger.name == compat.RESOURCE_REQUEST_LOGGER and "Failed to send resource request" in \
+        inspect.getsource(requests)  # the warning the logger is quieted for
     compat.require_cxx_compiler()  # g++ is on this machine: passes
     compat.quiet_dynamo()
     assert callable(compat.mlflow_system_metrics_monitor())
