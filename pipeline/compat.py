@@ -16,17 +16,22 @@ def ray_dashboard_url() -> str | None:
     return get_dashboard_url()
 
 
-def torch_trainer_without_placement_group_cleaner():
-    """TorchTrainer less its placement-group cleaner, by overriding a private method of
-    Ray Train V2 (the cleaner asks the dashboard's state API and, without one, prints only
-    tracebacks at every run's start and end)."""
+def lean_torch_trainer(drop_placement_group_cleaner: bool, drop_unused_datasets: bool = True):
+    """TorchTrainer less the default callbacks of Ray Train V2 that do nothing for a run, by
+    overriding a private method. Without datasets, the datasets callback: it still starts a
+    DatasetManager actor each run, a process that imports Ray Data (2 s of CPU a run here;
+    benchmarks/ray_train_callbacks.py keeps it for its reference). Without a dashboard, the
+    placement-group cleaner: it asks the dashboard's state API and, without one, prints only
+    tracebacks at every run's start and end."""
     from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
     class Trainer(TorchTrainer):
         def _create_default_callbacks(self):
-            return [callback for callback in super()._create_default_callbacks()
-                    if not isinstance(callback, PlacementGroupCleanerCallback)]
+            unused = (DatasetsCallback,) * (drop_unused_datasets and not self.datasets) + \
+                (PlacementGroupCleanerCallback,) * drop_placement_group_cleaner
+            return [callback for callback in super()._create_default_callbacks() if not isinstance(callback, unused)]
 
     return Trainer
 

@@ -124,12 +124,11 @@ def local_ray(address: str | None = None) -> bool:
 
 
 def torch_trainer():
-    """Ray Train's TorchTrainer; on a Ray without a dashboard, less its placement-group cleaner.
-    The cleaner asks the state API, which the dashboard serves, whether the controller lives;
-    without one it cannot tell, and only prints tracebacks at every run's start and end."""
-    from ray.train.torch import TorchTrainer
-
-    return TorchTrainer if compat.ray_dashboard_url() else compat.torch_trainer_without_placement_group_cleaner()
+    """Ray Train's TorchTrainer less what a run without Ray datasets does not use; on a Ray
+    without a dashboard, less its placement-group cleaner too. The cleaner asks the state API,
+    which the dashboard serves, whether the controller lives; without one it cannot tell, and
+    only prints tracebacks at every run's start and end."""
+    return compat.lean_torch_trainer(drop_placement_group_cleaner=not compat.ray_dashboard_url())
 
 
 def gpu_workers(use_gpu, cluster_gpus: float) -> bool:

@@ -13,13 +13,17 @@ def test_every_private_symbol_imports():
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    def callbacks(trainer_class) -> list[str]:
-        trainer = trainer_class(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+    def callbacks(trainer_class, **datasets) -> list[str]:
+        trainer = trainer_class(lambda: None, scaling_config=ScalingConfig(num_workers=1), datasets=datasets or None)
         return [type(c).__name__ for c in trainer._create_default_callbacks()]
 
-    # The override drops exactly the cleaner from Ray's defaults (gone or renamed: this fails).
-    ours, rays = callbacks(compat.torch_trainer_without_placement_group_cleaner()), callbacks(TorchTrainer)
-    assert "PlacementGroupCleanerCallback" in rays and ours == [c for c in rays if c != "PlacementGroupCleanerCallback"]
+    # The override drops exactly these from Ray's defaults (gone or renamed: this fails).
+    cleaner, datasets = "PlacementGroupCleanerCallback", "DatasetsCallback"
+    rays = callbacks(TorchTrainer)
+    assert {cleaner, datasets} <= set(rays)
+    assert callbacks(compat.lean_torch_trainer(True)) == [c for c in rays if c not in (cleaner, datasets)]
+    assert callbacks(compat.lean_torch_trainer(False)) == [c for c in rays if c != datasets]
+    assert callbacks(compat.lean_torch_trainer(False), train=lambda: None) == rays  # a run with datasets keeps it
     compat.quiet_ray_train_reports()
     from ray.train.v2._internal.execution.scaling_policy import autoscaling_coordinator_client as requests
 
