@@ -120,7 +120,7 @@ def test_our_jobs_ray_workers_keep_ray_trains_resource_request_warning_quiet(ray
 
     from pipeline.compat import RESOURCE_REQUEST_LOGGER
 
-    @ray.remote(num_cpus=0)
+    @ray.remote(num_cpus=0, max_calls=1)  # its process then exits: no later task meets its logging
     def passed_on() -> list[str]:
         # As Ray Train's controller does once started: "ray.train" to DEBUG, with a handler.
         logging.config.dictConfig({"version": 1, "disable_existing_loggers": False,
