@@ -19,9 +19,6 @@ import time
 
 import psutil
 
-os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0",
-                  RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5")
-
 
 def report_once(config):
     import ray.train
@@ -54,15 +51,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
-    import ray
     from ray.train import RunConfig, ScalingConfig
 
     from pipeline import compat
+    from pipeline.ray_connect import connect_ray, torch_trainer
 
     cpu = CpuOfDescendants()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    os.environ.pop("RAY_ADDRESS", None)
+    connect_ray(2)  # a local Ray, as a stage starts it
     trainers = {"cleaner dropped": compat.lean_torch_trainer(True, drop_unused_datasets=False),
-                "lean": compat.lean_torch_trainer(True)}
+                "lean": torch_trainer()}
     runs = {name: [] for name in trainers}
     for round_ in range(args.rounds + 1):
         for name, trainer in trainers.items():
