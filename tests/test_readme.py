@@ -111,6 +111,8 @@ EXERCISED = {
                          "benchmarks/gpu_kit.py with a stand-in wheel",
     ("bash", "benchmarks/gpu_node.sh"): "test_gpu_check.py runs it on this CPU, a mode at a time, from a kit in parts",
     ("bash", "benchmarks/gpu_session.sh"): "test_gpu_check.py runs it on this CPU as three of the device tool's calls",
+    ("bash", "benchmarks/gpu_rehearse.sh"): "minutes, over a stand-in of a GPU image that it installs from PyPI "
+                                            "(3 GB); run by hand before a GPU session (benchmarks/RESULTS.md)",
     ("python", "benchmarks/gpu_pipeline.py"): "minutes of the whole pipeline, for a GPU node; run by hand on "
                                               "this CPU (benchmarks/RESULTS.md), its stages tested one by one",
 }
