@@ -112,7 +112,7 @@ EXERCISED = {
     ("bash", "benchmarks/gpu_node.sh"): "test_gpu_check.py runs it on this CPU, a mode at a time, from a kit in parts",
     ("bash", "benchmarks/gpu_session.sh"): "test_gpu_check.py runs it on this CPU as three of the device tool's calls",
     ("bash", "benchmarks/gpu_rehearse.sh"): "minutes, over a stand-in of a GPU image that it installs from PyPI "
-                                            "(3 GB); run by hand before a GPU session (benchmarks/RESULTS.md)",
+                                            "(5 GB); run by hand before a GPU session (benchmarks/RESULTS.md)",
     ("python", "benchmarks/gpu_pipeline.py"): "minutes of the whole pipeline, for a GPU node; run by hand on "
                                               "this CPU (benchmarks/RESULTS.md), its stages tested one by one",
 }
