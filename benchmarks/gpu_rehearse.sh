@@ -11,8 +11,9 @@
 # It runs `make gpu-kit`, then call 1 (first/ and the last ort part: start tests table pipeline),
 # builds the pipeline's parts from the node's package list while the other ort calls run, and
 # carries each whl part; the last waits for the end. The table and the pipeline run small
-# (--device cpu --quick, SMALL's params). PY312 names the Python 3.12 for the stand-in (default
-# python3.12). Exits with the session's status; prints where the node's outputs are.
+# (--device cpu --quick; WORK/small.yaml's params). PY312 names the Python 3.12 for the
+# stand-in (default python3.12). Exits with the session's status; prints where the node's
+# outputs are.
 set -uo pipefail
 work=$(realpath -m "${1:-/tmp/gpu_rehearse}")
 cd "$(dirname "$0")/.." || exit 2
@@ -49,12 +50,12 @@ call() {  # call "CARRIED..." [ARGS...]: one device call, carrying gpu_kit/ path
     return $status
 }
 
-call "gpu_kit/first gpu_kit/$(cd gpu_kit && ls -d ort-* | sort -V | tail -1)" start tests table pipeline ||
-    exit 2
+ort=($(cd gpu_kit && ls -d ort-* | sort -V))
+call "gpu_kit/first gpu_kit/${ort[-1]}" start tests table pipeline || exit 2
 tar -xzf "$work/calls/1/OUT/gpu_node.tar.gz" -C "$work" out/node.txt || { say "no node.txt back"; exit 2; }
 make gpu-kit PIPELINE=1 NODE_HAS="$work/out/node.txt" >"$work/gpu_kit_pipeline.log" 2>&1 &
 kit=$!
-for part in $(cd gpu_kit && ls -d ort-* | sort -V | head -n -1); do call "gpu_kit/$part"; done
+for part in "${ort[@]::${#ort[@]}-1}"; do call "gpu_kit/$part"; done
 # As in the session: calls that carry nothing keep the machine while the wheels are built.
 while kill -0 $kit 2>/dev/null; do call "" wait 30; done
 wait $kit || { say "make gpu-kit PIPELINE=1 failed: $work/gpu_kit_pipeline.log"; exit 2; }
