@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import tempfile
 import time
 
 QUEUE_DONE = ("Success", "Failed")
@@ -25,21 +26,27 @@ class SweepError(RuntimeError):
 
 def dvc(*args: str, tries: int = 5) -> str:
     """`dvc ARGS`'s output. Retried: while workers start and stop, a query of the queue can
-    meet its files half-written and fail; the next one reads them whole."""
+    meet its files half-written and fail; the next one reads them whole. `dvc queue start`,
+    which reads them too (which workers are up?), exited 255 once in the suite, why unseen: its
+    output was discarded then. Here DVC's error is in the message. The streams are files, not
+    pipes: `dvc queue start` leaves a process that watches the new worker and keeps the streams
+    it inherited open for as long as the worker lives, and a pipe would not end before it."""
     for attempt in range(tries):
-        result = subprocess.run(["dvc", *args], capture_output=True, text=True)
-        if result.returncode == 0:
-            return result.stdout
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            code = subprocess.run(["dvc", *args], stdin=subprocess.DEVNULL, stdout=out, stderr=err).returncode
+            out.seek(0)
+            err.seek(0)
+            output, error = out.read(), err.read()
+        if code == 0:
+            return output
         time.sleep(1 + attempt)
-    raise SweepError(f"`dvc {' '.join(args)}` failed {tries} times: {result.stderr.strip()[-2000:]}")
+    raise SweepError(f"`dvc {' '.join(args)}` failed {tries} times: {error.strip()[-2000:]}")
 
 
 def start_worker(count: int) -> None:
-    """`dvc queue start -j count`, which starts worker `count` when the others are up. Its
-    output is not captured: the process that watches the new worker keeps the streams it
-    inherited open for as long as the worker lives."""
-    subprocess.run(["dvc", "queue", "start", "-j", str(count)], stdin=subprocess.DEVNULL,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    """`dvc queue start -j count`, which starts worker `count` when the others are up: DVC
+    starts only the workers it does not find up."""
+    dvc("queue", "start", "-j", str(count))
 
 
 def queue(tries: int = 5) -> tuple[dict[str, str], int]:
