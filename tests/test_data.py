@@ -17,11 +17,13 @@ def test_idx_round_trip_images_and_labels(tmp_path):
     assert encode_idx(labels)[:4] == b"\x00\x00\x08\x01"
 
 
-def test_truncated_file_is_rejected_with_sizes():
+def test_a_truncated_or_overlong_file_is_rejected_with_sizes():
     raw = encode_idx(np.zeros((3, 28, 28), dtype=np.uint8))
     truncated = r"train-images-idx3-ubyte: truncated: 2000 bytes, header \(3, 28, 28\) needs 2368"
     with pytest.raises(DataError, match=truncated):
         decode_idx(raw[:2000], "train-images-idx3-ubyte")
+    with pytest.raises(DataError, match=r"has trailing bytes: 2369 bytes, header \(3, 28, 28\) needs 2368"):
+        decode_idx(raw + b"\0", "train-images-idx3-ubyte")
     with pytest.raises(DataError, match="shorter than an IDX header"):
         decode_idx(raw[:5], "x")
 

@@ -138,7 +138,8 @@ def test_iwae_with_one_sample_is_the_elbo_in_expectation(model):
 
 def test_iwae_training_bound_is_tighter_and_matches_the_estimator(model):
     """The training loss with k samples: with k = 1 exactly the negative ELBO; with k = 8
-    below it on average, and on average equal to minus the evaluation estimate L_8."""
+    below it on average, and on average equal to minus the evaluation estimate L_8. The terms
+    logged beside it are the ELBO's, averaged over the k samples."""
     x = (torch.rand(16, 784, generator=torch.Generator().manual_seed(3)) > 0.5).float()
     generator = torch.Generator().manual_seed(4)
     with torch.no_grad():
@@ -154,6 +155,10 @@ def test_iwae_training_bound_is_tighter_and_matches_the_estimator(model):
     assert (loss < neg_elbo - 0.1).all()  # tighter for every image (by 0.3 to 1.5 nats here)
     torch.testing.assert_close(loss, -estimate, atol=0.2, rtol=0)
     eps = torch.randn(8, 16, 8, generator=generator, requires_grad=False)
+    with torch.no_grad():
+        logged, per_sample = iwae_terms(model, x, eps), [elbo_terms(model, x, e) for e in eps]
+    for name in ("neg_elbo", "recon", "kl"):
+        torch.testing.assert_close(logged[name], torch.stack([terms[name] for terms in per_sample]).mean(0))
     iwae_terms(model, x, eps)["loss"].sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
@@ -448,8 +453,8 @@ def test_mixture_log_prob_is_the_brute_force_mixture():
 
 def test_the_vamp_prior_is_the_mixture_of_posteriors_at_its_pseudo_inputs_and_a_density(vamp):
     """log p(z) is the mean of q(z|u_k) over the pseudo-inputs (brute force); it integrates to
-    1 over the latent plane (a grid sum); its samples come from it (their mean is the
-    components' mean, within Monte-Carlo error)."""
+    1 over the latent plane (a grid sum); its samples come from it (their mean and variance
+    are the mixture's, within Monte-Carlo error)."""
     with torch.no_grad():
         mu, logvar = vamp.encoder(vamp.pseudo_inputs)
         z = torch.randn(10, 2)
@@ -461,6 +466,8 @@ def test_the_vamp_prior_is_the_mixture_of_posteriors_at_its_pseudo_inputs_and_a_
         assert mass.item() == pytest.approx(1.0, abs=2e-3)
         draws = vamp.sample_prior(20_000, torch.Generator().manual_seed(1))
         assert (draws.mean(0) - mu.mean(0)).abs().max() < 4 * draws.std(0).max() / math.sqrt(20_000)
+        within, between = logvar.exp().mean(0), mu.var(0, unbiased=False)  # the components' spread, their means'
+        torch.testing.assert_close(draws.var(0), within + between, rtol=0.03, atol=0)  # 1% is one standard error
 
 
 def test_the_vamp_prior_trains_with_iwae_and_dreg_and_its_pseudo_inputs_learn(vamp):

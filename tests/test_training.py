@@ -57,6 +57,36 @@ def test_a_script_trains_the_model_with_torch_alone(mnist_dir):
     assert whole["neg_elbo"] == pytest.approx(sum(h["neg_elbo"] for h in halves) / 2, rel=1e-6)
 
 
+def test_each_worker_trains_on_its_slice_of_every_global_batch(mnist_dir):
+    """What one worker trains on, step by step (images binarised, noise), is what two workers
+    train on side by side, rank 0's then rank 1's; and each scales its loss so that the mean of
+    their first gradients, which DDP takes, is the one worker's gradient."""
+    images = load_split(mnist_dir, "train")[0][:80]  # steps of 32, 32 and 16 images
+
+    def walk(shard: Shard) -> tuple[list, list[torch.Tensor]]:
+        model, trainer, _ = make_trainer(images, replace(CONFIG, epochs=1))
+        trainer.shard, step, seen, first_gradient = shard, trainer.step, [], []
+
+        def spy(x, eps, global_batch):
+            seen.append((x, eps))
+            terms = step(x, eps, global_batch)
+            if not first_gradient:
+                first_gradient.extend(p.grad.clone() for p in model.parameters())
+            return terms
+
+        trainer.step = spy
+        trainer.epoch(images, 0)
+        return seen, first_gradient
+
+    (one, gradient), halves = walk(Shard()), [walk(Shard(rank, 2)) for rank in (0, 1)]
+    assert [len(x) for x, _ in one] == [32, 32, 16] and [len(x) for x, _ in halves[1][0]] == [16, 16, 8]
+    for whole, first, second in zip(one, halves[0][0], halves[1][0]):
+        assert torch.equal(whole[0], torch.cat([first[0], second[0]]))  # the images, binarised
+        assert torch.equal(whole[1], torch.cat([first[1], second[1]], 1))  # the noise, (k, images, noise_dim)
+    for g, g0, g1 in zip(gradient, halves[0][1], halves[1][1]):
+        torch.testing.assert_close(g, (g0 + g1) / 2, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("epochs, images", [(30, 50_000), (2, 300), (1, 64)])
 def test_learning_rate_schedule_peaks_at_train_lr_and_survives_tiny_runs(epochs, images):
     config = TrainConfig(seed=0, epochs=epochs, batch_size=128, lr=2e-3, lr_schedule="onecycle", iwae_k=1,
