@@ -1,5 +1,8 @@
 """pipeline/evaluate.py on a small model trained here on real MNIST: the importance-weighted
 bound's properties, active units, binarisation, and the pictures."""
+import math
+
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -14,6 +17,7 @@ from pipeline.evaluate import (
     score,
     score_shard,
 )
+from pipeline.evaluate import test_set as load_test_set  # renamed: pytest would collect test_set
 from pipeline.files import Layout
 from pipeline.params import Params
 from vae import rng
@@ -82,8 +86,22 @@ def test_estimate_does_not_depend_on_the_batch_size(trained):
     for name in ("neg_elbo", "recon", "kl", "nll_iwae"):  # the same noise per image whatever the batching
         assert small[name] == pytest.approx(large[name], abs=1e-4)
     assert large["nll_iwae"] <= large["neg_elbo"]
+    # Nats per image in bits per pixel.
+    assert large["bits_per_dim"] == pytest.approx(large["nll_iwae"] / 784 / math.log(2))
     other_seed = score(model, x, params(iwae_k=20, batch_size=200, seed=1))
     assert other_seed["nll_iwae"] != large["nll_iwae"]  # the noise is eval.seed's
+
+
+def test_shards_scored_apart_sum_to_the_figures_of_the_whole(trained):
+    """What each Ray worker of eval.num_workers does, in this process: each shard's images get
+    the noise of their global indexes, so the shards' sums are the whole's."""
+    model, x, _ = trained
+    p = params(iwae_k=20, batch_size=64)
+    whole = score_shard(model, x, 0, p, torch.device("cpu"))
+    halves = [score_shard(model, x[:120], 0, p, torch.device("cpu")),
+              score_shard(model, x[120:], 120, p, torch.device("cpu"))]
+    for name in ("neg_elbo", "recon", "kl", "nll_iwae"):
+        assert halves[0][name] + halves[1][name] == pytest.approx(whole[name], rel=1e-6), name
 
 
 def test_two_ray_workers_give_the_figures_of_one_process(trained, ray_address, capsys):
@@ -106,14 +124,33 @@ def test_active_units_count_latents_whose_posterior_mean_varies(trained):
     silenced.load_state_dict(model.state_dict())
     with torch.no_grad():  # the mean of the first 3 latents no longer depends on the image
         silenced.encoder.head.weight[:3] = 0.0
+        # The 4th's varies a little: a variance of 0.003 (a spread of 0.055), under the threshold.
+        silenced.encoder.head.weight[3] *= (0.003 / posterior_means(silenced, x, 64).var(0)[3]).sqrt()
     spread = posterior_means(silenced, x, 64).var(0)
-    assert (spread[:3] == 0).all()
+    assert (spread[:3] == 0).all() and spread[3] == pytest.approx(0.003, rel=1e-3)
     metrics = score(silenced, x, params(iwae_k=1))
-    assert metrics["active_units"] == int((spread > ACTIVE_UNIT_VARIANCE).sum()) <= LATENT - 3
+    assert metrics["active_units"] == int((spread > ACTIVE_UNIT_VARIANCE).sum()) <= LATENT - 4
     assert score(model, x, params(iwae_k=1))["active_units"] > metrics["active_units"] - 3
     stats = latent_stats(posterior_means(silenced, x, 64))  # what export records for the served page
     assert sorted(stats["order"][-3:]) == [0, 1, 2] and stats["spread"][:3] == [0.0, 0.0, 0.0]
     assert [stats["spread"][d] for d in stats["order"]] == sorted(stats["spread"], reverse=True)
+
+
+def test_the_test_set_is_binarised_once_from_eval_seed_under_dynamic_binarisation(tmp_path, mnist_dir):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mnist").symlink_to(mnist_dir)
+    layout = Layout(tmp_path)
+
+    def images(binarize, seed=0):
+        chosen = {"data": {"binarize": binarize}, "eval": {"seed": seed, "max_test_images": 100}}
+        return load_test_set(layout, Params.model_validate(chosen))
+
+    grey, labels = images("none")
+    assert grey.shape == (100, 784) and len(labels) == 100 and len(grey.unique()) > 2  # grey levels as they are
+    binary, _ = images("dynamic")
+    assert set(binary.unique().tolist()) == {0.0, 1.0}
+    assert binary.mean().item() == pytest.approx(grey.mean().item(), abs=0.01)  # Bernoulli of the grey level
+    assert torch.equal(binary, images("dynamic")[0]) and not torch.equal(binary, images("dynamic", seed=1)[0])
 
 
 def test_binarisation_is_bernoulli_of_the_grey_level():
@@ -125,12 +162,40 @@ def test_binarisation_is_bernoulli_of_the_grey_level():
     assert not torch.equal(draws, rng.binarize(grey, rng.batch_uniform(0, 0, 1, 2000, 784)))
 
 
+def grid_cells(picture: Image.Image, rows: int, columns: int) -> torch.Tensor:
+    """A picture grid's 28x28 cells (2-pixel padding), grey levels in [0, 1]: (rows, columns, 28, 28)."""
+    grey = torch.from_numpy(np.asarray(picture.convert("L"), dtype=np.float32)) / 255
+    return torch.stack([torch.stack([grey[2 + 30 * r:30 * (r + 1), 2 + 30 * c:30 * (c + 1)] for c in range(columns)])
+                        for r in range(rows)])
+
+
+def test_reconstructions_sit_under_their_inputs(trained, tmp_path):
+    """Each row of inputs has its reconstructions below it: on average nearer their own inputs
+    than the other inputs of their row."""
+    model, x, _ = trained
+    layout = Layout(tmp_path)
+    save_grids(model, x, layout, params(grid_images=16))
+    with Image.open(layout.recon_plot) as picture:
+        cells = grid_cells(picture, rows=4, columns=8)
+    # The inputs' rows, to the PNG's 8 bits.
+    torch.testing.assert_close(cells[::2].reshape(16, 784), x[:16], atol=1 / 255, rtol=0)
+    for inputs, outputs in ((cells[0], cells[1]), (cells[2], cells[3])):
+        distance = torch.cdist(outputs.reshape(8, -1), inputs.reshape(8, -1))  # [output, input]
+        own, others = distance.diagonal().mean(), (distance.sum() - distance.diagonal().sum()) / 56
+        assert own < 0.8 * others
+
+
 def test_traversal_and_latent_map_pictures(trained, tmp_path):
     model, x, labels = trained
     mu = posterior_means(model, x, 64)
     save_traversal(model, mu, tmp_path / "traversal.png", rows=5, steps=11)
     with Image.open(tmp_path / "traversal.png") as picture:
         assert picture.size == (11 * 30 + 2, 5 * 30 + 2)  # 28-pixel cells, 2-pixel padding
+        cells = grid_cells(picture, rows=5, columns=11)
+    # Each row sweeps one latent from -3 to 3 with the others at 0: its middle image is z = 0 in
+    # every row, and its ends differ.
+    assert all(torch.equal(cells[row, 5], cells[0, 5]) for row in range(5))
+    assert all((cells[row, 0] - cells[row, 10]).abs().mean() > 0.01 for row in range(5))
     for latent in (mu, mu[:, :2]):  # a PCA projection, and the 2-D latent itself
         save_latent_map(latent, labels, tmp_path / "map.png")
         with Image.open(tmp_path / "map.png") as picture:

@@ -182,13 +182,9 @@ def test_a_vamp_priors_mixture_travels_in_the_decoder_and_the_server_draws_from_
     assert served.mixture is None and served.parameters()["prior"] == "standard normal"
 
 
-def test_every_session_the_server_opens_is_checked(tmp_path):
-    """With a GPU, `vae serve` opens two sessions on a graph, the CUDA provider's and the CPU's
-    for small batches, and export checks both. Two real CPU sessions stand for them here, the
-    second on a decoder whose weights moved: the first alone passes, the pair does not."""
-    from pipeline.export import ParityError, parity
-    from pipeline.serve.session import open_session
-
+def decoder_and_moved(tmp_path) -> ImageDecoder:
+    """A small decoder, exported as decoder.onnx, and beside it moved.onnx: the same with every
+    weight moved by 1e-3."""
     torch.manual_seed(0)
     decoder = ImageDecoder(VAE(VAEConfig(latent_dim=LATENT, hidden_dims=(32,)))).eval()
     moved = ImageDecoder(VAE(VAEConfig(latent_dim=LATENT, hidden_dims=(32,)))).eval()
@@ -198,15 +194,52 @@ def test_every_session_the_server_opens_is_checked(tmp_path):
             weight.add_(1e-3)
     for name, module in (("decoder.onnx", decoder), ("moved.onnx", moved)):
         export_decoder(module, LATENT, tmp_path / name, opset=18)
+    return decoder
+
+
+def check_sessions(tmp_path, names, reference, params: ExportParams, relative: bool = False) -> dict:
+    """export's parity check of CPU sessions on the named graphs against `reference(z)`."""
+    from pipeline.export import parity
+    from pipeline.serve.session import open_session
+
+    return parity([open_session(tmp_path / name, ["CPUExecutionProvider"]) for name in names], reference,
+                  lambda n, g: {"z": torch.randn(n, LATENT, generator=g)}, params, "the decoder", relative)
+
+
+def test_every_session_the_server_opens_is_checked(tmp_path):
+    """With a GPU, `vae serve` opens two sessions on a graph, the CUDA provider's and the CPU's
+    for small batches, and export checks both. Two real CPU sessions stand for them here, the
+    second on a decoder whose weights moved: the first alone passes, the pair does not."""
+    from pipeline.export import ParityError
+
+    decoder = decoder_and_moved(tmp_path)
 
     def check(*names):
-        return parity([open_session(tmp_path / name, ["CPUExecutionProvider"]) for name in names],
-                      lambda z: [decoder(z)], lambda n, g: {"z": torch.randn(n, LATENT, generator=g)},
-                      ExportParams(), "the decoder")
+        return check_sessions(tmp_path, names, lambda z: [decoder(z)], ExportParams())
     assert check("decoder.onnx")["worst_abs_diff"] <= 1e-5
     assert check("decoder.onnx", "decoder.onnx")["providers"] == ["CPUExecutionProvider"] * 2
     with pytest.raises(ParityError, match=r"the decoder on CPUExecutionProvider: .* at batch 1 "):
         check("decoder.onnx", "moved.onnx")
+
+
+def test_parity_holds_up_to_the_tolerance_and_a_relative_check_is_over_the_size(tmp_path):
+    """The moved graph is off by some d: a tolerance of d passes it, one just under refuses it.
+    A relative check divides each difference by max(1, |torch's value|), as for the score's
+    hundreds of nats: against torch's outputs plus 99, the graph is off by 99 in all, by about
+    99/100 relative to them."""
+    from pipeline.export import ParityError
+
+    decoder = decoder_and_moved(tmp_path)
+
+    def check(tolerance, shift=0.0, relative=False):
+        return check_sessions(tmp_path, ["moved.onnx"], lambda z: [decoder(z) + shift],
+                              ExportParams(tolerance=tolerance), relative)["worst_abs_diff"]
+    off = check(tolerance=1.0)
+    assert 1e-5 < off < 0.1 and check(tolerance=off) == off
+    with pytest.raises(ParityError, match=r"differs from torch by \S+ at batch 256 \(> export.tolerance"):
+        check(tolerance=off * 0.99)
+    assert 98 < check(tolerance=100, shift=99.0) < 100
+    assert 0.98 < check(tolerance=1.0, shift=99.0, relative=True) < 1.0
 
 
 def _export_project(tmp_path, monkeypatch, eval_json: str):

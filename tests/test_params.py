@@ -98,3 +98,26 @@ def test_values_that_do_not_go_together_are_named(tmp_path):
         load_params(write(tmp_path, "model:\n  prior: vamp\ndata:\n  max_train_images: 300\n"))
     with pytest.raises(ParamsError, match=r"model.prior"):
         load_params(write(tmp_path, "model:\n  prior: gaussian\n"))
+
+
+def test_each_limit_holds_at_its_edge(tmp_path):
+    """The last value a check lets through passes, the next is refused: KL warm-up as long as
+    training, as many pseudo-inputs as training images, all but one training image held out."""
+    edge = load_params(write(tmp_path, "train:\n  kl_warmup_epochs: 30\ndata:\n  max_train_images: 500\n"
+                                       "  val_size: 59999\nmodel:\n  prior: vamp\n"))
+    assert (edge.train.kl_warmup_epochs, edge.model.pseudo_inputs, edge.data.val_size) == (30, 500, 59999)
+    with pytest.raises(ParamsError, match=r"train.kl_warmup_epochs: 31 is more than train.epochs \(30\)"):
+        load_params(write(tmp_path, "train:\n  kl_warmup_epochs: 31\n"))
+    with pytest.raises(ParamsError, match=r"model.pseudo_inputs: 500 .* data.max_train_images is 499"):
+        load_params(write(tmp_path, "model:\n  prior: vamp\ndata:\n  max_train_images: 499\n"))
+    with pytest.raises(ParamsError, match=r"data.val_size: Input should be less than 60000 \(got 60000\)"):
+        load_params(write(tmp_path, "data:\n  val_size: 60000\n"))
+
+
+@pytest.mark.parametrize("binarize, grad_estimator", [("none", "iwae"), ("dynamic", "dreg")])
+def test_train_config_is_what_the_train_and_data_sections_say(binarize, grad_estimator):
+    params = Params.model_validate({"data": {"binarize": binarize},
+                                    "train": {"grad_estimator": grad_estimator, "iwae_k": 5, "kl_warmup_epochs": 3}})
+    config = params.train_config()
+    assert config.binarize == (binarize == "dynamic") and config.dreg == (grad_estimator == "dreg")
+    assert (config.iwae_k, config.kl_warmup_epochs, config.epochs, config.seed) == (5, 3, 30, 0)
