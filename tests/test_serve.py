@@ -269,6 +269,27 @@ def test_huge_pngs_infinite_binary_tensors_and_bad_seeds_are_refused(server):
     assert httpx.post(f"{server}/v1/score", params={"seed": -1}, json={"x": grey_images(1).tolist()}).status_code == 400
 
 
+def test_binary_tensors_whose_stated_sizes_do_not_fit_the_body_are_refused(server):
+    """The binary extension states two sizes: the JSON header's length, and each tensor's
+    binary_data_size. Either one off by 4 bytes, or by 1, is named; the right ones decode."""
+    z = np.zeros((1, LATENT), dtype="<f4")
+
+    def post(size: int, past_the_end: bool = False) -> httpx.Response:
+        header = json.dumps({"inputs": [{"name": "z", "datatype": "FP32", "shape": [1, LATENT],
+                                         "parameters": {"binary_data_size": size}}]}).encode()
+        length = len(header) + z.nbytes + 1 if past_the_end else len(header)
+        return httpx.post(f"{server}/v2/models/vae-decoder/infer", content=header + z.tobytes(),
+                          headers={"inference-header-content-length": str(length)})
+
+    assert post(z.nbytes).status_code == 200
+    short = post(z.nbytes - 4)
+    assert short.status_code == 400
+    assert f"z: binary_data_size {z.nbytes - 4}, but {z.nbytes} binary bytes follow" in short.json()["error"]
+    past = post(z.nbytes, past_the_end=True)
+    error = past.json()["error"]
+    assert past.status_code == 400 and error.startswith("Inference-Header-Content-Length: ") and "does not fit" in error
+
+
 def test_graphs_of_different_models_are_refused_naming_the_sizes(decoder_and_onnx, tmp_path):
     export_encoder(VAE(VAEConfig(latent_dim=LATENT + 1, hidden_dims=(8,))), tmp_path / "encoder.onnx", opset=18)
     with pytest.raises(LookupError, match=f"the encoder's latent size {LATENT + 1} is not the decoder's {LATENT}"):
