@@ -25,12 +25,12 @@ class SweepError(RuntimeError):
 
 
 def dvc(*args: str, tries: int = 5) -> str:
-    """`dvc ARGS`'s output. Retried: while workers start and stop, a query of the queue can
-    meet its files half-written and fail; the next one reads them whole. `dvc queue start`,
-    which reads them too (which workers are up?), exited 255 once in the suite, why unseen: its
-    output was discarded then. Here DVC's error is in the message. The streams are files, not
-    pipes: `dvc queue start` leaves a process that watches the new worker and keeps the streams
-    it inherited open for as long as the worker lives, and a pipe would not end before it."""
+    """`dvc ARGS`'s output; DVC's error in the SweepError if it keeps failing. Retried: while
+    workers start and stop, a command that reads the queue's files (a query, or `dvc queue
+    start` asking which workers are up) can meet them half-written and fail; the next one reads
+    them whole. The streams are files, not pipes: `dvc queue start` leaves a process that
+    watches the new worker and holds the streams it inherited open for the worker's life, so a
+    pipe would not end before it."""
     for attempt in range(tries):
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
             code = subprocess.run(["dvc", *args], stdin=subprocess.DEVNULL, stdout=out, stderr=err).returncode

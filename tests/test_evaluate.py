@@ -165,8 +165,9 @@ def test_binarisation_is_bernoulli_of_the_grey_level():
 def grid_cells(picture: Image.Image, rows: int, columns: int) -> torch.Tensor:
     """A picture grid's 28x28 cells (2-pixel padding), grey levels in [0, 1]: (rows, columns, 28, 28)."""
     grey = torch.from_numpy(np.asarray(picture.convert("L"), dtype=np.float32)) / 255
-    return torch.stack([torch.stack([grey[2 + 30 * r:30 * (r + 1), 2 + 30 * c:30 * (c + 1)] for c in range(columns)])
-                        for r in range(rows)])
+    # Past the first padding, each cell and the padding after it make a 30x30 tile.
+    tiles = grey[2:, 2:].reshape(rows, 30, columns, 30).permute(0, 2, 1, 3)
+    return tiles[:, :, :28, :28]
 
 
 def test_reconstructions_sit_under_their_inputs(trained, tmp_path):
